@@ -1,0 +1,41 @@
+# atomnode: `make run` and `make test` set themselves up (Debian packages, venv, deps).
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+LISTEN ?= 127.0.0.1:4730
+DB     ?= var/atomnode.db
+PYTEST_ARGS ?=
+
+.PHONY: all venv run test test-fast sysdeps-run sysdeps-test lint bench deb test-deb clean
+
+all: venv
+
+sysdeps-run:
+	@sh scripts/sysdeps.sh run
+
+sysdeps-test:
+	@sh scripts/sysdeps.sh test
+
+$(BIN)/python:
+	$(MAKE) sysdeps-run
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	@mkdir -p $(dir $(DB))
+	exec $(BIN)/atomnode run --listen $(LISTEN) --db $(DB)
+
+test: sysdeps-test venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/python -m ruff check atomnode tests || true
+
+clean:
+	rm -rf $(VENV) var dist build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,33 @@
+#!/bin/sh
+# Install the Debian packages that `make run` / `make test` need, only if missing.
+# Usage: scripts/sysdeps.sh run|test
+set -e
+run_pkgs="python3 python3-venv"
+test_pkgs="$run_pkgs gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2"
+case "${1:-run}" in
+  run) pkgs=$run_pkgs ;;
+  test) pkgs=$test_pkgs ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+missing=""
+for p in $pkgs; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "atomnode: missing Debian packages:$missing" >&2
+  echo "atomnode: install them as root: apt-get install$missing" >&2
+  exit 1
+fi
+echo "atomnode: installing Debian packages:$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# --no-install-recommends keeps gearman-job-server from pulling in anything that starts services.
+apt-get install -y -qq --no-install-recommends $missing
+# The gearman-job-server package starts its own gearmand on 4730 where an init system runs;
+# the tests start their own on free ports, so stop it to keep 4730 for atomnode.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  systemctl disable --now gearman-job-server >/dev/null 2>&1 || true
+elif [ -x /etc/init.d/gearman-job-server ]; then
+  /etc/init.d/gearman-job-server stop >/dev/null 2>&1 || true
+fi
