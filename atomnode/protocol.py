@@ -1,0 +1,323 @@
+"""Sans-I/O codec for the Gearman protocol (binary packets and the text admin protocol).
+
+Bytes go in with :meth:`Decoder.feed`, events come out of :meth:`Decoder.next_event`:
+:class:`Packet` for a binary packet, :class:`AdminLine` for a text admin command (any
+message whose first byte is not NUL), or ``None`` when more bytes are needed. Malformed
+input raises :class:`ProtocolError`, which carries the Gearman error code to send before
+closing the connection. :func:`encode` turns a packet back into bytes.
+
+Nothing here does I/O or imports anything of atomnode: it is tested with plain calls and
+fuzzed.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+REQ = b"\0REQ"
+RES = b"\0RES"
+HEADER = struct.Struct(">4sII")
+HEADER_SIZE = 12
+
+#: gearmand's limits (libgearman-server/constants.h: GEARMAN_MAX_UNIQUE_SIZE 64,
+#: GEARMAN_FUNCTION_MAX_SIZE 512).
+MAX_UNIQUE_SIZE = 64
+MAX_FUNCTION_SIZE = 512
+DEFAULT_MAX_PACKET_SIZE = 64 * 1024 * 1024
+MAX_ADMIN_LINE = 64 * 1024
+
+
+class T(IntEnum):
+    """Gearman packet types, numbered as on the wire."""
+
+    CAN_DO = 1
+    CANT_DO = 2
+    RESET_ABILITIES = 3
+    PRE_SLEEP = 4
+    NOOP = 6
+    SUBMIT_JOB = 7
+    JOB_CREATED = 8
+    GRAB_JOB = 9
+    NO_JOB = 10
+    JOB_ASSIGN = 11
+    WORK_STATUS = 12
+    WORK_COMPLETE = 13
+    WORK_FAIL = 14
+    GET_STATUS = 15
+    ECHO_REQ = 16
+    ECHO_RES = 17
+    SUBMIT_JOB_BG = 18
+    ERROR = 19
+    STATUS_RES = 20
+    SUBMIT_JOB_HIGH = 21
+    SET_CLIENT_ID = 22
+    CAN_DO_TIMEOUT = 23
+    ALL_YOURS = 24
+    WORK_EXCEPTION = 25
+    OPTION_REQ = 26
+    OPTION_RES = 27
+    WORK_DATA = 28
+    WORK_WARNING = 29
+    GRAB_JOB_UNIQ = 30
+    JOB_ASSIGN_UNIQ = 31
+    SUBMIT_JOB_HIGH_BG = 32
+    SUBMIT_JOB_LOW = 33
+    SUBMIT_JOB_LOW_BG = 34
+    SUBMIT_JOB_SCHED = 35
+    SUBMIT_JOB_EPOCH = 36
+    SUBMIT_REDUCE_JOB = 37
+    SUBMIT_REDUCE_JOB_BACKGROUND = 38
+    GRAB_JOB_ALL = 39
+    JOB_ASSIGN_ALL = 40
+    GET_STATUS_UNIQUE = 41
+    STATUS_RES_UNIQUE = 42
+
+
+#: Number of arguments of each packet type, as gearmand's command table
+#: (libgearman/command.cc) counts them, the trailing data argument included.
+ARG_COUNT: dict[int, int] = {
+    T.CAN_DO: 1,
+    T.CANT_DO: 1,
+    T.RESET_ABILITIES: 0,
+    T.PRE_SLEEP: 0,
+    T.NOOP: 0,
+    T.SUBMIT_JOB: 3,
+    T.JOB_CREATED: 1,
+    T.GRAB_JOB: 0,
+    T.NO_JOB: 0,
+    T.JOB_ASSIGN: 3,
+    T.WORK_STATUS: 3,
+    T.WORK_COMPLETE: 2,
+    T.WORK_FAIL: 1,
+    T.GET_STATUS: 1,
+    T.ECHO_REQ: 1,
+    T.ECHO_RES: 1,
+    T.SUBMIT_JOB_BG: 3,
+    T.ERROR: 2,
+    T.STATUS_RES: 5,
+    T.SUBMIT_JOB_HIGH: 3,
+    T.SET_CLIENT_ID: 1,
+    T.CAN_DO_TIMEOUT: 2,
+    T.ALL_YOURS: 0,
+    T.WORK_EXCEPTION: 2,
+    T.OPTION_REQ: 1,
+    T.OPTION_RES: 1,
+    T.WORK_DATA: 2,
+    T.WORK_WARNING: 2,
+    T.GRAB_JOB_UNIQ: 0,
+    T.JOB_ASSIGN_UNIQ: 4,
+    T.SUBMIT_JOB_HIGH_BG: 3,
+    T.SUBMIT_JOB_LOW: 3,
+    T.SUBMIT_JOB_LOW_BG: 3,
+    T.SUBMIT_JOB_SCHED: 8,
+    T.SUBMIT_JOB_EPOCH: 4,
+    T.SUBMIT_REDUCE_JOB: 5,
+    T.SUBMIT_REDUCE_JOB_BACKGROUND: 5,
+    T.GRAB_JOB_ALL: 0,
+    T.JOB_ASSIGN_ALL: 5,
+    T.GET_STATUS_UNIQUE: 1,
+    T.STATUS_RES_UNIQUE: 6,
+}
+
+#: Types a client or worker may send (request magic).
+REQUEST_TYPES = frozenset(
+    {
+        T.CAN_DO, T.CANT_DO, T.RESET_ABILITIES, T.PRE_SLEEP, T.SUBMIT_JOB, T.GRAB_JOB,
+        T.WORK_STATUS, T.WORK_COMPLETE, T.WORK_FAIL, T.GET_STATUS, T.ECHO_REQ,
+        T.SUBMIT_JOB_BG, T.SUBMIT_JOB_HIGH, T.SET_CLIENT_ID, T.CAN_DO_TIMEOUT, T.ALL_YOURS,
+        T.WORK_EXCEPTION, T.OPTION_REQ, T.WORK_DATA, T.WORK_WARNING, T.GRAB_JOB_UNIQ,
+        T.SUBMIT_JOB_HIGH_BG, T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG, T.SUBMIT_JOB_SCHED,
+        T.SUBMIT_JOB_EPOCH, T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND,
+        T.GRAB_JOB_ALL, T.GET_STATUS_UNIQUE,
+    }
+)
+#: Types a server sends (response magic).
+RESPONSE_TYPES = frozenset(
+    {
+        T.NOOP, T.JOB_CREATED, T.NO_JOB, T.JOB_ASSIGN, T.WORK_STATUS, T.WORK_COMPLETE,
+        T.WORK_FAIL, T.ECHO_RES, T.ERROR, T.STATUS_RES, T.WORK_EXCEPTION, T.OPTION_RES,
+        T.WORK_DATA, T.WORK_WARNING, T.JOB_ASSIGN_UNIQ, T.JOB_ASSIGN_ALL, T.STATUS_RES_UNIQUE,
+    }
+)
+
+
+class Packet(NamedTuple):
+    """One binary packet: its type, its arguments, and whether it carried ``\\0REQ``."""
+
+    type: int
+    args: tuple[bytes, ...]
+    request: bool = True
+
+    @property
+    def name(self) -> str:
+        try:
+            return T(self.type).name
+        except ValueError:
+            return f"UNKNOWN_{self.type}"
+
+
+class AdminLine(NamedTuple):
+    """A line of the text admin protocol, without its line ending."""
+
+    line: bytes
+
+    @property
+    def words(self) -> list[str]:
+        return self.line.decode("utf-8", "replace").split()
+
+
+class ProtocolError(Exception):
+    """Input that cannot be parsed. ``code`` is the Gearman ERROR code to answer with;
+    the connection is closed afterwards."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def encode(type_: int, *args: bytes, request: bool = False) -> bytes:
+    """Encode one packet. Servers send responses (the default)."""
+    body = b"\0".join(args)
+    return HEADER.pack(REQ if request else RES, type_, len(body)) + body
+
+
+def encode_packet(packet: Packet) -> bytes:
+    return encode(packet.type, *packet.args, request=packet.request)
+
+
+def error_packet(code: str, message: str) -> bytes:
+    """An ERROR response (code, text)."""
+    return encode(T.ERROR, code.encode(), message.encode())
+
+
+def split_args(type_: int, body: bytes) -> tuple[bytes, ...]:
+    """Split a packet body into its arguments; the last argument keeps any NULs."""
+    n = ARG_COUNT[type_]
+    if n == 0:
+        if body:
+            raise ProtocolError("INVALID_PACKET", f"{T(type_).name} takes no arguments")
+        return ()
+    if n == 1:
+        return (body,)
+    args = body.split(b"\0", n - 1)
+    if len(args) != n:
+        # Tolerate a missing empty data argument ("func\0unique" for an empty payload),
+        # as libgearman does; anything shorter is malformed.
+        if len(args) == n - 1 and _has_data(type_):
+            args.append(b"")
+        else:
+            raise ProtocolError(
+                "INVALID_PACKET",
+                f"{T(type_).name} needs {n} arguments, got {len(args)}",
+            )
+    return tuple(args)
+
+
+_DATA_TYPES = frozenset(
+    {
+        T.SUBMIT_JOB, T.SUBMIT_JOB_BG, T.SUBMIT_JOB_HIGH, T.SUBMIT_JOB_HIGH_BG,
+        T.SUBMIT_JOB_LOW, T.SUBMIT_JOB_LOW_BG, T.SUBMIT_JOB_SCHED, T.SUBMIT_JOB_EPOCH,
+        T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND, T.JOB_ASSIGN, T.JOB_ASSIGN_UNIQ,
+        T.JOB_ASSIGN_ALL, T.WORK_COMPLETE, T.WORK_EXCEPTION, T.WORK_DATA, T.WORK_WARNING,
+        T.ECHO_REQ, T.ECHO_RES,
+    }
+)
+
+
+def _has_data(type_: int) -> bool:
+    return type_ in _DATA_TYPES
+
+
+class Decoder:
+    """Incremental decoder for one connection.
+
+    ``expect_requests`` is True on the server side: packets must carry ``\\0REQ`` and be
+    request types. A client-side decoder (used by atomnode's own CLI and tests) sets it
+    False. Text lines are only recognised on the server side.
+    """
+
+    __slots__ = ("_buf", "_pos", "max_packet_size", "expect_requests")
+
+    def __init__(
+        self, *, expect_requests: bool = True, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    ):
+        self._buf = bytearray()
+        self._pos = 0
+        self.max_packet_size = max_packet_size
+        self.expect_requests = expect_requests
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            # Compact lazily: only when the consumed prefix is large.
+            if self._pos > 65536 or self._pos == len(self._buf):
+                del self._buf[: self._pos]
+                self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> Packet | AdminLine | None:
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail == 0:
+            return None
+        if buf[pos] != 0:
+            if not self.expect_requests:
+                raise ProtocolError("INVALID_MAGIC", "expected a packet, got text")
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if avail > MAX_ADMIN_LINE:
+                    raise ProtocolError("INVALID_COMMAND", "admin line too long")
+                return None
+            line = bytes(buf[pos:end]).rstrip(b"\r")
+            self._pos = end + 1
+            return AdminLine(line)
+        if avail < HEADER_SIZE:
+            # Reject a bad magic as soon as the 4 bytes are there, without waiting.
+            if avail >= 4:
+                self._check_magic(bytes(buf[pos : pos + 4]))
+            return None
+        magic, type_, size = HEADER.unpack_from(buf, pos)
+        request = self._check_magic(magic)
+        if type_ not in ARG_COUNT:
+            raise ProtocolError("INVALID_COMMAND", f"unknown packet type {type_}")
+        if self.expect_requests and type_ not in REQUEST_TYPES:
+            raise ProtocolError("INVALID_COMMAND", f"{T(type_).name} is not a request")
+        if size > self.max_packet_size:
+            raise ProtocolError(
+                "PACKET_TOO_LARGE",
+                f"packet of {size} bytes exceeds the limit of {self.max_packet_size}",
+            )
+        end = pos + HEADER_SIZE + size
+        if len(buf) < end:
+            return None
+        body = bytes(buf[pos + HEADER_SIZE : end])
+        self._pos = end
+        return Packet(type_, split_args(type_, body), request)
+
+    def _check_magic(self, magic: bytes) -> bool:
+        if magic == REQ:
+            if not self.expect_requests:
+                raise ProtocolError("INVALID_MAGIC", "request magic from a server")
+            return True
+        if magic == RES:
+            if self.expect_requests:
+                raise ProtocolError("INVALID_MAGIC", "response magic in a request")
+            return False
+        raise ProtocolError("INVALID_MAGIC", f"bad magic {magic!r}")
+
+    def events(self, data: bytes = b""):
+        """Feed ``data`` and yield every complete event (raises ProtocolError)."""
+        if data:
+            self.feed(data)
+        while True:
+            ev = self.next_event()
+            if ev is None:
+                return
+            yield ev
