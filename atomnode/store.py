@@ -1,0 +1,712 @@
+"""Durable job queue on SQLite: schema, migrations, group-commit writer, recovery.
+
+One writer thread owns the database. The rest of the daemon hands it *ops* (plain tuples)
+with :meth:`Store.submit`, which never blocks and never touches the disk. The writer wakes,
+takes everything pending, applies it in one transaction with one commit (group commit), and
+then reports through the ``on_result`` callback which token-carrying ops are now durable and
+which inserts could not be stored. A background job is acknowledged (JOB_CREATED) only once
+its insert is reported committed.
+
+Ops (the first item is the kind; times are unix floats)::
+
+    ("insert", id, function, unique, data, priority, when_to_run, seq, submitted_at, token)
+    ("start", id, attempts, worker, at)           queued -> running
+    ("requeue", id, attempts, seq, reason)        running -> queued (back of its priority)
+    ("done", id, at, result_size)                 running -> done
+    ("fail", id, at, reason)                      -> failed (poison, WORK_FAIL, ...)
+    ("cancel", id, at)                            queued -> cancelled (operator)
+    ("reserve_ids", upto)                         next start's next_id >= upto
+    ("retry", id, seq, token)                     failed/cancelled -> queued; sets token.job
+    ("purge", older_than_seconds, token)          delete finished jobs; sets token.count
+
+A failed batch (disk full, read-only, I/O error, locked) is rolled back: its inserts and
+operator commands (retry, purge) are reported failed, every other op is a fact about work
+that already happened and is kept and retried with a backoff, so nothing is lost. The
+writer reports ``healthy`` False meanwhile and recovers by itself when the cause is gone.
+
+Only :meth:`Store.open` (before the writer starts) and the writer thread use the
+connection. Readers (the CLI) open their own read-only connections; WAL keeps them from
+blocking the writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
+
+#: ``PRAGMA application_id`` of every atomnode database ("ATOM" in ASCII).
+APPLICATION_ID = 0x41544F4D
+#: ``PRAGMA user_version``: the schema version this code writes.
+SCHEMA_VERSION = 2
+
+ACTIVE_STATES = ("queued", "running")
+FINISHED_STATES = ("done", "failed", "cancelled")
+STATES = ACTIVE_STATES + FINISHED_STATES
+
+_SYNCHRONOUS = ("full", "normal", "off")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+#: Schema history. Step N brings a database from user_version N-1 to N; never edit a step
+#: that has shipped, add one.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """
+        CREATE TABLE jobs (
+            id           INTEGER PRIMARY KEY,   -- handle number: H:<host>:<id>
+            function     BLOB NOT NULL,
+            unique_key   BLOB NOT NULL,         -- the client's, never part of identity
+            data         BLOB NOT NULL,
+            priority     INTEGER NOT NULL,      -- 0 high, 1 normal, 2 low
+            when_to_run  INTEGER NOT NULL DEFAULT 0,
+            seq          INTEGER NOT NULL,      -- FIFO order within a priority
+            state        TEXT NOT NULL,
+            attempts     INTEGER NOT NULL DEFAULT 0,
+            worker       TEXT,
+            submitted_at REAL NOT NULL,
+            started_at   REAL,
+            finished_at  REAL,
+            result_size  INTEGER,
+            reason       TEXT
+        )""",
+        # Recovery reads the live jobs in queue order straight off this index.
+        "CREATE INDEX jobs_active ON jobs(priority, seq) WHERE state IN ('queued', 'running')",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    ],
+    2: [
+        # History pruning walks finished jobs by age.
+        "CREATE INDEX jobs_finished ON jobs(finished_at)"
+        " WHERE state IN ('done', 'failed', 'cancelled')",
+    ],
+}
+
+_COLUMNS = (
+    "id, function, unique_key, data, priority, when_to_run, seq, attempts, state,"
+    " submitted_at, worker, started_at, finished_at, result_size, reason"
+)
+
+SQL_RECOVER = f"""
+    SELECT {_COLUMNS} FROM jobs
+    WHERE state IN ('queued', 'running')
+    ORDER BY priority, seq
+"""
+SQL_INSERT = """
+    INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq,
+                      submitted_at, state, attempts)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0)
+"""
+SQL_START = """
+    UPDATE jobs SET state = 'running', attempts = ?, worker = ?, started_at = ? WHERE id = ?
+"""
+SQL_REQUEUE = """
+    UPDATE jobs SET state = 'queued', attempts = ?, seq = ?, reason = ?, worker = NULL
+    WHERE id = ?
+"""
+SQL_DONE = """
+    UPDATE jobs SET state = 'done', finished_at = ?, result_size = ? WHERE id = ?
+"""
+SQL_FAIL = "UPDATE jobs SET state = 'failed', finished_at = ?, reason = ? WHERE id = ?"
+SQL_CANCEL = "UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?"
+SQL_RETRY = """
+    UPDATE jobs SET state = 'queued', attempts = 0, seq = ?, worker = NULL, started_at = NULL,
+                    finished_at = NULL, result_size = NULL, reason = NULL
+    WHERE id = ? AND state IN ('failed', 'cancelled')
+"""
+SQL_PURGE = """
+    DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ?
+"""
+SQL_PRUNE = """
+    DELETE FROM jobs WHERE id IN (
+        SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ?
+        LIMIT ?)
+"""
+SQL_RESERVE = """
+    INSERT INTO meta (key, value) VALUES ('next_id', ?)
+    ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)
+"""
+
+
+@dataclass(slots=True)
+class StoredJob:
+    """One row of the ``jobs`` table."""
+
+    id: int  # handle number; handle text is f"H:{hostname}:{id}"
+    function: bytes
+    unique: bytes
+    data: bytes
+    priority: int  # 0 high, 1 normal, 2 low
+    when_to_run: int  # unix seconds; 0 = now
+    seq: int  # FIFO order within a priority, monotonic across restarts
+    attempts: int  # times handed to a worker so far
+    state: str  # 'queued' | 'running' | 'done' | 'failed' | 'cancelled'
+    submitted_at: float
+    worker: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result_size: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Recovery:
+    """What :meth:`Store.open` found: the live jobs and the counters to continue from.
+
+    ``jobs`` holds every queued or running job ordered by (priority, seq). Running ones are
+    returned with state 'running' untouched: the broker decides (requeue with the attempt
+    counted, or fail past max attempts) and submits the ops for that.
+    """
+
+    jobs: list[StoredJob]
+    next_id: int  # first handle number never used before (persisted high-water mark)
+    next_seq: int
+
+
+class StoreError(Exception):
+    """A queue database problem; the message is for humans and names the file."""
+
+
+class StoreOpenError(StoreError):
+    """The database cannot be used: corrupt, foreign, locked by another atomnode, or
+    unwritable. The daemon must refuse to start."""
+
+
+def job_from_row(row: tuple) -> StoredJob:
+    """Build a :class:`StoredJob` from a row selected with the module's column order."""
+    return StoredJob(*row)
+
+
+def parse_handle(text: str) -> int:
+    """Job number of a handle: ``H:host:123`` or ``123``. Raises ValueError."""
+    text = text.strip()
+    tail = text.rsplit(":", 1)[-1] if text.startswith("H:") else text
+    if not tail.isdigit():
+        raise ValueError(f"not a job handle: {text!r} (expected H:host:NUMBER or NUMBER)")
+    return int(tail)
+
+
+def _human_error(path: str, exc: BaseException) -> str:
+    """One-line explanation of a failed write, naming the file (no newlines: it goes into
+    a Gearman ERROR packet)."""
+    name = getattr(exc, "sqlite_errorname", "")
+    text = str(exc)
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        what = "disk full"
+    elif name.startswith("SQLITE_READONLY") or "readonly" in text:
+        what = "database is read-only"
+    elif name.startswith("SQLITE_BUSY") or "locked" in text:
+        what = "database is locked by another process"
+    elif name.startswith("SQLITE_IOERR") or "I/O" in text:
+        what = "I/O error"
+    else:
+        what = "write failed"
+    return f"queue database {path}: {what} ({text})".replace("\n", " ")
+
+
+class Store:
+    """The durable queue. See the module docstring for the ops and the contract."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "full",
+        retention_days: float = 7.0,
+        hostname: str | None = None,
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}")
+        self.path = path
+        self.synchronous = synchronous
+        self.retention_days = retention_days
+        self.hostname = hostname or socket.gethostname()
+        self.last_progress = time.monotonic()
+        self.pending = 0
+        self.healthy = True
+        self.last_error: str | None = None
+        # Tunables, kept off the public signature; tests lower them.
+        self.busy_timeout_ms = 5000
+        self.prune_interval = 60.0  # seconds between pruning chunks when caught up
+        self.prune_chunk = 2000
+        self.backoff_initial = 0.1
+        self.backoff_max = 5.0
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._mutex = threading.Lock()
+        self._queue: list[tuple] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_result: Callable[[list, list[tuple[object, str]]], None] | None = None
+        self._next_prune = 0.0
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def handle(self, job_id: int) -> str:
+        """Handle text of job ``job_id``."""
+        return f"H:{self.hostname}:{job_id}"
+
+    @staticmethod
+    def is_locked(path: str) -> bool:
+        """True if an atomnode process holds the database at ``path`` (for the CLI)."""
+        try:
+            fd = os.open(path + ".lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops our shared lock, if we got it
+        return False
+
+    # -- open and recover ------------------------------------------------------------------
+
+    def open(self) -> Recovery:
+        """Lock, check, migrate and read the database; return the live jobs.
+
+        Raises :class:`StoreOpenError` (naming the file) if it is locked by another atomnode,
+        unwritable, corrupt, or not an atomnode database. Never starts empty on a bad file.
+        """
+        if self._conn is not None:
+            raise StoreError(f"queue database {self.path}: already open")
+        self._take_lock()
+        try:
+            self._conn = self._connect()
+            return self._recover()
+        except BaseException:
+            self._close_conn()
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        path = self.path
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreOpenError(
+                f"queue database {path}: cannot create {path}.lock: {e.strerror}"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise StoreOpenError(
+                    f"queue database {path} is in use by another atomnode{who}; "
+                    "stop it first or use another database"
+                ) from e
+            raise StoreOpenError(f"queue database {path}: cannot lock: {e.strerror}") from e
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only a courtesy for the error message above
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _connect(self) -> sqlite3.Connection:
+        path = self.path
+        try:
+            with open(path, "rb") as f:
+                header = f.read(16)
+        except FileNotFoundError:
+            header = b""
+        except OSError as e:
+            raise StoreOpenError(f"queue database {path}: cannot read: {e.strerror}") from e
+        if header and header != _SQLITE_MAGIC:
+            raise StoreOpenError(
+                f"queue database {path} is not an SQLite database (corrupt or another kind "
+                "of file); refusing to start. Move it aside or point 'database' elsewhere."
+            )
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, cached_statements=64
+            )
+        except sqlite3.Error as e:
+            raise StoreOpenError(f"queue database {path}: cannot open: {e}") from e
+        try:
+            self._check_and_migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_and_migrate(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+                )
+            ]
+        except sqlite3.DatabaseError as e:
+            raise StoreOpenError(
+                f"queue database {path} is corrupt or not a database ({e}); refusing to start"
+            ) from e
+        if app_id != APPLICATION_ID and (app_id != 0 or tables or version):
+            listed = ", ".join(tables[:5]) or "none"
+            raise StoreOpenError(
+                f"queue database {path} is not an atomnode database (application_id "
+                f"{app_id}, tables: {listed}); refusing to use it. Point 'database' at "
+                "another file (to bring over a gearmand queue use "
+                "'atomnode import-gearmand-queue')."
+            )
+        if version > SCHEMA_VERSION:
+            raise StoreOpenError(
+                f"queue database {path} has schema version {version}, written by a newer "
+                f"atomnode (this one knows up to {SCHEMA_VERSION}); refusing to start"
+            )
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"journal_mode stayed {mode}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            if version:
+                # Fast structural check (no index cross-check): refuses a damaged file
+                # instead of serving half a queue.
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+                if problems != ["ok"]:
+                    raise StoreOpenError(
+                        f"queue database {path} is corrupt ({'; '.join(problems)}); refusing "
+                        "to start. Restore it from a backup or move it aside."
+                    )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    log.info("queue database %s: migrating schema to version %d", path, step)
+                    for statement in MIGRATIONS[step]:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {step}")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                # Proves the file is writable now, not at the first submission.
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('opened_at', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (time.time(),),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except StoreOpenError:
+            raise
+        except sqlite3.DatabaseError as e:
+            if "malformed" in str(e) or getattr(e, "sqlite_errorname", "") == "SQLITE_CORRUPT":
+                raise StoreOpenError(
+                    f"queue database {path} is corrupt ({e}); refusing to start"
+                ) from e
+            raise StoreOpenError(f"{_human_error(path, e)}; refusing to start") from e
+
+    def _recover(self) -> Recovery:
+        conn = self._conn
+        assert conn is not None
+        try:
+            rows = conn.execute(SQL_RECOVER).fetchall()
+            max_id = conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+        except sqlite3.DatabaseError as e:
+            raise StoreOpenError(
+                f"queue database {self.path} is corrupt ({e}); refusing to start"
+            ) from e
+        jobs = [StoredJob(*r) for r in rows]
+        next_id = max(int(meta.get("next_id") or 1), max_id + 1)
+        next_seq = max((j.seq for j in jobs), default=0) + 1
+        next_seq = max(next_seq, int(meta.get("next_seq") or 1))
+        log.info(
+            "queue database %s: %d live jobs recovered, next id %d", self.path, len(jobs), next_id
+        )
+        return Recovery(jobs=jobs, next_id=next_id, next_seq=next_seq)
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def start(self, on_result: Callable[[list, list[tuple[object, str]]], None]) -> None:
+        """Start the writer thread. After each batch that carried tokens it calls
+        ``on_result(committed_tokens, failed)`` *from the writer thread*; ``failed`` is a
+        list of (token, human message)."""
+        if self._conn is None:
+            raise StoreError(f"queue database {self.path}: start() before open()")
+        if self._thread is not None:
+            raise StoreError(f"queue database {self.path}: writer already started")
+        self._on_result = on_result
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="atomnode-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: tuple) -> None:
+        """Queue one op for the writer. Thread-safe; never blocks on I/O."""
+        with self._mutex:
+            self._queue.append(op)
+            self.pending += 1
+        self._wake.set()
+
+    def submit_many(self, ops: list[tuple]) -> None:
+        """Queue several ops, in order."""
+        if not ops:
+            return
+        with self._mutex:
+            self._queue.extend(ops)
+            self.pending += len(ops)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Write everything pending, stop the writer, close the database, release the lock."""
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        elif self._conn is not None:
+            # Never started: flush what was submitted anyway.
+            self._drain_final()
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("queue database %s: checkpoint at close failed: %s", self.path, e)
+        self._close_conn()
+        self._release_lock()
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+    def _take(self) -> list[tuple]:
+        with self._mutex:
+            ops, self._queue = self._queue, []
+        return ops
+
+    def _run(self) -> None:
+        carry: list[tuple] = []  # facts from a failed batch, retried first
+        backoff = 0.0
+        while True:
+            self.last_progress = time.monotonic()
+            if backoff:
+                # Wait out the backoff in short slices so the watchdog sees us alive.
+                deadline = time.monotonic() + backoff
+                while not self._stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._stop.wait(min(left, 1.0))
+                    self.last_progress = time.monotonic()
+            elif not carry:
+                self._wake.wait(1.0)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            batch = carry + self._take()
+            if batch:
+                carry = self._write_batch(batch)
+                if carry:
+                    backoff = min(max(backoff * 2, self.backoff_initial), self.backoff_max)
+                else:
+                    backoff = 0.0
+            if not carry:
+                self._maybe_prune()
+            if stopping:
+                if carry or self._queue:
+                    self._drain_final(carry)
+                return
+
+    def _drain_final(self, carry: list[tuple] | None = None) -> None:
+        """Last writes at close: a few attempts, then give up loudly."""
+        batch = (carry or []) + self._take()
+        delay = self.backoff_initial
+        for _ in range(5):
+            if not batch:
+                return
+            batch = self._write_batch(batch) + self._take()
+            if batch:
+                time.sleep(delay)
+                delay *= 2
+        if batch:
+            log.error(
+                "queue database %s: %d state changes could not be written at shutdown (%s); "
+                "running jobs will run again after restart",
+                self.path, len(batch), self.last_error,
+            )  # fmt: skip
+
+    def _write_batch(self, batch: list[tuple]) -> list[tuple]:
+        """Apply ``batch`` in one transaction and report. Returns the ops to retry."""
+        conn = self._conn
+        assert conn is not None
+        inserts: list[tuple] = []
+        others: list[tuple] = []
+        insert_tokens: list = []
+        for op in batch:
+            if op[0] == "insert":
+                inserts.append(op[1:9])
+                insert_tokens.append(op[9])
+            else:
+                others.append(op)
+        retried: list[tuple[object, StoredJob]] = []  # (token, row) for committed retries
+        retry_refused: list[tuple[object, str]] = []
+        purged: list[tuple[object, int]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            # An insert is always the first op for its job, so inserts may go first as one
+            # executemany; the rest keeps its order (start/done for one job in one batch).
+            if inserts:
+                conn.executemany(SQL_INSERT, inserts)
+            i, n = 0, len(others)
+            while i < n:
+                kind = others[i][0]
+                j = i + 1
+                while j < n and others[j][0] == kind:
+                    j += 1
+                self._apply_run(conn, kind, others[i:j], retried, retry_refused, purged)
+                i = j
+            conn.execute("COMMIT")
+        except Exception as e:  # sqlite3.Error, but also anything unexpected: never die
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            message = _human_error(self.path, e)
+            if self.healthy or message != self.last_error:
+                log.error("%s; %d ops will be retried", message, len(others))
+            self.healthy = False
+            self.last_error = message
+            failed: list[tuple[object, str]] = [(t, message) for t in insert_tokens]
+            keep: list[tuple] = []
+            for op in others:
+                if op[0] in ("retry", "purge"):
+                    failed.append((op[-1], message))  # operator commands: answer, don't keep
+                else:
+                    keep.append(op)
+            with self._mutex:
+                self.pending -= len(batch) - len(keep)
+            self._report([], failed)
+            return keep
+        if not self.healthy:
+            log.warning("queue database %s: writes succeed again", self.path)
+        self.healthy = True
+        self.last_error = None
+        with self._mutex:
+            self.pending -= len(batch)
+        committed: list = list(insert_tokens)
+        for token, job in retried:
+            token.job = job  # type: ignore[attr-defined]
+            committed.append(token)
+        for token, count in purged:
+            token.count = count  # type: ignore[attr-defined]
+            committed.append(token)
+        self._report(committed, retry_refused)
+        return []
+
+    def _apply_run(
+        self,
+        conn: sqlite3.Connection,
+        kind: str,
+        ops: list[tuple],
+        retried: list,
+        retry_refused: list,
+        purged: list,
+    ) -> None:
+        if kind == "start":  # ("start", id, attempts, worker, at)
+            conn.executemany(SQL_START, [(o[2], o[3], o[4], o[1]) for o in ops])
+        elif kind == "done":  # ("done", id, at, result_size)
+            conn.executemany(SQL_DONE, [(o[2], o[3], o[1]) for o in ops])
+        elif kind == "requeue":  # ("requeue", id, attempts, seq, reason)
+            conn.executemany(SQL_REQUEUE, [(o[2], o[3], o[4], o[1]) for o in ops])
+        elif kind == "fail":  # ("fail", id, at, reason)
+            conn.executemany(SQL_FAIL, [(o[2], o[3], o[1]) for o in ops])
+        elif kind == "cancel":  # ("cancel", id, at)
+            conn.executemany(SQL_CANCEL, [(o[2], o[1]) for o in ops])
+        elif kind == "reserve_ids":  # ("reserve_ids", upto)
+            conn.execute(SQL_RESERVE, (max(o[1] for o in ops),))
+        elif kind == "retry":  # ("retry", id, seq, token)
+            for _, job_id, seq, token in ops:
+                if conn.execute(SQL_RETRY, (seq, job_id)).rowcount == 1:
+                    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+                    retried.append((token, StoredJob(*row.fetchone())))
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('next_seq', ?) ON CONFLICT (key)"
+                        " DO UPDATE SET value = max(value, excluded.value)",
+                        (seq + 1,),
+                    )
+                else:
+                    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    why = f"is {row[0]}" if row else "does not exist"
+                    retry_refused.append(
+                        (token, f"job {self.handle(job_id)} {why}: only failed or cancelled "
+                                "jobs can be retried")
+                    )  # fmt: skip
+        elif kind == "purge":  # ("purge", older_than_seconds, token)
+            for _, older_than, token in ops:
+                purged.append(
+                    (token, conn.execute(SQL_PURGE, (time.time() - older_than,)).rowcount)
+                )
+        else:
+            # A programming error in the caller; it must not poison the batch forever.
+            log.error("queue database %s: unknown op kind %r ignored", self.path, kind)
+
+    def _report(self, committed: list, failed: list[tuple[object, str]]) -> None:
+        if not (committed or failed) or self._on_result is None:
+            return
+        try:
+            self._on_result(committed, failed)
+        except Exception:
+            log.exception("queue database %s: on_result callback failed", self.path)
+
+    def _maybe_prune(self) -> None:
+        """Delete one small chunk of expired history, at most once per prune_interval (sooner
+        while catching up), in its own short transaction."""
+        if not self.retention_days or self.retention_days <= 0:
+            return
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        conn = self._conn
+        assert conn is not None
+        cutoff = time.time() - self.retention_days * 86400.0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = conn.execute(SQL_PRUNE, (cutoff, self.prune_chunk)).rowcount
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            log.warning("queue database %s: pruning history failed: %s", self.path, e)
+            self._next_prune = now + self.prune_interval
+            return
+        if deleted:
+            log.debug("queue database %s: pruned %d finished jobs", self.path, deleted)
+        # A full chunk means more is waiting: come back soon, but let batches through first.
+        self._next_prune = now + (1.0 if deleted >= self.prune_chunk else self.prune_interval)
