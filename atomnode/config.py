@@ -1,0 +1,911 @@
+"""Configuration: one YAML file -> validated, frozen :class:`Config`.
+
+The file is checked completely before anything starts. Every problem is reported with the
+file, the line, the key path (``pools[0].count``) and what was expected; unknown keys get a
+"did you mean ...?" suggestion. All problems are collected and raised together as one
+:class:`ConfigError` (one per line).
+
+Where the file comes from (:func:`load_config`): an explicit path, else ``$ATOMNODE_CONFIG``,
+else ``/etc/atomnode/atomnode.yml`` if it exists, else the embedded defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import logging
+import os
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = "/etc/atomnode/atomnode.yml"
+ENV_CONFIG = "ATOMNODE_CONFIG"
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SYNCHRONOUS_MODES = ("full", "normal", "off")
+
+
+def _empty_map() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    """Per-function overrides (the key may be an AtoM job class without its site prefix)."""
+
+    max_attempts: int | None = None
+    max_queue: int | None = None
+
+
+@dataclass(frozen=True)
+class ConcurrencyGroup:
+    """At most ``max`` jobs of any of ``functions`` run at once."""
+
+    name: str
+    functions: tuple[str, ...]
+    max: int
+
+
+@dataclass(frozen=True)
+class WaitFor:
+    """A TCP endpoint a pool waits for before starting workers (e.g. MySQL)."""
+
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A pool of identical worker processes."""
+
+    name: str
+    command: tuple[str, ...]
+    directory: str | None = None
+    user: str | None = None
+    group: str | None = None
+    environment: Mapping[str, str] = field(default_factory=_empty_map)
+    count: int = 1
+    servers: tuple[str, ...] = ()  # () = the embedded listener
+    planned_exit_codes: tuple[int, ...] = (111,)
+    max_jobs: int | None = None
+    max_rss_mb: int | None = None
+    max_age: float | None = None  # seconds
+    age_jitter: float = 0.1
+    wait_for: tuple[WaitFor, ...] = ()
+    drain_timeout: float = 300.0
+    stop_grace: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """A function served in-process by running a command per job."""
+
+    function: str
+    command: tuple[str, ...]
+    shell: bool = False
+    concurrency: int = 1
+    timeout: float | None = None
+    user: str | None = None
+    group: str | None = None
+    directory: str | None = None
+    environment: Mapping[str, str] = field(default_factory=_empty_map)
+    servers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's whole configuration. Field names are the internal interface."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:4730",)
+    database: str = "var/atomnode.db"
+    log_level: str = "info"
+    synchronous: str = "full"
+    max_attempts: int = 5
+    retention_days: float = 7.0
+    max_packet_size: int = 64 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+    status_interval: float = 5.0
+    functions: Mapping[str, FunctionConfig] = field(default_factory=_empty_map)
+    concurrency: tuple[ConcurrencyGroup, ...] = ()
+    pools: tuple[PoolConfig, ...] = ()
+    handlers: tuple[HandlerConfig, ...] = ()
+    source: str | None = None
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``errors`` holds one message per problem; ``str()``
+    is all of them, one per line."""
+
+    def __init__(self, errors: list[str] | str):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# --------------------------------------------------------------------------- small parsers
+
+_ATOM_PREFIX = re.compile(r"^[0-9a-f]{32}-(.+)$", re.S)
+
+
+def strip_atom_prefix(name: str) -> str:
+    """``0123...ef-arObjectMoveJob`` -> ``arObjectMoveJob``; other names unchanged."""
+    m = _ATOM_PREFIX.match(name)
+    return m.group(1) if m else name
+
+
+def function_matches(pattern: str, function: str) -> bool:
+    """True if ``pattern`` names ``function`` exactly, or names it without its
+    ``<32 hex>-`` AtoM site prefix."""
+    return pattern == function or pattern == strip_atom_prefix(function)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``. Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string host:port, got {type(text).__name__}")
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"{text!r}: expected [IPv6]:port, e.g. [::1]:4730")
+        host, port_s = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r}: expected host:port, e.g. 127.0.0.1:4730")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:4730")
+    if not port_s.isdigit():
+        raise ValueError(f"{text!r}: port {port_s!r} is not a number")
+    port = int(port_s)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range 1-65535")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of :func:`parse_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``30``, ``30s``, ``500ms``, ``5m``, ``2h``, ``7d`` -> seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError("expected a duration")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(value: Any) -> int:
+    """``67108864``, ``64MiB``, ``512M``, ``1G``, ``10MB`` -> bytes.
+
+    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; KB/MB/GB/TB are powers of 1000.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            number, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
+            power = "kmgt".find(unit) + 1 if unit else 0
+            base = 1000 if suffix == "b" else 1024
+            if not unit and suffix:
+                return int(number)  # "100B"
+            return int(number * base**power)
+    raise ValueError("expected a size")
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+Path = tuple[str | int, ...]
+
+
+def path_str(path: Path) -> str:
+    """``("pools", 0, "count")`` -> ``pools[0].count``."""
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "(top level)"
+
+
+class _Doc:
+    """A YAML document turned into plain Python values, remembering each value's line."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.value_lines: dict[Path, int] = {}
+        self.key_lines: dict[Path, int] = {}
+        self._errors: list[tuple[int, str]] = []
+        self._constructor = yaml.SafeLoader("")
+
+    def error(self, path: Path, message: str, *, at_key: bool = False) -> None:
+        line = None
+        if at_key:
+            line = self.key_lines.get(path)
+        if line is None:
+            p = path
+            while line is None:
+                line = self.value_lines.get(p) or self.key_lines.get(p)
+                if not p:
+                    break
+                p = p[:-1]
+        where = f"{self.filename}:{line}" if line else self.filename
+        self._errors.append((line or 0, f"{where}: {path_str(path)}: {message}"))
+
+    @property
+    def errors(self) -> list[str]:
+        """Every problem found, in file order."""
+        return [msg for _, msg in sorted(self._errors, key=lambda e: e[0])]
+
+    def convert(self, node: yaml.Node, path: Path) -> Any:
+        self.value_lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for knode, vnode in node.value:
+                key = self._constructor.construct_object(knode, deep=True)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    self.key_lines[path + ("?",)] = knode.start_mark.line + 1
+                    self.error(path + ("?",), "a key must be a plain name", at_key=True)
+                    continue
+                key = str(key)
+                kpath = path + (key,)
+                if key in out:
+                    self.key_lines[kpath] = knode.start_mark.line + 1
+                    self.error(kpath, "key given twice (the later one would win)", at_key=True)
+                self.key_lines.setdefault(kpath, knode.start_mark.line + 1)
+                out[key] = self.convert(vnode, kpath)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(n, path + (i,)) for i, n in enumerate(node.value)]
+        return self._constructor.construct_object(node, deep=True)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Validator:
+    def __init__(self, doc: _Doc):
+        self.doc = doc
+
+    def err(self, path: Path, message: str) -> None:
+        self.doc.error(path, message)
+
+    def keys(self, data: dict, path: Path, allowed: list[str], required: tuple[str, ...] = ()):
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.doc.error(
+                    path + (key,),
+                    f"unknown key {key!r}{hint} (expected one of: {', '.join(allowed)})",
+                    at_key=True,
+                )
+        for key in required:
+            if key not in data:
+                self.err(path, f"missing required key {key!r}")
+
+    def mapping(self, value: Any, path: Path) -> dict | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.err(path, f"expected a mapping (key: value), got {_kind(value)}")
+            return None
+        return value
+
+    def seq(self, value: Any, path: Path, what: str) -> list | None:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.err(path, f"expected a list of {what}, got {_kind(value)}")
+            return None
+        return value
+
+    def string(self, value: Any, path: Path, *, optional: bool = False) -> str | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            self.err(path, f"expected a string, got {_kind(value)}")
+            return None
+        if not isinstance(value, str):
+            value = str(value)
+        if not value.strip():
+            self.err(path, "expected a non-empty string")
+            return None
+        return value
+
+    def choice(self, value: Any, path: Path, choices: tuple[str, ...]) -> str | None:
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        self.err(path, f"expected one of {', '.join(choices)}, got {value!r}{hint}")
+        return None
+
+    def integer(
+        self, value: Any, path: Path, *, minimum: int | None = None, optional: bool = False
+    ) -> int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.err(path, f"expected an integer, got {_kind(value)} {value!r}")
+            return None
+        if minimum is not None and value < minimum:
+            self.err(path, f"expected an integer >= {minimum}, got {value}")
+            return None
+        return value
+
+    def number(
+        self,
+        value: Any,
+        path: Path,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.err(path, f"expected a number, got {_kind(value)} {value!r}")
+            return None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            rng = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            self.err(path, f"expected a number {rng}, got {value}")
+            return None
+        return float(value)
+
+    def duration(
+        self, value: Any, path: Path, *, optional: bool = False, positive: bool = False
+    ) -> float | None:
+        if value is None and optional:
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            self.err(
+                path,
+                f"expected a duration in seconds (30, 30s, 5m, 2h, 7d), got {value!r}",
+            )
+            return None
+        if positive and seconds <= 0:
+            self.err(path, f"expected a duration greater than 0, got {value!r}")
+            return None
+        return seconds
+
+    def size(self, value: Any, path: Path) -> int | None:
+        try:
+            return parse_size(value)
+        except ValueError:
+            self.err(path, f"expected a size in bytes (67108864, 64MiB, 512M), got {value!r}")
+            return None
+
+    def address(self, value: Any, path: Path) -> str | None:
+        if not isinstance(value, str):
+            self.err(path, f"expected an address host:port, got {_kind(value)} {value!r}")
+            return None
+        try:
+            parse_address(value)
+        except ValueError as e:
+            self.err(path, f"expected an address host:port ([v6]:port for IPv6): {e}")
+            return None
+        return value.strip()
+
+    def addresses(self, value: Any, path: Path) -> tuple[str, ...] | None:
+        if isinstance(value, str):  # a single address is fine too
+            a = self.address(value, path)
+            return (a,) if a else None
+        items = self.seq(value, path, "addresses host:port")
+        if items is None:
+            return None
+        out = [self.address(v, path + (i,)) for i, v in enumerate(items)]
+        return tuple(a for a in out if a) if all(out) else None
+
+    def environment(self, value: Any, path: Path) -> Mapping[str, str]:
+        data = self.mapping(value, path)
+        if data is None:
+            return _empty_map()
+        env: dict[str, str] = {}
+        for k, v in data.items():
+            if isinstance(v, (dict, list)) or v is None:
+                self.err(path + (k,), f"expected a string value, got {_kind(v)}")
+                continue
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            env[k] = str(v)
+        return MappingProxyType(env)
+
+    def command(self, value: Any, path: Path, *, shell: bool = False) -> tuple[str, ...] | None:
+        if isinstance(value, str):
+            if shell:
+                if value.strip():
+                    return (value,)
+                self.err(path, "expected a non-empty command")
+                return None
+            try:
+                parts = shlex.split(value)
+            except ValueError:
+                parts = value.split()
+            suggestion = "[" + ", ".join(parts) + "]"
+            self.err(
+                path,
+                "expected a list of arguments (no shell is used), got a string; "
+                f"write it as a list: command: {suggestion}",
+            )
+            return None
+        items = self.seq(value, path, "arguments")
+        if items is None:
+            return None
+        if not items:
+            self.err(path, "expected a non-empty list of arguments, e.g. [php, symfony, jobs:worker]")
+            return None
+        out: list[str] = []
+        ok = True
+        for i, v in enumerate(items):
+            if isinstance(v, (dict, list)) or v is None or isinstance(v, bool):
+                self.err(path + (i,), f"expected a string argument, got {_kind(v)}")
+                ok = False
+            else:
+                out.append(str(v))
+        return tuple(out) if ok else None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return type(value).__name__
+
+
+_TOP_KEYS = [
+    "listen", "database", "log_level", "queue", "max_packet_size", "shutdown_timeout",
+    "status_interval", "functions", "concurrency", "pools", "handlers",
+]  # fmt: skip
+_QUEUE_KEYS = ["synchronous", "max_attempts", "retention_days"]
+_FUNCTION_KEYS = ["max_attempts", "max_queue"]
+_GROUP_KEYS = ["name", "functions", "max"]
+_POOL_KEYS = [f.name for f in dataclasses.fields(PoolConfig)]
+_HANDLER_KEYS = [f.name for f in dataclasses.fields(HandlerConfig)]
+_WAIT_KEYS = ["name", "address"]
+
+
+def _build(data: Any, doc: _Doc) -> Config:
+    v = _Validator(doc)
+    top = v.mapping(data, ())
+    if top is None:
+        return Config()
+    v.keys(top, (), _TOP_KEYS)
+    kw: dict[str, Any] = {}
+
+    def put(name: str, value: Any) -> None:
+        if value is not None:
+            kw[name] = value
+
+    if "listen" in top:
+        listen = top["listen"]
+        put("listen", () if listen == [] else v.addresses(listen, ("listen",)))
+    if "database" in top:
+        put("database", v.string(top["database"], ("database",)))
+    if "log_level" in top:
+        put("log_level", v.choice(top["log_level"], ("log_level",), LOG_LEVELS))
+    if "queue" in top:
+        q = v.mapping(top["queue"], ("queue",))
+        if q is not None:
+            v.keys(q, ("queue",), _QUEUE_KEYS)
+            if "synchronous" in q:
+                put("synchronous", v.choice(q["synchronous"], ("queue", "synchronous"), SYNCHRONOUS_MODES))
+            if "max_attempts" in q:
+                put("max_attempts", v.integer(q["max_attempts"], ("queue", "max_attempts"), minimum=1))
+            if "retention_days" in q:
+                r = q["retention_days"]
+                p = ("queue", "retention_days")
+                if isinstance(r, str):  # "12h" -> days
+                    secs = v.duration(r, p)
+                    put("retention_days", None if secs is None else secs / 86400.0)
+                else:
+                    put("retention_days", v.number(r, p, minimum=0))
+    if "max_packet_size" in top:
+        size = v.size(top["max_packet_size"], ("max_packet_size",))
+        if size is not None and size < 1024:
+            v.err(("max_packet_size",), f"expected at least 1024 bytes, got {size}")
+            size = None
+        put("max_packet_size", size)
+    for name in ("shutdown_timeout", "status_interval"):
+        if name in top:
+            put(name, v.duration(top[name], (name,), positive=name == "status_interval"))
+
+    if "functions" in top:
+        fmap = v.mapping(top["functions"], ("functions",))
+        if fmap is not None:
+            funcs: dict[str, FunctionConfig] = {}
+            for fname, fval in fmap.items():
+                p: Path = ("functions", fname)
+                fdata = v.mapping(fval, p)
+                if fdata is None:
+                    continue
+                v.keys(fdata, p, _FUNCTION_KEYS)
+                ma = v.integer(fdata.get("max_attempts"), p + ("max_attempts",), minimum=1, optional=True)
+                mq = v.integer(fdata.get("max_queue"), p + ("max_queue",), minimum=0, optional=True)
+                funcs[fname] = FunctionConfig(max_attempts=ma, max_queue=mq)
+            kw["functions"] = MappingProxyType(funcs)
+
+    if "concurrency" in top:
+        groups = v.seq(top["concurrency"], ("concurrency",), "groups {name, functions, max}")
+        out_g: list[ConcurrencyGroup] = []
+        seen: dict[str, int] = {}
+        for i, g in enumerate(groups or []):
+            p = ("concurrency", i)
+            gd = v.mapping(g, p)
+            if gd is None:
+                continue
+            v.keys(gd, p, _GROUP_KEYS, required=("functions", "max"))
+            name = v.string(gd.get("name", f"group{i}"), p + ("name",))
+            if name is not None:
+                if name in seen:
+                    v.err(p + ("name",), f"group name {name!r} already used by concurrency[{seen[name]}]")
+                seen[name] = i
+            fl: tuple[str, ...] | None = None
+            if "functions" in gd:
+                raw = gd["functions"]
+                if isinstance(raw, str):
+                    raw = [raw]
+                items = v.seq(raw, p + ("functions",), "function names")
+                if items is not None:
+                    if not items:
+                        v.err(p + ("functions",), "expected at least one function name")
+                    names = [v.string(x, p + ("functions", j)) for j, x in enumerate(items)]
+                    if items and all(names):
+                        fl = tuple(n for n in names if n)
+            mx = v.integer(gd.get("max"), p + ("max",), minimum=1) if "max" in gd else None
+            if name and fl and mx:
+                out_g.append(ConcurrencyGroup(name=name, functions=fl, max=mx))
+        kw["concurrency"] = tuple(out_g)
+
+    if "pools" in top:
+        pools = v.seq(top["pools"], ("pools",), "pools")
+        out_p: list[PoolConfig] = []
+        seen = {}
+        for i, pd in enumerate(pools or []):
+            pool = _build_pool(v, pd, ("pools", i), seen)
+            if pool is not None:
+                out_p.append(pool)
+        kw["pools"] = tuple(out_p)
+
+    if "handlers" in top:
+        handlers = v.seq(top["handlers"], ("handlers",), "handlers")
+        out_h: list[HandlerConfig] = []
+        seen = {}
+        for i, hd in enumerate(handlers or []):
+            h = _build_handler(v, hd, ("handlers", i), seen)
+            if h is not None:
+                out_h.append(h)
+        kw["handlers"] = tuple(out_h)
+
+    return Config(**kw)
+
+
+def _optional_fields(
+    v: _Validator, data: dict, p: Path, kw: dict[str, Any], spec: dict[str, Callable[..., Any]]
+) -> bool:
+    ok = True
+    for key, check in spec.items():
+        if key in data:
+            value = check(data[key], p + (key,))
+            if value is None and data[key] is not None:
+                ok = False
+            elif value is not None:
+                kw[key] = value
+    return ok
+
+
+def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolConfig | None:
+    data = v.mapping(raw, p)
+    if data is None:
+        return None
+    v.keys(data, p, _POOL_KEYS, required=("name", "command"))
+    kw: dict[str, Any] = {}
+    ok = True
+    name = v.string(data["name"], p + ("name",)) if "name" in data else None
+    if name is not None:
+        if name in seen:
+            v.err(p + ("name",), f"pool name {name!r} already used by pools[{seen[name]}]")
+            ok = False
+        seen.setdefault(name, int(p[-1]))
+    command = v.command(data["command"], p + ("command",)) if "command" in data else None
+
+    def opt_str(x: Any, q: Path) -> str | None:
+        return v.string(x, q, optional=True)
+
+    def codes(x: Any, q: Path) -> tuple[int, ...] | None:
+        if isinstance(x, int) and not isinstance(x, bool):
+            x = [x]
+        items = v.seq(x, q, "exit codes")
+        if items is None:
+            return None
+        vals = []
+        for j, c in enumerate(items):
+            n = v.integer(c, q + (j,), minimum=0)
+            if n is not None and n > 255:
+                v.err(q + (j,), f"expected an exit code 0-255, got {n}")
+                n = None
+            vals.append(n)
+        return tuple(c for c in vals if c is not None) if all(c is not None for c in vals) else None
+
+    def wait_for(x: Any, q: Path) -> tuple[WaitFor, ...] | None:
+        items = v.seq(x, q, "{name, address: host:port}")
+        if items is None:
+            return None
+        out: list[WaitFor] = []
+        good = True
+        for j, w in enumerate(items):
+            wq = q + (j,)
+            if isinstance(w, str):  # shorthand: "127.0.0.1:3306"
+                w = {"address": w}
+            wd = v.mapping(w, wq)
+            if wd is None:
+                good = False
+                continue
+            v.keys(wd, wq, _WAIT_KEYS, required=("address",))
+            if "address" not in wd:
+                good = False
+                continue
+            addr = v.address(wd["address"], wq + ("address",))
+            if addr is None:
+                good = False
+                continue
+            host, port = parse_address(addr)
+            wname = v.string(wd.get("name", addr), wq + ("name",)) or addr
+            out.append(WaitFor(name=wname, host=host, port=port))
+        return tuple(out) if good else None
+
+    spec: dict[str, Callable[[Any, Path], Any]] = {
+        "directory": opt_str,
+        "user": opt_str,
+        "group": opt_str,
+        "environment": v.environment,
+        "count": lambda x, q: v.integer(x, q, minimum=0),
+        "servers": v.addresses,
+        "planned_exit_codes": codes,
+        "max_jobs": lambda x, q: v.integer(x, q, minimum=1, optional=True),
+        "max_rss_mb": lambda x, q: v.integer(x, q, minimum=1, optional=True),
+        "max_age": lambda x, q: v.duration(x, q, optional=True, positive=True),
+        "age_jitter": lambda x, q: v.number(x, q, minimum=0, maximum=1),
+        "wait_for": wait_for,
+        "drain_timeout": lambda x, q: v.duration(x, q),
+        "stop_grace": lambda x, q: v.duration(x, q),
+        "backoff_initial": lambda x, q: v.duration(x, q, positive=True),
+        "backoff_max": lambda x, q: v.duration(x, q, positive=True),
+    }
+    ok = _optional_fields(v, data, p, kw, spec) and ok
+    bi, bm = kw.get("backoff_initial", 1.0), kw.get("backoff_max", 300.0)
+    if bm < bi:
+        v.err(p + ("backoff_max",), f"expected backoff_max >= backoff_initial ({bi:g}s), got {bm:g}s")
+        ok = False
+    if not ok or name is None or command is None:
+        return None
+    return PoolConfig(name=name, command=command, **kw)
+
+
+def _build_handler(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> HandlerConfig | None:
+    data = v.mapping(raw, p)
+    if data is None:
+        return None
+    v.keys(data, p, _HANDLER_KEYS, required=("function", "command"))
+    kw: dict[str, Any] = {}
+    ok = True
+    function = v.string(data["function"], p + ("function",)) if "function" in data else None
+    if function is not None:
+        if function in seen:
+            v.err(p + ("function",), f"function {function!r} already handled by handlers[{seen[function]}]")
+            ok = False
+        seen.setdefault(function, int(p[-1]))
+    shell = data.get("shell", False)
+    if not isinstance(shell, bool):
+        v.err(p + ("shell",), f"expected true or false, got {shell!r}")
+        ok, shell = False, False
+    kw["shell"] = shell
+    command = v.command(data["command"], p + ("command",), shell=shell) if "command" in data else None
+
+    def opt_str(x: Any, q: Path) -> str | None:
+        return v.string(x, q, optional=True)
+
+    spec: dict[str, Callable[[Any, Path], Any]] = {
+        "concurrency": lambda x, q: v.integer(x, q, minimum=1),
+        "timeout": lambda x, q: v.duration(x, q, optional=True, positive=True),
+        "user": opt_str,
+        "group": opt_str,
+        "directory": opt_str,
+        "environment": v.environment,
+        "servers": v.addresses,
+    }
+    ok = _optional_fields(v, data, p, kw, spec) and ok
+    if not ok or function is None or command is None:
+        return None
+    return HandlerConfig(function=function, command=command, **kw)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate YAML ``text`` (named ``filename`` in messages). Raises ConfigError."""
+    doc = _Doc(filename)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = e.problem or e.context or "invalid YAML"
+        raise ConfigError(f"{filename}{line}: not valid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{filename}: not valid YAML: {e}") from None
+    data = None if node is None else doc.convert(node, ())
+    try:
+        cfg = _build(data, doc)
+    except yaml.YAMLError as e:  # e.g. an unknown tag (!!python/object)
+        doc._errors.append((0, f"{filename}: {e}"))
+        cfg = Config()
+    if doc.errors:
+        raise ConfigError(doc.errors)
+    return cfg
+
+
+def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    errors: list[str] = []
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue  # an option that was not given
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errors.append(f"command line: unknown setting {key!r}{hint}")
+            continue
+        if key == "listen":
+            value = (value,) if isinstance(value, str) else tuple(value)
+            for a in value:
+                try:
+                    parse_address(a)
+                except ValueError as e:
+                    errors.append(f"command line: listen: expected host:port: {e}")
+        elif key == "log_level" and str(value).lower() not in LOG_LEVELS:
+            errors.append(f"command line: log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        elif key == "log_level":
+            value = str(value).lower()
+        changes[key] = value
+    if errors:
+        raise ConfigError(errors)
+    return dataclasses.replace(cfg, **changes)
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> tuple[str | None, bool]:
+    """Which file :func:`load_config` reads: ``(path or None, explicit)``."""
+    if path is not None:
+        return os.fspath(path), True
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return env, True
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH, False
+    return None, False
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read and validate the configuration; ``overrides`` (Config field names, e.g. from
+    command-line flags; None values ignored) win over the file. Raises ConfigError."""
+    filename, explicit = resolve_config_path(path)
+    if filename is None:
+        cfg = Config()
+    else:
+        try:
+            with open(filename, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            how = f" (from ${ENV_CONFIG})" if path is None and explicit else ""
+            raise ConfigError(f"{filename}: configuration file not found{how}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{filename}: cannot read the configuration file: {e}") from None
+        cfg = dataclasses.replace(parse_config(text, filename), source=filename)
+    if overrides:
+        cfg = _apply_overrides(cfg, overrides)
+    return cfg
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The effective configuration in the YAML file's shape (every key, defaults included)."""
+
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, tuple):
+            return [plain(x) for x in obj]
+        return obj
+
+    def pool(pc: PoolConfig) -> dict[str, Any]:
+        d = {f.name: plain(getattr(pc, f.name)) for f in dataclasses.fields(pc)}
+        d["wait_for"] = [
+            {"name": w.name, "address": format_address(w.host, w.port)} for w in pc.wait_for
+        ]
+        return d
+
+    def handler(h: HandlerConfig) -> dict[str, Any]:
+        d = {f.name: plain(getattr(h, f.name)) for f in dataclasses.fields(h)}
+        if h.shell and len(h.command) == 1:
+            d["command"] = h.command[0]
+        return d
+
+    return {
+        "listen": list(cfg.listen),
+        "database": cfg.database,
+        "log_level": cfg.log_level,
+        "queue": {
+            "synchronous": cfg.synchronous,
+            "max_attempts": cfg.max_attempts,
+            "retention_days": cfg.retention_days,
+        },
+        "max_packet_size": cfg.max_packet_size,
+        "shutdown_timeout": cfg.shutdown_timeout,
+        "status_interval": cfg.status_interval,
+        "functions": {
+            name: {k: v for k, v in dataclasses.asdict(fc).items() if v is not None}
+            for name, fc in cfg.functions.items()
+        },
+        "concurrency": [
+            {"name": g.name, "functions": list(g.functions), "max": g.max} for g in cfg.concurrency
+        ],
+        "pools": [pool(p) for p in cfg.pools],
+        "handlers": [handler(h) for h in cfg.handlers],
+    }
+
+
+def format_config(cfg: Config) -> str:
+    """YAML of the effective configuration (what ``atomnode check-config`` prints)."""
+    head = f"# effective configuration (from {cfg.source or 'embedded defaults'})\n"
+    return head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
