@@ -1,6 +1,455 @@
-"""Composition root (placeholder until the server lands)."""
+"""Composition root: builds every part from the Config and runs them in one nursery.
+
+Start order (each step only after the previous one succeeded):
+store opened and recovered -> jobs restored into the broker -> writer thread started ->
+port bound -> listener serving -> handlers and pools started -> READY=1.
+Stop order: STOPPING=1 -> stop accepting -> drain (no new assignments; workers finish
+what they hold, bounded by shutdown_timeout; pools drained and stopped) -> writer
+flushed -> exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import trio
+
+from . import __version__
+from .admin import Admin
+from .broker import Broker, Conn, Function
+from .config import Config, ConfigError, function_matches, load_config
+from .server import Server
+from .store import Store, StoreError, parse_handle
+from .systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
+
+log = logging.getLogger("atomnode")
+
+#: The writer must finish a turn at least this often, or the watchdog pings stop.
+WRITER_STALL_LIMIT = 20.0
 
 
-def register(sub):
-    p = sub.add_parser("run", help="run the daemon")
-    p.set_defaults(func=lambda args: 1)
+@dataclasses.dataclass(frozen=True)
+class ConnInfo:
+    """A connection as the supervisor sees it (docs/dev/interfaces.md)."""
+
+    conn_id: int
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    client_id: str
+    abilities: tuple[str, ...]
+    jobs: tuple[str, ...]
+    jobs_done: int
+    draining: bool
+
+
+class WorkerRegistry:
+    """The supervisor's view of the broker: which connection holds which job."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def connections(self) -> list[ConnInfo]:
+        out = []
+        for c in self.server.broker.conns.values():
+            out.append(ConnInfo(
+                conn_id=c.id,
+                peer=(c.peer, c.peer_port),
+                local=c.local,
+                client_id=c.client_id.decode("utf-8", "replace"),
+                abilities=tuple(f.name.decode("utf-8", "replace") for f in c.functions),
+                jobs=tuple(h.decode() for h in c.held),
+                jobs_done=c.jobs_done,
+                draining=c.draining,
+            ))
+        return out
+
+    def drain(self, conn_id: int) -> None:
+        conn = self.server.broker.conns.get(conn_id)
+        if conn is not None:
+            self.server.broker.drain(conn)
+
+    async def wait_idle(self, conn_id: int) -> None:
+        conn = self.server.broker.conns.get(conn_id)
+        if conn is not None:
+            await self.server.wait_idle(conn)
+
+
+class _AdminReply:
+    """Token for an operator change that must be committed before it is answered."""
+
+    def __init__(self, conn: Conn, kind: str):
+        self.conn = conn
+        self.kind = kind
+        self.job: Any = None
+        self.count = 0
+
+
+class Daemon:
+    """One running atomnode. ``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: Config, *, config_path: str | None = None,
+                 overrides: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.hostname = socket.gethostname()
+        self.notifier = Notifier()
+        self.store: Store | None = None
+        self.broker: Broker | None = None
+        self.server: Server | None = None
+        self.supervisor: Any = None
+        self.handlers: dict[str, Any] = {}
+        self._handler_scopes: dict[str, trio.CancelScope] = {}
+        self.shutdown: trio.Event | None = None  # created inside trio.run
+        self.graceful = True
+        self.ready = False
+
+    # ----------------------------------------------------------------- config
+    def max_attempts(self, function: bytes) -> int:
+        name = function.decode("utf-8", "replace")
+        for pattern, fc in self.cfg.functions.items():
+            if fc.max_attempts is not None and function_matches(pattern, name):
+                return fc.max_attempts
+        return self.cfg.max_attempts
+
+    def _function_defaults(self, fn: Function) -> None:
+        name = fn.name.decode("utf-8", "replace")
+        for pattern, fc in self.cfg.functions.items():
+            if fc.max_queue is not None and function_matches(pattern, name):
+                fn.max_queue = fc.max_queue
+
+    def _apply_runtime_config(self) -> None:
+        broker = self.broker
+        assert broker is not None
+        broker.set_concurrency((g.name, g.functions, g.max) for g in self.cfg.concurrency)
+        for fn in broker.functions.values():
+            self._function_defaults(fn)
+
+    def _pool_servers(self) -> tuple[str, ...]:
+        if not self.server or not self.server.bound:
+            return ()
+        host, port = self.server.bound[0]
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
+
+    # ----------------------------------------------------------------- status
+    def status_line(self) -> str:
+        b = self.broker
+        if b is None:
+            return "starting"
+        workers = sum(1 for c in b.conns.values() if c.functions)
+        parts = [f"queued {b.queued_jobs()}", f"running {b.running_jobs()}",
+                 f"workers {workers}"]
+        if self.store is not None and not self.store.healthy:
+            parts.append(f"QUEUE ERROR: {self.store.last_error}")
+        text = ", ".join(parts)
+        if self.supervisor is not None:
+            summary = self.supervisor.summary()
+            if summary:
+                text += "; " + summary
+        return text
+
+    def extra_status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.store is not None:
+            doc["queue"] = {
+                "store_healthy": self.store.healthy,
+                "store_error": self.store.last_error,
+                "store_pending": self.store.pending,
+                "database": self.cfg.database,
+            }
+        if self.supervisor is not None:
+            doc["pools"] = self.supervisor.snapshot()
+        if self.handlers:
+            doc["handlers"] = [h.snapshot() for h in self.handlers.values()]
+        doc["ready"] = self.ready
+        return doc
+
+    def healthy(self) -> tuple[bool, str]:
+        store = self.store
+        if store is None:
+            return True, ""
+        idle_for = time.monotonic() - store.last_progress
+        if idle_for > WRITER_STALL_LIMIT:
+            return False, f"the SQLite writer has made no progress for {idle_for:.0f}s"
+        return True, ""
+
+    # ------------------------------------------------------------ admin hooks
+    def jobs_command(self, server: Server, conn: Conn, args: list[bytes]) -> bytes:
+        """``atomnode-jobs retry|cancel HANDLE`` and ``atomnode-jobs purge SECONDS``."""
+        if len(args) != 2:
+            return b"ERR INVALID_ARGUMENTS usage:+atomnode-jobs+retry|cancel+HANDLE|purge+SECONDS\r\n"
+        verb, arg = args[0].lower(), args[1].decode("utf-8", "replace")
+        assert self.broker is not None and self.store is not None
+        if verb == b"cancel":
+            try:
+                handle = self.store.handle(parse_handle(arg)).encode()
+            except ValueError as e:
+                return f"ERR INVALID_ARGUMENTS {e}\r\n".replace(" ", "+", 2).encode()
+            if self.broker.cancel(handle):
+                return b"OK\r\n"
+            job = self.broker.jobs.get(handle)
+            if job is not None:
+                return b"ERR JOB_RUNNING the+job+is+running;+only+queued+jobs+can+be+cancelled\r\n"
+            return b"ERR UNKNOWN_JOB\r\n"
+        if verb == b"retry":
+            try:
+                job_id = parse_handle(arg)
+            except ValueError as e:
+                return f"ERR INVALID_ARGUMENTS {e}\r\n".encode()
+            if self.broker.jobs.get(self.store.handle(job_id).encode()) is not None:
+                return b"ERR JOB_ACTIVE the+job+is+still+queued+or+running\r\n"
+            token = _AdminReply(conn, "retry")
+            self.broker.store_ops.append(("retry", job_id, self.broker._new_seq(), token))
+            return b""  # answered when the writer has committed it
+        if verb == b"purge":
+            try:
+                seconds = float(arg)
+            except ValueError:
+                return b"ERR INVALID_ARGUMENTS purge+needs+a+number+of+seconds\r\n"
+            token = _AdminReply(conn, "purge")
+            self.broker.store_ops.append(("purge", seconds, token))
+            return b""
+        return b"ERR UNKNOWN_COMMAND Unknown+atomnode-jobs+command\r\n"
+
+    def on_store_result(self, committed: list, failed: list) -> None:
+        """In the trio thread after each store batch."""
+        server, broker = self.server, self.broker
+        assert server is not None and broker is not None
+        jobs_ok = []
+        for tok in committed:
+            if isinstance(tok, _AdminReply):
+                if tok.kind == "retry" and tok.job is not None:
+                    job = broker.enqueue_stored(tok.job)
+                    broker._send(tok.conn, b"OK " + job.handle + b"\r\n")
+                else:
+                    broker._send(tok.conn, b"OK %d\r\n" % tok.count)
+            else:
+                jobs_ok.append(tok)
+        jobs_failed = []
+        for tok, message in failed:
+            if isinstance(tok, _AdminReply):
+                broker._send(tok.conn, b"ERR FAILED " + message.replace(" ", "+").encode()
+                             + b"\r\n")
+            else:
+                jobs_failed.append((tok, message))
+        server.on_store_result(jobs_ok, jobs_failed)
+
+    def request_shutdown(self, graceful: bool = True) -> None:
+        self.graceful = graceful
+        if self.shutdown is not None:
+            self.shutdown.set()
+
+    # -------------------------------------------------------------------- run
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> int:
+        cfg = self.cfg
+        self.shutdown = trio.Event()
+        self.store = Store(cfg.database, synchronous=cfg.synchronous,
+                           retention_days=cfg.retention_days, hostname=self.hostname)
+        try:
+            recovery = self.store.open()
+        except StoreError as e:
+            log.error("%s", e)
+            return 1
+        broker = self.broker = Broker(
+            hostname=self.hostname, durable=True, max_attempts=self.max_attempts,
+            first_id=recovery.next_id, first_seq=recovery.next_seq,
+        )
+        broker.on_new_function = self._function_defaults
+        self._apply_runtime_config()
+        t0 = time.monotonic()
+        restored = broker.restore(recovery.jobs)
+        if recovery.jobs:
+            log.info("recovered %d queued job(s) from %s in %.2fs", restored, cfg.database,
+                     time.monotonic() - t0)
+        del recovery
+        admin = Admin(
+            extra_status=self.extra_status,
+            jobs_command=None,
+            on_shutdown=self.request_shutdown,
+        )
+        server = self.server = Server(broker, store=self.store, admin=admin,
+                                      max_packet_size=cfg.max_packet_size)
+        admin.jobs_command = lambda conn, args: self.jobs_command(server, conn, args)
+        token = trio.lowlevel.current_trio_token()
+
+        def on_result(committed: list, failed: list) -> None:
+            try:
+                token.run_sync_soon(self.on_store_result, committed, failed)
+            except trio.RunFinishedError:
+                pass
+
+        self.store.start(on_result)
+        server.flush()  # restore's requeue/fail ops
+        try:
+            try:
+                await server.open_listeners(list(cfg.listen), listen_fds())
+            except OSError as e:
+                log.error("%s", e.strerror or e)
+                return 1
+            for host, port in server.bound:
+                log.info("listening on %s:%d", host, port)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                self._nursery_for_handlers = nursery
+                await self._start_workers(nursery)
+                nursery.start_soon(self._signals)
+                interval = watchdog_interval()
+                if interval:
+                    nursery.start_soon(watchdog_task, self.notifier, interval / 3, self.healthy)
+                nursery.start_soon(status_task, self.notifier, cfg.status_interval,
+                                   self.status_line)
+                self.ready = True
+                self.notifier.ready(self.status_line())
+                log.info("atomnode %s ready (database %s)", __version__, cfg.database)
+                task_status.started(server)
+                await self.shutdown.wait()
+                await self._stop(nursery)
+        finally:
+            self.store.close()
+            self.notifier.close()
+        log.info("stopped")
+        return 0
+
+    async def _start_workers(self, nursery: trio.Nursery) -> None:
+        cfg = self.cfg
+        if cfg.handlers:
+            for h in cfg.handlers:
+                await self._start_handler(nursery, h)
+        if cfg.pools:
+            from .supervisor import Supervisor
+
+            registry = WorkerRegistry(self.server) if self.server and self.server.bound else None
+            self.supervisor = Supervisor(cfg.pools, registry,
+                                         default_servers=self._pool_servers())
+            await nursery.start(self.supervisor.run)
+
+    async def _start_handler(self, nursery: trio.Nursery, h: Any) -> None:
+        from .handlers import HandlerPool
+
+        servers = tuple(h.servers) or self._pool_servers()
+        pool = HandlerPool(h, servers)
+        scope = trio.CancelScope()
+        self.handlers[h.function] = pool
+        self._handler_scopes[h.function] = scope
+
+        async def runner(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await pool.run(task_status=task_status)
+
+        await nursery.start(runner)
+
+    async def _stop(self, nursery: trio.Nursery) -> None:
+        assert self.server is not None
+        self.notifier.stopping()
+        self.ready = False
+        timeout = self.cfg.shutdown_timeout if self.graceful else 0.0
+        log.info("shutting down: no new jobs handed out; waiting up to %gs for running jobs",
+                 timeout)
+        await self.server.stop_accepting()
+        async with trio.open_nursery() as n:
+            n.start_soon(self.server.drain_all, timeout)
+            if self.supervisor is not None:
+                n.start_soon(self.supervisor.shutdown, timeout)
+            for pool in self.handlers.values():
+                n.start_soon(pool.shutdown, timeout)
+        nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.request_shutdown(graceful=True)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        self.notifier.reloading()
+        try:
+            try:
+                new = load_config(self.config_path, overrides=self.overrides)
+            except ConfigError as e:
+                log.error("configuration reload refused; the old configuration stays in "
+                          "force:\n%s", e)
+                return
+            old = self.cfg
+            if new.listen != old.listen or new.database != old.database:
+                log.warning("listen and database changes take effect only after a restart")
+                new = dataclasses.replace(new, listen=old.listen, database=old.database)
+            self.cfg = new
+            logging.getLogger().setLevel(new.log_level.upper())
+            self._apply_runtime_config()
+            if self.supervisor is not None or new.pools:
+                if self.supervisor is None:
+                    log.warning("pools added by a reload start after a restart")
+                else:
+                    await self.supervisor.reload(new.pools)
+            await self._reload_handlers(old, new)
+            log.info("configuration reloaded from %s", self.config_path or "defaults")
+        finally:
+            self.notifier.ready(self.status_line())
+
+    async def _reload_handlers(self, old: Config, new: Config) -> None:
+        old_h = {h.function: h for h in old.handlers}
+        new_h = {h.function: h for h in new.handlers}
+        for name, h in old_h.items():
+            if new_h.get(name) != h and name in self.handlers:
+                await self.handlers[name].shutdown(self.cfg.shutdown_timeout)
+                self._handler_scopes.pop(name).cancel()
+                del self.handlers[name]
+        added = [h for name, h in new_h.items() if old_h.get(name) != h]
+        if added and self._nursery_for_handlers is not None:
+            for h in added:
+                await self._start_handler(self._nursery_for_handlers, h)
+
+    _nursery_for_handlers: trio.Nursery | None = None
+
+
+# --------------------------------------------------------------------- CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run the daemon in the foreground",
+        description="Run atomnode: the Gearman-compatible listener, the durable queue, "
+        "the worker pools and handlers. Flags override the configuration file.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file (default: $ATOMNODE_CONFIG, else "
+                   "/etc/atomnode/atomnode.yml if it exists, else built-in defaults)")
+    p.add_argument("--listen", metavar="HOST:PORT", action="append",
+                   help="address to listen on (repeatable; default 127.0.0.1:4730)")
+    p.add_argument("--db", metavar="FILE", help="SQLite database of the durable queue")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["listen"] = tuple(args.listen)
+    if args.db:
+        overrides["database"] = args.db
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    try:
+        cfg = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        setup_logging("info")
+        print(f"atomnode: invalid configuration:\n{e}", file=sys.stderr)
+        return 1
+    setup_logging(cfg.log_level)
+    daemon = Daemon(cfg, config_path=args.config, overrides=overrides)
+    return trio.run(daemon.run)

@@ -1,0 +1,874 @@
+"""The job broker: functions, queues, workers and clients, as pure state.
+
+No sockets, no threads, no SQLite. The server feeds it packets per connection
+(:meth:`Broker.handle`) and connection events (:meth:`Broker.connect`,
+:meth:`Broker.disconnect`); the broker answers by appending encoded packets to each
+:class:`Conn`'s ``out`` list (and the conn to :attr:`Broker.dirty`), and durable-queue
+operations to :attr:`Broker.store_ops` (tuples, see :mod:`atomnode.store`). The server
+flushes both after each read batch.
+
+Background jobs are durable: a new one is *pending* until the store reports its insert
+committed (:meth:`Broker.committed`); only then is JOB_CREATED sent and the job offered to
+workers. Foreground jobs are memory only, as in gearmand.
+
+Time enters only through arguments (``now``), so timers (epoch jobs, CAN_DO_TIMEOUT) are
+driven by :meth:`Broker.tick` from the server's clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .protocol import (
+    MAX_FUNCTION_SIZE,
+    MAX_UNIQUE_SIZE,
+    Packet,
+    T,
+    encode,
+    error_packet,
+)
+
+log = logging.getLogger("atomnode.broker")
+
+HIGH, NORMAL, LOW = 0, 1, 2
+PRIORITY_NAMES = ("high", "normal", "low")
+
+# Job states.
+PENDING = "pending"  # background job waiting for its commit
+SCHEDULED = "scheduled"  # epoch job not yet due
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"  # finished, failed, cancelled or dropped: no longer in the broker
+
+_SUBMIT = {
+    T.SUBMIT_JOB: (NORMAL, False),
+    T.SUBMIT_JOB_BG: (NORMAL, True),
+    T.SUBMIT_JOB_HIGH: (HIGH, False),
+    T.SUBMIT_JOB_HIGH_BG: (HIGH, True),
+    T.SUBMIT_JOB_LOW: (LOW, False),
+    T.SUBMIT_JOB_LOW_BG: (LOW, True),
+}
+
+NOOP = encode(T.NOOP)
+NO_JOB = encode(T.NO_JOB)
+
+
+class Conn:
+    """One connection as the broker sees it: a client, a worker, or both."""
+
+    __slots__ = (
+        "id", "peer", "peer_port", "local", "fd", "client_id", "functions", "timeouts", "sleeping",
+        "noop_sent", "held", "waiting", "exceptions", "draining", "jobs_done", "out",
+        "closed", "connected_at",
+    )
+
+    def __init__(
+        self, conn_id: int, peer: str = "-", fd: int = -1, local: tuple[str, int] = ("-", 0)
+    ):
+        self.id = conn_id
+        self.peer = peer
+        self.peer_port = 0
+        self.local = local
+        self.fd = fd
+        self.client_id = b"-"
+        self.functions: list[Function] = []  # abilities, in CAN_DO order
+        self.timeouts: dict[bytes, int] = {}
+        self.sleeping = False
+        self.noop_sent = False
+        self.held: dict[bytes, Job] = {}  # jobs assigned to this worker, by handle
+        self.waiting: list[Job] = []  # foreground jobs this client waits on
+        self.exceptions = False
+        self.draining = False
+        self.jobs_done = 0
+        self.out: list[bytes] = []
+        self.closed = False
+        self.connected_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Conn {self.id} {self.peer} {self.client_id!r}>"
+
+
+class Job:
+    """A job known to the broker (pending, scheduled, queued or running)."""
+
+    __slots__ = (
+        "id", "handle", "function", "unique", "key", "data", "priority", "background",
+        "when", "seq", "attempts", "state", "worker", "clients", "acks", "submitted_at",
+        "started_at", "numerator", "denominator", "reducer", "deadline",
+    )
+
+    def __init__(
+        self, job_id: int, handle: bytes, function: Function, unique: bytes, key: bytes | None,
+        data: bytes, priority: int, background: bool, when: int, seq: int, submitted_at: float,
+    ):
+        self.id = job_id
+        self.handle = handle
+        self.function = function
+        self.unique = unique
+        self.key = key  # coalescing key (None: never coalesces)
+        self.data = data
+        self.priority = priority
+        self.background = background
+        self.when = when
+        self.seq = seq
+        self.attempts = 0
+        self.state = PENDING
+        self.worker: Conn | None = None
+        self.clients: list[Conn] = []  # foreground clients waiting for the result
+        self.acks: list[Conn] = []  # connections owed a JOB_CREATED after the commit
+        self.submitted_at = submitted_at
+        self.started_at = 0.0
+        self.numerator = b"0"
+        self.denominator = b"0"
+        self.reducer = b""
+        self.deadline = 0.0
+
+    def __lt__(self, other: Job) -> bool:  # for heaps
+        return self.seq < other.seq
+
+    def __repr__(self) -> str:
+        return f"<Job {self.handle!r} {self.function.name!r} {self.state}>"
+
+
+class Function:
+    """A function name: its queues (one deque per priority), workers and counters."""
+
+    __slots__ = ("name", "queues", "queued", "running", "total", "workers", "max_queue", "groups")
+
+    def __init__(self, name: bytes):
+        self.name = name
+        self.queues: tuple[deque[Job], deque[Job], deque[Job]] = (deque(), deque(), deque())
+        self.queued = 0  # jobs in state QUEUED
+        self.running = 0
+        self.total = 0  # every live job: pending, scheduled, queued, running
+        self.workers: dict[Conn, None] = {}
+        self.max_queue = 0  # 0 = unlimited (gearmand's maxqueue)
+        self.groups: list[ConcurrencyGroup] = []
+
+    def counts_by_priority(self) -> list[int]:
+        return [sum(1 for j in q if j.state is QUEUED) for q in self.queues]
+
+
+class ConcurrencyGroup:
+    """At most ``limit`` jobs of the member functions run at once."""
+
+    __slots__ = ("name", "patterns", "limit", "running", "functions")
+
+    def __init__(self, name: str, patterns: Iterable[str], limit: int):
+        self.name = name
+        self.patterns = tuple(patterns)
+        self.limit = limit
+        self.running = 0
+        self.functions: list[Function] = []
+
+    def full(self) -> bool:
+        return self.running >= self.limit
+
+
+def strip_site_prefix(name: bytes) -> bytes:
+    """``0123...ef-arFindingAidJob`` -> ``arFindingAidJob`` (AtoM's md5 site prefix)."""
+    if len(name) > 33 and name[32:33] == b"-":
+        head = name[:32]
+        if all(c in b"0123456789abcdefABCDEF" for c in head):
+            return name[33:]
+    return name
+
+
+def pattern_matches(pattern: str, function: bytes) -> bool:
+    p = pattern.encode()
+    return p == function or p == strip_site_prefix(function)
+
+
+class Broker:
+    """All job and worker state. See the module docstring for the I/O contract."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str = "localhost",
+        durable: bool = True,
+        max_attempts: int | Callable[[bytes], int] = 5,
+        clock: Callable[[], float] | None = None,
+        first_id: int = 1,
+        first_seq: int = 1,
+        id_reserve_block: int = 10000,
+    ):
+        self.handle_prefix = f"H:{hostname}:".encode()
+        self.durable = durable
+        if callable(max_attempts):
+            self.max_attempts: Callable[[bytes], int] = max_attempts
+        else:
+            limit = max_attempts
+            self.max_attempts = lambda _f: limit
+        import time
+
+        self.clock = clock or time.time
+        self.next_id = first_id
+        self.next_seq = first_seq
+        self.id_reserve_block = id_reserve_block
+        self.id_reserved = first_id  # persisted high-water mark, refreshed ahead of use
+        self.functions: dict[bytes, Function] = {}
+        self.conns: dict[int, Conn] = {}
+        self.jobs: dict[bytes, Job] = {}  # live jobs by handle
+        self.uniques: dict[tuple[bytes, bytes], Job] = {}
+        self.groups: list[ConcurrencyGroup] = []
+        self.on_new_function: Callable[[Function], None] | None = None
+        self.scheduled: list[tuple[int, int, Job]] = []  # heap of (when, seq, job)
+        self.deadlines: list[tuple[float, int, Job, int]] = []  # (deadline, seq, job, attempt)
+        self.dirty: set[Conn] = set()
+        self.store_ops: list[tuple] = []
+        self.became_idle: list[Conn] = []  # workers whose last held job just ended
+        self.timers_changed = False  # a new timer may be earlier than the one armed
+        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "requeued": 0}
+        self._reserve_ids()
+
+    # ------------------------------------------------------------------ helpers
+    def _send(self, conn: Conn, data: bytes) -> None:
+        if not conn.closed:
+            conn.out.append(data)
+            self.dirty.add(conn)
+
+    def function(self, name: bytes) -> Function:
+        fn = self.functions.get(name)
+        if fn is None:
+            fn = self.functions[name] = Function(name)
+            if self.on_new_function is not None:
+                self.on_new_function(fn)
+            for g in self.groups:
+                if any(pattern_matches(p, name) for p in g.patterns):
+                    g.functions.append(fn)
+                    fn.groups.append(g)
+        return fn
+
+    def _new_id(self) -> int:
+        n = self.next_id
+        self.next_id = n + 1
+        if self.durable and self.next_id + self.id_reserve_block // 2 > self.id_reserved:
+            self._reserve_ids()
+        return n
+
+    def _reserve_ids(self) -> None:
+        if self.durable:
+            self.id_reserved = self.next_id + self.id_reserve_block
+            self.store_ops.append(("reserve_ids", self.id_reserved))
+
+    def _new_seq(self) -> int:
+        n = self.next_seq
+        self.next_seq = n + 1
+        return n
+
+    def set_concurrency(self, groups: Iterable[tuple[str, Iterable[str], int]]) -> None:
+        """Replace the concurrency groups: (name, function patterns, limit)."""
+        for fn in self.functions.values():
+            fn.groups = []
+        self.groups = [ConcurrencyGroup(n, p, lim) for n, p, lim in groups]
+        for g in self.groups:
+            for fn in self.functions.values():
+                if any(pattern_matches(p, fn.name) for p in g.patterns):
+                    g.functions.append(fn)
+                    fn.groups.append(g)
+            g.running = sum(f.running for f in g.functions)
+
+    # -------------------------------------------------------------- connections
+    def connect(self, conn: Conn) -> Conn:
+        conn.connected_at = self.clock()
+        self.conns[conn.id] = conn
+        return conn
+
+    def disconnect(self, conn: Conn) -> None:
+        """A connection closed: requeue what it held, drop what only it waited for."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.pop(conn.id, None)
+        self.dirty.discard(conn)
+        for job in list(conn.held.values()):
+            self._requeue(job, "worker disconnected")
+        conn.held.clear()
+        for fn in conn.functions:
+            fn.workers.pop(conn, None)
+        conn.functions = []
+        for job in conn.waiting:
+            try:
+                job.clients.remove(conn)
+            except ValueError:
+                pass
+            if not job.clients and not job.background and job.state in (QUEUED, SCHEDULED):
+                # gearmand drops a queued foreground job whose client has gone.
+                self._forget(job)
+        conn.waiting = []
+        self.became_idle.append(conn)
+
+    # ------------------------------------------------------------------ packets
+    def handle(self, conn: Conn, packet: Packet) -> None:
+        """Process one request packet from ``conn``."""
+        t = packet.type
+        args = packet.args
+        if t in (T.GRAB_JOB, T.GRAB_JOB_UNIQ, T.GRAB_JOB_ALL):
+            self._grab(conn, t)
+        elif t == T.PRE_SLEEP:
+            if not conn.draining and self._peek(conn):
+                self._send(conn, NOOP)
+            else:
+                conn.sleeping = True
+                conn.noop_sent = False
+        elif t == T.WORK_COMPLETE:
+            self._work_end(conn, args[0], T.WORK_COMPLETE, args[1])
+        elif t in _SUBMIT:
+            prio, bg = _SUBMIT[T(t)]
+            self.submit(conn, args[0], args[1], args[2], prio, bg)
+        elif t == T.WORK_STATUS:
+            job = self._held(conn, args[0])
+            if job is not None:
+                job.numerator, job.denominator = args[1], args[2]
+                pkt = encode(T.WORK_STATUS, *args)
+                for c in job.clients:
+                    self._send(c, pkt)
+        elif t in (T.WORK_DATA, T.WORK_WARNING):
+            job = self._held(conn, args[0])
+            if job is not None:
+                pkt = encode(t, *args)
+                for c in job.clients:
+                    self._send(c, pkt)
+        elif t == T.WORK_FAIL:
+            self._work_end(conn, args[0], T.WORK_FAIL, b"")
+        elif t == T.WORK_EXCEPTION:
+            self._work_end(conn, args[0], T.WORK_EXCEPTION, args[1])
+        elif t == T.CAN_DO:
+            self._can_do(conn, args[0], 0)
+        elif t == T.CAN_DO_TIMEOUT:
+            try:
+                timeout = int(args[1].rstrip(b"\0") or b"0")
+            except ValueError:
+                self._send(conn, error_packet("INVALID_PACKET", "CAN_DO_TIMEOUT needs a number"))
+                return
+            self._can_do(conn, args[0], max(timeout, 0))
+        elif t == T.CANT_DO:
+            fn = self.functions.get(args[0])
+            if fn is not None and fn in conn.functions:
+                conn.functions.remove(fn)
+                fn.workers.pop(conn, None)
+                conn.timeouts.pop(fn.name, None)
+        elif t == T.RESET_ABILITIES:
+            for fn in conn.functions:
+                fn.workers.pop(conn, None)
+            conn.functions = []
+            conn.timeouts.clear()
+        elif t == T.SET_CLIENT_ID:
+            conn.client_id = args[0] or b"-"
+        elif t == T.ECHO_REQ:
+            self._send(conn, encode(T.ECHO_RES, args[0]))
+        elif t == T.OPTION_REQ:
+            if args[0].rstrip(b"\0").lower() == b"exceptions":
+                conn.exceptions = True
+                self._send(conn, encode(T.OPTION_RES, args[0]))
+            else:
+                self._send(
+                    conn, error_packet("UNKNOWN_OPTION", "Server does not recognize given option")
+                )
+        elif t == T.GET_STATUS:
+            self._get_status(conn, args[0])
+        elif t == T.GET_STATUS_UNIQUE:
+            self._get_status_unique(conn, args[0])
+        elif t == T.SUBMIT_JOB_EPOCH:
+            try:
+                when = int(args[2] or b"0")
+            except ValueError:
+                self._send(conn, error_packet("INVALID_PACKET", "epoch time is not a number"))
+                return
+            self.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
+        elif t in (T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND):
+            self.submit(
+                conn, args[0], args[1], args[4], NORMAL, t == T.SUBMIT_REDUCE_JOB_BACKGROUND,
+                reducer=args[2],
+            )
+        elif t == T.ALL_YOURS:
+            pass
+        else:
+            # SUBMIT_JOB_SCHED and anything else gearmand does not serve.
+            self._send(conn, error_packet("INVALID_COMMAND", "Command not expected"))
+
+    # ------------------------------------------------------------ submissions
+    def submit(
+        self, conn: Conn | None, function: bytes, unique: bytes, data: bytes, priority: int,
+        background: bool, *, when: int = 0, reducer: bytes = b"",
+    ) -> Job | None:
+        """A client submits a job. Returns the job (new or joined), or None on error."""
+        if len(unique) > MAX_UNIQUE_SIZE:
+            if conn is not None:
+                self._send(conn, error_packet("ARGUMENT_TOO_LARGE", "Unique value too large"))
+            return None
+        if len(function) > MAX_FUNCTION_SIZE or not function:
+            if conn is not None:
+                self._send(
+                    conn,
+                    error_packet("ARGUMENT_TOO_LARGE", "Function name is empty or too large"),
+                )
+            return None
+        fn = self.function(function)
+        if unique == b"-":
+            key: bytes | None = data if data else None
+        else:
+            key = unique or None
+        job = self.uniques.get((function, key)) if key is not None else None
+        if job is not None:
+            # Coalesce: same handle, payload and priority of the new submission ignored.
+            if conn is not None:
+                if not background:
+                    job.clients.append(conn)
+                    conn.waiting.append(job)
+                if job.state is PENDING:
+                    job.acks.append(conn)
+                else:
+                    self._send(conn, encode(T.JOB_CREATED, job.handle))
+            return job
+        if fn.max_queue and fn.total >= fn.max_queue:
+            if conn is not None:
+                self._send(conn, error_packet("QUEUE_ERROR", "Job queue is full"))
+            return None
+        now = self.clock()
+        job_id = self._new_id()
+        job = Job(
+            job_id, self.handle_prefix + str(job_id).encode(), fn, unique, key, data, priority,
+            background, when, self._new_seq(), now,
+        )
+        job.reducer = reducer
+        self.stats["submitted"] += 1
+        fn.total += 1
+        self.jobs[job.handle] = job
+        if key is not None:
+            self.uniques[(function, key)] = job
+        if conn is not None and not background:
+            job.clients.append(conn)
+            conn.waiting.append(job)
+        if background and self.durable:
+            if conn is not None:
+                job.acks.append(conn)
+            self.store_ops.append(
+                ("insert", job.id, function, unique, data, priority, when, job.seq, now, job)
+            )
+            return job
+        if conn is not None:
+            self._send(conn, encode(T.JOB_CREATED, job.handle))
+        self._enqueue(job)
+        return job
+
+    def committed(self, tokens: Iterable[Any]) -> None:
+        """The store committed these inserts: acknowledge and release the jobs."""
+        for job in tokens:
+            if not isinstance(job, Job) or job.state is not PENDING:
+                continue
+            created = encode(T.JOB_CREATED, job.handle)
+            for c in job.acks:
+                self._send(c, created)
+            job.acks = []
+            self._enqueue(job)
+
+    def commit_failed(self, failures: Iterable[tuple[Any, str]]) -> None:
+        """The store could not commit these inserts: tell the submitters, forget the jobs."""
+        for job, message in failures:
+            if not isinstance(job, Job) or job.state is not PENDING:
+                continue
+            err = error_packet("QUEUE_ERROR", message)
+            for c in job.acks:
+                self._send(c, err)
+            for c in job.clients:
+                if c not in job.acks:
+                    self._send(c, encode(T.WORK_FAIL, job.handle))
+            job.acks = []
+            self._forget(job)
+
+    def restore(self, stored: Iterable[Any], *, requeue_reason: str = "daemon restarted") -> int:
+        """Load jobs recovered from the store (ordered by priority, seq). Jobs that were
+        running when the daemon stopped go back to the queue with their attempt counted,
+        or fail if that was their last attempt. Returns the number restored."""
+        n = 0
+        for s in stored:
+            fn = self.function(s.function)
+            unique = s.unique
+            key = (s.data or None) if unique == b"-" else (unique or None)
+            job = Job(
+                s.id, self.handle_prefix + str(s.id).encode(), fn, unique, key, s.data,
+                s.priority, True, s.when_to_run, s.seq, s.submitted_at,
+            )
+            job.attempts = s.attempts
+            if s.id >= self.next_id:
+                self.next_id = s.id + 1
+            if s.seq >= self.next_seq:
+                self.next_seq = s.seq + 1
+            if s.state == RUNNING:
+                if job.attempts >= self.max_attempts(fn.name):
+                    self.store_ops.append(
+                        ("fail", job.id, self.clock(), f"{requeue_reason} while running; "
+                         f"gave up after {job.attempts} attempts")
+                    )
+                    self.stats["failed"] += 1
+                    continue
+                job.seq = self._new_seq()
+                self.store_ops.append(("requeue", job.id, job.attempts, job.seq, requeue_reason))
+            fn.total += 1
+            self.jobs[job.handle] = job
+            if key is not None and (fn.name, key) not in self.uniques:
+                self.uniques[(fn.name, key)] = job
+            self._enqueue(job, wake=False)
+            n += 1
+        self._reserve_ids()
+        return n
+
+    def enqueue_stored(self, s: Any) -> Job:
+        """Put back a job the store re-queued (operator retry)."""
+        fn = self.function(s.function)
+        key = (s.data or None) if s.unique == b"-" else (s.unique or None)
+        job = Job(
+            s.id, self.handle_prefix + str(s.id).encode(), fn, s.unique, key, s.data,
+            s.priority, True, s.when_to_run, s.seq, s.submitted_at,
+        )
+        job.attempts = s.attempts
+        if s.seq >= self.next_seq:
+            self.next_seq = s.seq + 1
+        fn.total += 1
+        self.jobs[job.handle] = job
+        if key is not None and (fn.name, key) not in self.uniques:
+            self.uniques[(fn.name, key)] = job
+        self._enqueue(job)
+        return job
+
+    # ------------------------------------------------------------ queue state
+    def _enqueue(self, job: Job, wake: bool = True) -> None:
+        fn = job.function
+        if job.when and job.when > self.clock():
+            job.state = SCHEDULED
+            heapq.heappush(self.scheduled, (job.when, job.seq, job))
+            self.timers_changed = True
+            return
+        job.state = QUEUED
+        fn.queues[job.priority].append(job)
+        fn.queued += 1
+        if wake:
+            self._wake(fn)
+
+    def _wake(self, fn: Function) -> None:
+        if fn.groups and any(g.full() for g in fn.groups):
+            return
+        for w in fn.workers:
+            if w.sleeping and not w.noop_sent and not w.draining:
+                w.noop_sent = True
+                self._send(w, NOOP)
+
+    def _forget(self, job: Job) -> None:
+        """Remove a job from every index (it is finished, failed, cancelled or dropped)."""
+        fn = job.function
+        if job.state is QUEUED:
+            fn.queued -= 1  # its deque entry is skipped lazily
+        elif job.state is RUNNING:
+            fn.running -= 1
+            for g in fn.groups:
+                g.running -= 1
+                self._wake_group(g)
+        job.state = DONE
+        fn.total -= 1
+        self.jobs.pop(job.handle, None)
+        if job.key is not None and self.uniques.get((fn.name, job.key)) is job:
+            del self.uniques[(fn.name, job.key)]
+        for c in job.clients:
+            try:
+                c.waiting.remove(job)
+            except ValueError:
+                pass
+        job.clients = []
+
+    def _wake_group(self, g: ConcurrencyGroup) -> None:
+        if not g.full():
+            for fn in g.functions:
+                if fn.queued:
+                    self._wake(fn)
+
+    def _requeue(self, job: Job, reason: str) -> None:
+        """A running job lost its worker: queue it again, or fail it past max attempts."""
+        fn = job.function
+        worker = job.worker
+        if worker is not None:
+            worker.held.pop(job.handle, None)
+            if not worker.held:
+                self.became_idle.append(worker)
+        job.worker = None
+        fn.running -= 1
+        for g in fn.groups:
+            g.running -= 1
+        job.state = QUEUED  # transiently, for the accounting below
+        fn.queued += 1
+        limit = self.max_attempts(fn.name)
+        if limit and job.attempts >= limit:
+            msg = f"{reason}; gave up after {job.attempts} attempts"
+            log.warning("job %s (%s) failed: %s", job.handle.decode(), fn.name.decode(
+                "utf-8", "replace"), msg)
+            fail = encode(T.WORK_FAIL, job.handle)
+            for c in job.clients:
+                self._send(c, fail)
+            if job.background and self.durable:
+                self.store_ops.append(("fail", job.id, self.clock(), msg))
+            self.stats["failed"] += 1
+            self._forget(job)
+            for g in fn.groups:
+                self._wake_group(g)
+            return
+        log.info("job %s (%s) requeued: %s (attempt %d)", job.handle.decode(),
+                 fn.name.decode("utf-8", "replace"), reason, job.attempts)
+        self.stats["requeued"] += 1
+        job.seq = self._new_seq()
+        job.numerator = job.denominator = b"0"
+        if job.background and self.durable:
+            self.store_ops.append(("requeue", job.id, job.attempts, job.seq, reason))
+        fn.queues[job.priority].append(job)
+        self._wake(fn)
+        for g in fn.groups:
+            self._wake_group(g)
+
+    # ---------------------------------------------------------------- workers
+    def _can_do(self, conn: Conn, name: bytes, timeout: int) -> None:
+        if len(name) > MAX_FUNCTION_SIZE or not name:
+            self._send(conn, error_packet("ARGUMENT_TOO_LARGE", "Function name is empty or too large"))
+            return
+        fn = self.function(name)
+        if fn not in conn.functions:
+            conn.functions.append(fn)
+            fn.workers[conn] = None
+        if timeout:
+            conn.timeouts[name] = timeout
+        else:
+            conn.timeouts.pop(name, None)
+
+    def _runnable(self, fn: Function) -> bool:
+        if not fn.queued:
+            return False
+        if fn.groups:
+            for g in fn.groups:
+                if g.full():
+                    return False
+        return True
+
+    def _head(self, fn: Function) -> Job | None:
+        for q in fn.queues:
+            while q:
+                job = q[0]
+                if job.state is QUEUED and job.function is fn:
+                    return job
+                q.popleft()  # stale entry (cancelled / dropped / re-queued elsewhere)
+        return None
+
+    def _peek(self, conn: Conn) -> Job | None:
+        best: Job | None = None
+        for fn in conn.functions:
+            if not self._runnable(fn):
+                continue
+            job = self._head(fn)
+            if job is not None and (
+                best is None or (job.priority, job.seq) < (best.priority, best.seq)
+            ):
+                best = job
+                if job.priority == HIGH:
+                    break
+        return best
+
+    def _grab(self, conn: Conn, t: int) -> None:
+        conn.sleeping = False
+        conn.noop_sent = False
+        if conn.draining:
+            self._send(conn, NO_JOB)
+            return
+        if len(conn.functions) == 1:
+            fn = conn.functions[0]
+            job = self._head(fn) if self._runnable(fn) else None
+        else:
+            job = self._peek(conn)
+        if job is None:
+            self._send(conn, NO_JOB)
+            return
+        fn = job.function
+        fn.queues[job.priority].popleft()
+        fn.queued -= 1
+        fn.running += 1
+        for g in fn.groups:
+            g.running += 1
+        job.state = RUNNING
+        job.worker = conn
+        job.attempts += 1
+        now = self.clock()
+        job.started_at = now
+        conn.held[job.handle] = job
+        if t == T.GRAB_JOB_UNIQ:
+            pkt = encode(T.JOB_ASSIGN_UNIQ, job.handle, fn.name, job.unique, job.data)
+        elif t == T.GRAB_JOB_ALL:
+            if job.reducer:
+                pkt = encode(
+                    T.JOB_ASSIGN_ALL, job.handle, fn.name, job.unique, job.reducer, job.data
+                )
+            else:
+                # As gearmand: without a reducer GRAB_JOB_ALL is answered with JOB_ASSIGN_UNIQ.
+                pkt = encode(T.JOB_ASSIGN_UNIQ, job.handle, fn.name, job.unique, job.data)
+        else:
+            pkt = encode(T.JOB_ASSIGN, job.handle, fn.name, job.data)
+        self._send(conn, pkt)
+        if job.background and self.durable:
+            self.store_ops.append(
+                ("start", job.id, job.attempts, conn.client_id.decode("utf-8", "replace"), now)
+            )
+        timeout = conn.timeouts.get(fn.name) if conn.timeouts else None
+        if timeout:
+            job.deadline = now + timeout
+            heapq.heappush(self.deadlines, (job.deadline, job.seq, job, job.attempts))
+            self.timers_changed = True
+
+    def _held(self, conn: Conn, handle: bytes) -> Job | None:
+        job = conn.held.get(handle)
+        if job is None:
+            self._send(
+                conn, error_packet("JOB_NOT_FOUND", "Job given in work result not found")
+            )
+        return job
+
+    def _work_end(self, conn: Conn, handle: bytes, t: int, data: bytes) -> None:
+        job = self._held(conn, handle)
+        if job is None:
+            return
+        del conn.held[handle]
+        conn.jobs_done += 1
+        if t == T.WORK_COMPLETE:
+            pkt = encode(T.WORK_COMPLETE, handle, data)
+            for c in job.clients:
+                self._send(c, pkt)
+            self.stats["completed"] += 1
+            if job.background and self.durable:
+                self.store_ops.append(("done", job.id, self.clock(), len(data)))
+        else:
+            fail = encode(T.WORK_FAIL, handle)
+            if t == T.WORK_EXCEPTION:
+                exc = encode(T.WORK_EXCEPTION, handle, data)
+                for c in job.clients:
+                    self._send(c, exc if c.exceptions else fail)
+                reason = "WORK_EXCEPTION from worker: " + data[:200].decode("utf-8", "replace")
+            else:
+                for c in job.clients:
+                    self._send(c, fail)
+                reason = "WORK_FAIL from worker"
+            self.stats["failed"] += 1
+            if job.background and self.durable:
+                self.store_ops.append(("fail", job.id, self.clock(), reason))
+        job.worker = None
+        self._forget(job)
+        if not conn.held:
+            self.became_idle.append(conn)
+
+    # ----------------------------------------------------------------- status
+    def _get_status(self, conn: Conn, handle: bytes) -> None:
+        job = self.jobs.get(handle)
+        if job is None or job.state is PENDING:
+            self._send(conn, encode(T.STATUS_RES, handle, b"0", b"0", b"0", b"0"))
+        else:
+            self._send(conn, encode(
+                T.STATUS_RES, handle, b"1", b"1" if job.state is RUNNING else b"0",
+                job.numerator, job.denominator,
+            ))
+
+    def _get_status_unique(self, conn: Conn, unique: bytes) -> None:
+        job = None
+        for (_f, key), j in self.uniques.items():
+            if key == unique and j.state is not PENDING:
+                job = j
+                break
+        if job is None:
+            self._send(conn, encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
+        else:
+            self._send(conn, encode(
+                T.STATUS_RES_UNIQUE, unique, b"1", b"1" if job.state is RUNNING else b"0",
+                job.numerator, job.denominator, str(len(job.clients)).encode(),
+            ))
+
+    # ------------------------------------------------------------------ timers
+    def next_deadline(self) -> float | None:
+        """Wall-clock time of the next timer (epoch job due, CAN_DO_TIMEOUT), if any."""
+        t: float | None = None
+        while self.deadlines and self._stale_deadline(self.deadlines[0]):
+            heapq.heappop(self.deadlines)
+        if self.deadlines:
+            t = self.deadlines[0][0]
+        while self.scheduled and self.scheduled[0][2].state is not SCHEDULED:
+            heapq.heappop(self.scheduled)
+        if self.scheduled:
+            w = float(self.scheduled[0][0])
+            t = w if t is None else min(t, w)
+        self.timers_changed = False
+        return t
+
+    @staticmethod
+    def _stale_deadline(entry: tuple[float, int, Job, int]) -> bool:
+        _d, _s, job, attempt = entry
+        return job.state is not RUNNING or job.attempts != attempt
+
+    def tick(self, now: float | None = None) -> None:
+        """Run due timers: release epoch jobs, requeue jobs past their CAN_DO_TIMEOUT."""
+        if now is None:
+            now = self.clock()
+        while self.scheduled and self.scheduled[0][0] <= now:
+            _w, _s, job = heapq.heappop(self.scheduled)
+            if job.state is SCHEDULED:
+                job.state = QUEUED
+                fn = job.function
+                fn.queues[job.priority].append(job)
+                fn.queued += 1
+                self._wake(fn)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            entry = heapq.heappop(self.deadlines)
+            if self._stale_deadline(entry):
+                continue
+            job = entry[2]
+            timeout = entry[0] - job.started_at
+            self._requeue(job, f"timed out after {timeout:g}s (CAN_DO_TIMEOUT)")
+
+    # ------------------------------------------------------------- operators
+    def cancel(self, handle: bytes) -> bool:
+        """Cancel a queued (not running) job. True if it was cancelled."""
+        job = self.jobs.get(handle)
+        if job is None or job.state not in (QUEUED, SCHEDULED):
+            return False
+        fail = encode(T.WORK_FAIL, handle)
+        for c in job.clients:
+            self._send(c, fail)
+        if job.background and self.durable:
+            self.store_ops.append(("cancel", job.id, self.clock()))
+        self._forget(job)
+        return True
+
+    def drain(self, conn: Conn) -> None:
+        """From now on this worker's GRAB_JOB gets NO_JOB."""
+        conn.draining = True
+
+    def drop_function(self, name: bytes) -> str | None:
+        """gearmand's `drop function`: None on success, else the error text."""
+        fn = self.functions.get(name)
+        if fn is None:
+            return "function not found"
+        if fn.workers or fn.running or fn.total:
+            return "there are still connected workers or executing clients"
+        del self.functions[name]
+        for g in fn.groups:
+            g.functions.remove(fn)
+        return None
+
+    def shutdown_drain_all(self) -> None:
+        for c in self.conns.values():
+            c.draining = True
+
+    def running_jobs(self) -> int:
+        return sum(fn.running for fn in self.functions.values())
+
+    def queued_jobs(self) -> int:
+        return sum(fn.queued for fn in self.functions.values())
+
+    def take_idle(self) -> list[Conn]:
+        idle, self.became_idle = self.became_idle, []
+        return idle
