@@ -16,6 +16,7 @@ from . import __version__
 # Modules that add subcommands. Each has register(subparsers).
 SUBCOMMAND_MODULES = [
     "atomnode.daemon",
+    "atomnode.ops_cli",
 ]
 
 

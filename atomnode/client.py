@@ -29,7 +29,10 @@ class DaemonUnreachable(ClientError):
         self.host, self.port, self.reason = host, port, reason
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         why = f" ({reason})" if reason else ""
-        super().__init__(f"atomnode is not running at {addr}{why}; {START_HINT}")
+        super().__init__(
+            f"nothing answers at {addr}{why}: the atomnode daemon is not running there; "
+            + START_HINT
+        )
 
 
 class GearmanError(ClientError):
