@@ -39,3 +39,11 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) var dist build *.egg-info .pytest_cache .hypothesis
+
+# Debian package (issue 6): dist/atomnode_<version>_<arch>.deb, built in a clean environment.
+deb:
+	sh packaging/build-deb.sh
+
+# End-to-end test of the package under a real systemd (systemd-nspawn); needs root.
+test-deb:
+	sh tests/packaging/run.sh
