@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import logging
 import os
 import socket
@@ -213,6 +214,21 @@ def _human_error(path: str, exc: BaseException) -> str:
     return f"queue database {path}: {what} ({text})".replace("\n", " ")
 
 
+def _unwritable_reason(path: str) -> str | None:
+    """Why ``path`` (or the WAL files beside it) cannot be written, if we can tell."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the file is read-only"
+    if not os.access(directory, os.W_OK):
+        return f"directory {directory} is read-only (SQLite needs it for its WAL files)"
+    return None
+
+
 class Store:
     """The durable queue. See the module docstring for the ops and the contract."""
 
@@ -238,6 +254,7 @@ class Store:
         self.busy_timeout_ms = 5000
         self.prune_interval = 60.0  # seconds between pruning chunks when caught up
         self.prune_chunk = 2000
+        self.prune_catchup_interval = 1.0  # between chunks while a backlog remains
         self.backoff_initial = 0.1
         self.backoff_max = 5.0
         self._conn: sqlite3.Connection | None = None
@@ -295,7 +312,14 @@ class Store:
         directory = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(directory, exist_ok=True)
-            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                # An existing lock file can still be locked read-only; the database's own
+                # write check then says precisely what is wrong.
+                fd = os.open(path + ".lock", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise StoreOpenError(
                 f"queue database {path}: cannot create {path}.lock: {e.strerror}"
@@ -368,6 +392,11 @@ class Store:
                 )
             ]
         except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorname", "") == "SQLITE_CANTOPEN":
+                why = _unwritable_reason(path) or "cannot open it"
+                raise StoreOpenError(
+                    f"queue database {path}: {why} ({e}); refusing to start"
+                ) from e
             raise StoreOpenError(
                 f"queue database {path} is corrupt or not a database ({e}); refusing to start"
             ) from e
@@ -424,11 +453,25 @@ class Store:
                 raise StoreOpenError(
                     f"queue database {path} is corrupt ({e}); refusing to start"
                 ) from e
+            why = _unwritable_reason(path)
+            if why:
+                raise StoreOpenError(f"queue database {path}: {why} ({e}); refusing to start")
             raise StoreOpenError(f"{_human_error(path, e)}; refusing to start") from e
 
     def _recover(self) -> Recovery:
         conn = self._conn
         assert conn is not None
+        # A million queued jobs are two million new objects: the cyclic GC would rescan
+        # them over and over while they are built (it more than doubles the time).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._recover_rows(conn)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _recover_rows(self, conn: sqlite3.Connection) -> Recovery:
         try:
             rows = conn.execute(SQL_RECOVER).fetchall()
             max_id = conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0
@@ -709,4 +752,6 @@ class Store:
         if deleted:
             log.debug("queue database %s: pruned %d finished jobs", self.path, deleted)
         # A full chunk means more is waiting: come back soon, but let batches through first.
-        self._next_prune = now + (1.0 if deleted >= self.prune_chunk else self.prune_interval)
+        self._next_prune = now + (
+            self.prune_catchup_interval if deleted >= self.prune_chunk else self.prune_interval
+        )

@@ -1,0 +1,613 @@
+"""The durable queue (atomnode.store): schema, recovery, every op, group commit, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from atomnode import store as store_mod
+from atomnode.store import (
+    APPLICATION_ID,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Store,
+    StoredJob,
+    StoreOpenError,
+    parse_handle,
+)
+
+FN = b"0123456789abcdef0123456789abcdef-arObjectMoveJob"
+WAIT = 10.0  # generous upper bound for events that normally arrive in milliseconds
+
+
+class Results:
+    """on_result callback that records every report and lets a test wait for tokens."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.calls: list[tuple[list, list]] = []
+        self.committed: list = []
+        self.failed: list[tuple[object, str]] = []
+
+    def __call__(self, committed: list, failed: list) -> None:
+        assert threading.current_thread() is not threading.main_thread()
+        with self.cond:
+            self.calls.append((list(committed), list(failed)))
+            self.committed += committed
+            self.failed += failed
+            self.cond.notify_all()
+
+    def wait_for(self, *tokens: object) -> None:
+        """Block until every token was reported (committed or failed)."""
+        def done() -> bool:
+            seen = set(map(id, self.committed)) | {id(t) for t, _ in self.failed}
+            return all(id(t) in seen for t in tokens)
+
+        with self.cond:
+            assert self.cond.wait_for(done, WAIT), f"tokens not reported: {tokens}"
+
+    def message_for(self, token: object) -> str | None:
+        return next((m for t, m in self.failed if t is token), None)
+
+
+class Token:
+    """An opaque token like the broker's; retry/purge write attributes on it."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Token {self.name}>"
+
+
+def insert_op(job_id: int, *, priority: int = 1, seq: int | None = None, data: bytes = b"{}",
+              unique: bytes = b"", when: int = 0, token: object = None) -> tuple:
+    return ("insert", job_id, FN, unique, data, priority, when,
+            job_id if seq is None else seq, 1_700_000_000.0 + job_id, token)  # fmt: skip
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "atomnode.db")
+
+
+def opened(path: str, **kw) -> tuple[Store, store_mod.Recovery, Results]:
+    s = Store(path, hostname="testhost", **kw)
+    rec = s.open()
+    res = Results()
+    s.start(res)
+    return s, rec, res
+
+
+def commit(path: str, ops: list[tuple]) -> None:
+    """Apply ops through a store (started and closed) and require every token committed."""
+    s, _, res = opened(path, retention_days=0)  # no pruning of the test's old timestamps
+    try:
+        s.submit_many(ops)
+    finally:
+        s.close()
+    assert not res.failed, res.failed
+
+
+def rows(path: str) -> dict[int, StoredJob]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {
+            r[0]: StoredJob(*r)
+            for r in con.execute(f"SELECT {store_mod._COLUMNS} FROM jobs ORDER BY id")
+        }
+    finally:
+        con.close()
+
+
+# -- schema and opening ------------------------------------------------------------------
+
+
+def test_new_database_is_created_with_schema_and_markers(db: str) -> None:
+    s = Store(db, hostname="h")
+    rec = s.open()
+    s.close()
+    assert rec.jobs == [] and rec.next_id == 1 and rec.next_seq == 1
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert {"jobs", "meta", "jobs_active", "jobs_finished"} <= names
+
+
+def test_empty_existing_file_is_initialised(db: str) -> None:
+    os.makedirs(os.path.dirname(db))
+    Path(db).write_bytes(b"")
+    s = Store(db)
+    assert s.open().jobs == []
+    s.close()
+
+
+@pytest.mark.parametrize("mode,pragma", [("full", 2), ("normal", 1), ("off", 0)])
+def test_synchronous_setting_is_applied(db: str, mode: str, pragma: int) -> None:
+    s = Store(db, synchronous=mode)
+    s.open()
+    try:
+        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    finally:
+        s.close()
+
+
+def test_bad_synchronous_value_is_refused(db: str) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        Store(db, synchronous="sometimes")
+
+
+def test_reopen_keeps_jobs(db: str) -> None:
+    commit(db, [insert_op(1, data=b"a\0b", unique=b"u1"), insert_op(2, when=1_900_000_000)])
+    s = Store(db)
+    rec = s.open()
+    s.close()
+    assert [(j.id, j.data, j.unique, j.when_to_run, j.state) for j in rec.jobs] == [
+        (1, b"a\0b", b"u1", 0, "queued"),
+        (2, b"{}", b"", 1_900_000_000, "queued"),
+    ]
+    assert rec.jobs[0].function == FN and rec.jobs[0].submitted_at == 1_700_000_001.0
+
+
+def test_migration_from_version_1(db: str) -> None:
+    os.makedirs(os.path.dirname(db))
+    con = sqlite3.connect(db)
+    for statement in MIGRATIONS[1]:
+        con.execute(statement)
+    con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    con.execute("PRAGMA user_version = 1")
+    con.execute(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, seq, state, submitted_at)"
+        " VALUES (7, ?, x'', x'01', 0, 3, 'queued', 1.0)",
+        (FN,),
+    )
+    con.commit()
+    con.close()
+    s = Store(db)
+    rec = s.open()
+    s.close()
+    assert [(j.id, j.seq) for j in rec.jobs] == [(7, 3)]
+    assert rec.next_id == 8 and rec.next_seq == 4
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'jobs_finished'"
+    ).fetchone()[0] == 1
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    db = str(tmp_path / "new.db")
+    s = Store(db)
+    s.open()
+    s.close()
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreOpenError, match="newer atomnode") as exc:
+        Store(db).open()
+    assert db in str(exc.value)
+
+
+def test_foreign_sqlite_database_is_refused_and_untouched(tmp_path: Path) -> None:
+    db = str(tmp_path / "other.db")
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE gearman_queue (unique_key TEXT, data BLOB)")
+    con.commit()
+    con.close()
+    before = Path(db).read_bytes()
+    with pytest.raises(StoreOpenError, match="not an atomnode database") as exc:
+        Store(db).open()
+    assert db in str(exc.value) and "gearman_queue" in str(exc.value)
+    assert Path(db).read_bytes() == before
+
+
+def test_garbage_file_is_refused(tmp_path: Path) -> None:
+    db = str(tmp_path / "garbage.db")
+    Path(db).write_bytes(os.urandom(8192))
+    with pytest.raises(StoreOpenError, match="not an SQLite database") as exc:
+        Store(db).open()
+    assert db in str(exc.value)
+
+
+def test_damaged_sqlite_file_is_refused(tmp_path: Path) -> None:
+    db = str(tmp_path / "damaged.db")
+    commit(db, [insert_op(i, data=os.urandom(300)) for i in range(1, 400)])
+    size = os.path.getsize(db)
+    assert size > 8 * 4096
+    with open(db, "r+b") as f:  # keep the header page, trash the b-tree pages after it
+        f.seek(4096)
+        f.write(b"\xff" * (size - 4096))
+    with pytest.raises(StoreOpenError, match="corrupt") as exc:
+        Store(db).open()
+    assert db in str(exc.value)
+    assert not Store.is_locked(db)  # a refused open releases the lock
+
+
+def test_second_opener_is_refused_while_locked(db: str) -> None:
+    first = Store(db)
+    first.open()
+    try:
+        assert Store.is_locked(db)
+        with pytest.raises(StoreOpenError, match="in use by another atomnode") as exc:
+            Store(db).open()
+        assert db in str(exc.value) and f"pid {os.getpid()}" in str(exc.value)
+    finally:
+        first.close()
+    assert not Store.is_locked(db)
+    again = Store(db)
+    again.open()
+    again.close()
+
+
+def test_is_locked_on_missing_database(tmp_path: Path) -> None:
+    assert Store.is_locked(str(tmp_path / "nothing.db")) is False
+
+
+def test_unwritable_location_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    db = str(blocker / "sub" / "atomnode.db")  # a directory that cannot exist
+    with pytest.raises(StoreOpenError) as exc:
+        Store(db).open()
+    assert db in str(exc.value)
+
+
+# -- writer: group commit and ops ---------------------------------------------------------
+
+
+def test_group_commit_many_inserts_one_batch(db: str) -> None:
+    s = Store(db)
+    s.open()
+    res = Results()
+    tokens = [Token(str(i)) for i in range(1, 1001)]
+    s.submit_many([insert_op(i, token=t) for i, t in enumerate(tokens, 1)])
+    assert s.pending == 1000
+    s.start(res)  # everything is pending when the writer first wakes
+    res.wait_for(*tokens)
+    assert len(res.calls) == 1 and res.calls[0] == (tokens, [])
+    assert s.pending == 0 and s.healthy and s.last_error is None
+    s.close()
+    assert len(rows(db)) == 1000
+
+
+def test_every_state_transition_is_stored(db: str) -> None:
+    s, _, res = opened(db, retention_days=0)
+    try:
+        s.submit_many([insert_op(i) for i in range(1, 6)])
+        s.submit_many([
+            ("start", 1, 1, "pid_11_a", 10.0), ("done", 1, 11.0, 42),
+            ("start", 2, 1, "pid_12_b", 12.0), ("requeue", 2, 1, 99, "worker died"),
+            ("start", 3, 5, "pid_13_c", 13.0), ("fail", 3, 14.0, "attempts exhausted"),
+            ("cancel", 4, 15.0),
+            ("reserve_ids", 50),
+        ])  # fmt: skip
+    finally:
+        s.close()
+    r = rows(db)
+    assert (r[1].state, r[1].attempts, r[1].worker, r[1].started_at, r[1].finished_at,
+            r[1].result_size) == ("done", 1, "pid_11_a", 10.0, 11.0, 42)  # fmt: skip
+    assert (r[2].state, r[2].attempts, r[2].seq, r[2].reason, r[2].worker) == (
+        "queued", 1, 99, "worker died", None)
+    assert (r[3].state, r[3].attempts, r[3].finished_at, r[3].reason) == (
+        "failed", 5, 14.0, "attempts exhausted")
+    assert (r[4].state, r[4].finished_at) == ("cancelled", 15.0)
+    assert r[5].state == "queued"
+    s = Store(db)
+    rec = s.open()
+    s.close()
+    assert [j.id for j in rec.jobs] == [5, 2] and rec.next_id == 50 and rec.next_seq == 100
+
+
+def test_recovery_order_priority_then_seq_and_running_kept(db: str) -> None:
+    commit(db, [
+        insert_op(1, priority=2, seq=1), insert_op(2, priority=1, seq=2),
+        insert_op(3, priority=0, seq=3), insert_op(4, priority=1, seq=4),
+        insert_op(5, priority=0, seq=5), insert_op(6, priority=2, seq=6),
+        ("start", 4, 1, "w", 20.0),
+        ("start", 6, 3, "w", 21.0), ("requeue", 6, 3, 7, "timeout"),
+    ])  # fmt: skip
+    s = Store(db)
+    rec = s.open()
+    s.close()
+    assert [(j.id, j.priority) for j in rec.jobs] == [(3, 0), (5, 0), (2, 1), (4, 1), (1, 2),
+                                                      (6, 2)]
+    running = [j for j in rec.jobs if j.state == "running"]
+    assert [(j.id, j.attempts, j.worker) for j in running] == [(4, 1, "w")]
+    assert rec.next_seq == 8
+
+
+def test_handle_high_water_persists_and_covers_inserted_ids(db: str) -> None:
+    commit(db, [("reserve_ids", 1000), ("reserve_ids", 500)])
+    s = Store(db)
+    assert s.open().next_id == 1000
+    s.close()
+    commit(db, [insert_op(5000)])
+    s = Store(db)
+    assert s.open().next_id == 5001
+    s.close()
+
+
+def test_same_unique_is_stored_twice(db: str) -> None:
+    commit(db, [insert_op(1, unique=b"same", data=b"1"), insert_op(2, unique=b"same", data=b"2")])
+    assert [(j.unique, j.data) for j in rows(db).values()] == [(b"same", b"1"), (b"same", b"2")]
+
+
+def test_retry_token_gets_the_row_and_refusals_are_reported(db: str) -> None:
+    s, _, res = opened(db)
+    try:
+        s.submit_many([insert_op(1), insert_op(2), ("start", 1, 5, "w", 3.0),
+                       ("fail", 1, 4.0, "worker died 5 times")])
+        ok, queued, missing = Token("ok"), Token("queued"), Token("missing")
+        s.submit_many([("retry", 1, 77, ok), ("retry", 2, 78, queued), ("retry", 9, 79, missing)])
+        res.wait_for(ok, queued, missing)
+    finally:
+        s.close()
+    assert ok in res.committed
+    job = ok.job
+    assert (job.id, job.state, job.attempts, job.seq, job.reason, job.finished_at) == (
+        1, "queued", 0, 77, None, None)
+    assert "H:testhost:2 is queued" in res.message_for(queued)
+    assert "H:testhost:9 does not exist" in res.message_for(missing)
+    assert not hasattr(queued, "job")
+    s = Store(db)
+    assert s.open().next_seq == 78  # the retried job's seq counts for the next start
+    s.close()
+
+
+def test_purge_token_counts_only_old_finished_jobs(db: str) -> None:
+    now = time.time()
+    commit(db, [insert_op(i) for i in range(1, 6)] + [
+        ("done", 1, now - 10 * 86400, 1), ("fail", 2, now - 9 * 86400, "x"),
+        ("cancel", 3, now - 60, ), ("done", 4, now - 8 * 86400, 1),
+    ])  # fmt: skip
+    s, _, res = opened(db, retention_days=0)
+    try:
+        t = Token("purge")
+        s.submit(("purge", 7 * 86400, t))
+        res.wait_for(t)
+    finally:
+        s.close()
+    assert t.count == 3
+    assert sorted(rows(db)) == [3, 5]
+
+
+def test_history_is_pruned_in_small_chunks(db: str) -> None:
+    old = time.time() - 30 * 86400
+    commit(db, [insert_op(i) for i in range(1, 31)] + [("done", i, old, 0) for i in range(1, 26)]
+           + [("done", 26, time.time(), 0)])
+    s = Store(db, retention_days=7)
+    s.prune_chunk = 10
+    s.prune_catchup_interval = 3600  # one chunk per test run
+    s.open()
+    s.start(Results())
+    s.close()
+    left = rows(db)
+    assert len([j for j in left.values() if j.finished_at == old]) == 15
+    assert {26, 27, 28, 29, 30} <= set(left)
+
+
+def test_zero_retention_keeps_history(db: str) -> None:
+    commit(db, [insert_op(1), ("done", 1, 1.0, 0)])
+    s = Store(db, retention_days=0)
+    s.open()
+    s.start(Results())
+    s.close()
+    assert list(rows(db)) == [1]
+
+
+def test_close_without_start_flushes_submitted_ops(db: str) -> None:
+    s = Store(db)
+    s.open()
+    s.submit(insert_op(1))
+    s.close()
+    assert list(rows(db)) == [1]
+
+
+def test_unknown_op_kind_does_not_poison_the_queue(db: str) -> None:
+    s, _, res = opened(db)
+    t = Token()
+    try:
+        s.submit(("frobnicate", 1))
+        s.submit(insert_op(1, token=t))
+        res.wait_for(t)
+    finally:
+        s.close()
+    assert t in res.committed
+
+
+def test_progress_and_pending_are_reported(db: str) -> None:
+    s, _, res = opened(db)
+    try:
+        before = s.last_progress
+        t = Token()
+        s.submit(insert_op(1, token=t))
+        res.wait_for(t)
+        assert s.pending == 0 and s.last_progress >= before
+    finally:
+        s.close()
+
+
+def test_parse_handle() -> None:
+    assert parse_handle("H:host.example:123") == 123
+    assert parse_handle("45") == 45
+    for bad in ("H:host:", "abc", "H:x:1a", ""):
+        with pytest.raises(ValueError):
+            parse_handle(bad)
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def test_locked_database_fails_inserts_keeps_facts_and_recovers(db: str) -> None:
+    commit(db, [insert_op(1)])
+    s = Store(db)
+    s.busy_timeout_ms = 20
+    s.backoff_initial = 0.01
+    s.open()
+    res = Results()
+    s.start(res)
+    rogue = sqlite3.connect(db, isolation_level=None)
+    try:
+        rogue.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        bad = Token("bad")
+        s.submit(("start", 1, 1, "w", 5.0))
+        s.submit(insert_op(2, token=bad))
+        res.wait_for(bad)
+        msg = res.message_for(bad)
+        assert msg and "locked" in msg and db in msg and "\n" not in msg
+        assert not s.healthy and s.last_error == msg
+        rogue.execute("ROLLBACK")
+        good = Token("good")
+        s.submit(insert_op(3, token=good))
+        res.wait_for(good)
+        assert good in res.committed and s.healthy and s.last_error is None
+    finally:
+        rogue.close()
+        s.close()
+    r = rows(db)
+    assert sorted(r) == [1, 3]
+    assert (r[1].state, r[1].worker) == ("running", "w")  # the kept fact was written
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True)  # fmt: skip
+    except FileNotFoundError:
+        return False
+    return r.returncode == 0
+
+
+def test_disk_full_on_tmpfs(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "4m"):
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    db = str(mnt / "atomnode.db")
+    s = None
+    try:
+        s = Store(db)
+        s.backoff_initial = 0.01
+        s.open()
+        res = Results()
+        s.start(res)
+        first = [Token(f"a{i}") for i in range(20)]
+        s.submit_many([insert_op(i + 1, data=b"x" * 1000, token=t) for i, t in enumerate(first)])
+        res.wait_for(*first)
+        assert all(t in res.committed for t in first)
+        filler = mnt / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        full = Token("full")
+        s.submit(insert_op(100, data=os.urandom(512 * 1024), token=full))
+        res.wait_for(full)
+        msg = res.message_for(full)
+        assert msg and "disk full" in msg and db in msg
+        assert not s.healthy
+        filler.unlink()
+        back = Token("back")
+        s.submit(insert_op(101, data=b"y" * 1000, token=back))
+        res.wait_for(back)
+        assert back in res.committed and s.healthy
+        s.close()
+        s = None
+        again = Store(db)
+        rec = again.open()
+        again.close()
+        assert [j.id for j in rec.jobs] == list(range(1, 21)) + [101]
+    finally:
+        if s is not None:
+            s.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+FSIZE_SCRIPT = textwrap.dedent(r"""
+    import json, os, resource, signal, sys, threading
+    from atomnode.store import Store
+
+    db = sys.argv[1]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    out = {}
+    s = Store(db)
+    s.backoff_initial = 0.01
+    s.open()
+    cond = threading.Condition()
+    seen = {}
+    def cb(committed, failed):
+        with cond:
+            for t in committed:
+                seen[t] = None
+            for t, m in failed:
+                seen[t] = m
+            cond.notify_all()
+    def put(token, job_id, size):
+        s.submit(("insert", job_id, b"f", b"", b"z" * size, 1, 0, job_id, 1.0, token))
+        with cond:
+            assert cond.wait_for(lambda: token in seen, 10)
+        return seen[token]
+    s.start(cb)
+    out["before"] = put("a", 1, 100)
+    biggest = max(os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 8192, hard))
+    out["full"] = put("b", 2, 1 << 20)
+    out["healthy_when_full"] = s.healthy
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    out["after"] = put("c", 3, 100)
+    out["healthy_after"] = s.healthy
+    s.close()
+    s = Store(db)
+    out["recovered"] = [j.id for j in s.open().jobs]
+    s.close()
+    print(json.dumps(out))
+""")
+
+
+def test_file_size_limit_fails_inserts_then_recovers(tmp_path: Path) -> None:
+    db = str(tmp_path / "atomnode.db")
+    proc = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, db], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["before"] is None and out["after"] is None
+    assert out["full"] and db in out["full"]
+    assert out["healthy_when_full"] is False and out["healthy_after"] is True
+    assert out["recovered"] == [1, 3]
+
+
+def test_read_only_database_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "ro"
+    db = str(d / "atomnode.db")
+    commit(db, [insert_op(1)])
+    if os.geteuid() != 0:
+        os.chmod(db, 0o444)
+        os.chmod(d, 0o555)
+        undo = lambda: (os.chmod(d, 0o755), os.chmod(db, 0o644))  # noqa: E731
+    else:
+        r = subprocess.run(["mount", "--bind", "-o", "ro", str(d), str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("root cannot be denied writes without a read-only mount here")
+        undo = lambda: subprocess.run(["umount", str(d)], check=False)  # noqa: E731
+    try:
+        with pytest.raises(StoreOpenError, match="read-only|Read-only|readonly") as exc:
+            Store(db).open()
+        assert db in str(exc.value)
+    finally:
+        undo()
