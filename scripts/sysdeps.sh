@@ -1,13 +1,14 @@
 #!/bin/sh
 # Install the Debian packages that `make run` / `make test` need, only if missing.
-# Usage: scripts/sysdeps.sh run|test
+# Usage: scripts/sysdeps.sh run|test|bench
 set -e
 run_pkgs="python3 python3-venv"
 test_pkgs="$run_pkgs gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2"
 case "${1:-run}" in
   run) pkgs=$run_pkgs ;;
   test) pkgs=$test_pkgs ;;
-  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+  bench) pkgs="$run_pkgs gearman-job-server gcc libc6-dev" ;;
+  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 missing=""
 for p in $pkgs; do
