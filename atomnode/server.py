@@ -81,6 +81,7 @@ class Server:
         self.peers: dict[Conn, _Peer] = {}
         self._next_id = 1
         self._timer_wakeup = trio.Event()
+        self._flush_wakeup = trio.Event()
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
         self.shutdown_requested = trio.Event()
@@ -122,6 +123,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._timer_task)
+            nursery.start_soon(self._flusher)
             for lst in self.listeners:
                 nursery.start_soon(self._accept_loop, lst, nursery)
             task_status.started()
@@ -191,9 +193,17 @@ class Server:
         broker = self.broker
         conn = peer.conn
         handle = broker.handle
+        sock = stream.socket
+        fd = peer.fd
+        wait_readable = trio.lowlevel.wait_readable
         while not peer.closing:
+            # Wait first, then read once: a read that would block costs a system call
+            # as dear as handling a packet, and SocketStream.receive_some tries one.
             try:
-                data = await stream.receive_some(READ_SIZE)
+                await wait_readable(sock)
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                continue
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             if not data:
@@ -229,6 +239,7 @@ class Server:
 
     async def _drain_out(self, peer: _Peer) -> None:
         """Give a connection we are about to close a moment to receive its last bytes."""
+        self.write_dirty()
         with trio.move_on_after(1):
             while peer.pending:
                 await trio.sleep(0.01)
@@ -247,7 +258,12 @@ class Server:
                 del peer.pending[:n]
 
     def flush(self) -> None:
-        """Write out what the broker produced and hand its store ops to the store."""
+        """Hand the broker's store ops to the store, and schedule the writes.
+
+        Writes are deferred to the flusher task, which runs after every connection task
+        made runnable in the same scheduler round: bytes for one peer produced by many
+        reads go out in one write system call (each costs as much as handling a packet).
+        """
         broker = self.broker
         if broker.store_ops:
             ops = broker.store_ops
@@ -255,34 +271,7 @@ class Server:
             if self.store is not None:
                 self.store.submit_many(ops)
         if broker.dirty:
-            dirty = broker.dirty
-            broker.dirty = set()
-            for conn in dirty:
-                out = conn.out
-                if not out:
-                    continue
-                data = out[0] if len(out) == 1 else b"".join(out)
-                out.clear()
-                peer = self.peers.get(conn)
-                if peer is None:
-                    continue
-                if peer.pending:
-                    peer.pending += data
-                    if len(peer.pending) > MAX_OUTBUF:
-                        log.warning("connection %d from %s does not read its replies; closing",
-                                    conn.id, conn.peer)
-                        peer.closing = True
-                        peer.stream.socket.close()
-                    continue
-                try:
-                    n = os.write(peer.fd, data)
-                except BlockingIOError:
-                    n = 0
-                except OSError:
-                    continue  # the reader sees the error and cleans up
-                if n < len(data):
-                    peer.pending += data[n:]
-                    peer.wakeup.set()
+            self._flush_wakeup.set()
         if broker.became_idle:
             for conn in broker.take_idle():
                 ev = self.idle_events.pop(conn, None)
@@ -290,6 +279,46 @@ class Server:
                     ev.set()
         if broker.timers_changed:
             self._timer_wakeup.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._flush_wakeup.wait()
+            self._flush_wakeup = trio.Event()
+            self.write_dirty()
+
+    def write_dirty(self) -> None:
+        """Write every pending reply now (straight to the socket when it takes it)."""
+        broker = self.broker
+        if not broker.dirty:
+            return
+        dirty = broker.dirty
+        broker.dirty = set()
+        for conn in dirty:
+            out = conn.out
+            if not out:
+                continue
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            peer = self.peers.get(conn)
+            if peer is None:
+                continue
+            if peer.pending:
+                peer.pending += data
+                if len(peer.pending) > MAX_OUTBUF:
+                    log.warning("connection %d from %s does not read its replies; closing",
+                                conn.id, conn.peer)
+                    peer.closing = True
+                    peer.stream.socket.close()
+                continue
+            try:
+                n = os.write(peer.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                continue  # the reader sees the error and cleans up
+            if n < len(data):
+                peer.pending += data[n:]
+                peer.wakeup.set()
 
     # ------------------------------------------------------------------ timers
     async def _timer_task(self) -> None:
