@@ -17,6 +17,7 @@ from . import __version__
 SUBCOMMAND_MODULES = [
     "atomnode.daemon",
     "atomnode.ops_cli",
+    "atomnode.jobs_cli",
 ]
 
 
