@@ -161,8 +161,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         params.append(args.state)
     if args.function:
         # AtoM functions carry a "<32 hex>-" site prefix: accept the bare class name too.
-        where.append("(function = ? OR function LIKE ?)")
-        params += [args.function.encode(), b"%-" + args.function.encode()]
+        suffix = b"-" + args.function.encode()
+        where.append("(function = ? OR substr(function, ?) = ?)")
+        params += [args.function.encode(), -len(suffix), suffix]
     sql = f"SELECT {_LIST_COLUMNS} FROM jobs"
     if where:
         sql += " WHERE " + " AND ".join(where)
