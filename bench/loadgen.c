@@ -1058,7 +1058,10 @@ static int wl_status(void)
         struct timespec ts = {0, 2000000};
         nanosleep(&ts, NULL);
     }
-    struct timeval tv = {.tv_sec = (time_t)opt.timeout};
+    double left = (double)(g.deadline - now_ns()) / 1e9;
+    if (left < 0.001)
+        left = 0.001;
+    struct timeval tv = {.tv_sec = (time_t)left, .tv_usec = (suseconds_t)((left - (double)(time_t)left) * 1e6)};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (write(fd, "status\n", 7) != 7)
         fail(1, "write status: %s", strerror(errno));
