@@ -108,7 +108,7 @@ stop_server() {
   kill -KILL "$SRV_PID" 2>/dev/null
   wait "$SRV_PID" 2>/dev/null
   SRV_PID=
-}
+} 2>/dev/null # also hides bash's "Killed" job notice
 
 # lg LABEL WORKLOAD ARGS...: run loadgen against the current server, record its RESULT line.
 lg() {
