@@ -752,14 +752,14 @@ def _atom_server_checks(
 def _atom_job_checks(
     site: AtomSite, host: str, port: int, functions: list[dict[str, Any]], timeout: float
 ) -> list[Check]:
-    # Ask the server AtoM's web app asks (its last gearman.yml server), like QubitJob does.
+    # Read `status` where AtoM's web app reads it (its last gearman.yml server), as
+    # QubitJob::checkWorkerAvailable does; fall back to the daemon's own view.
     shost, sport = site.check_server
-    if (shost, sport) != (host, port):
-        try:
-            with AdminClient(shost, sport, timeout) as c:
-                functions = _split_status(c.command("status"))
-        except ClientError:
-            pass  # already reported by the server checks
+    try:
+        with AdminClient(shost, sport, timeout) as c:
+            functions = _split_status(c.command("status"))
+    except ClientError:
+        pass  # already reported by the server checks
     workers = {f.get("name"): f.get("workers") or 0 for f in functions}
     missing = [c for c in site.job_classes if not workers.get(site.prefix + c)]
     checks: list[Check] = []
