@@ -703,8 +703,12 @@ def run_doctor(
                       "see `atomnode jobs list --state failed`, retry with `atomnode jobs retry`")  # fmt: skip
             )
 
-    if cfg is not None:
-        checks.append(_disk_check(cfg.database))
+    # Prefer the database the daemon says it uses (when it is an absolute path).
+    database = ((data or {}).get("queue") or {}).get("database")
+    if not (isinstance(database, str) and os.path.isabs(database)):
+        database = cfg.database if cfg is not None else None
+    if database:
+        checks.append(_disk_check(database))
     return checks
 
 
@@ -797,8 +801,9 @@ def _pool_checks(data: dict[str, Any]) -> list[Check]:
         for w in workers:
             state = str(w.get("state") or "")
             if state.startswith("backing") or state.startswith("waiting"):
-                detail = w.get("detail") or state
-                bad.append(f"pid {w.get('pid') or '-'}: {detail}")
+                detail = str(w.get("detail") or "")
+                desc = detail if detail.startswith(state) else f"{state}, {detail}" if detail else state
+                bad.append(f"pid {w.get('pid') or '-'}: {desc}")
         if bad:
             checks.append(
                 Check("WARN", f"pool {name}: workers are not running: " + "; ".join(bad)

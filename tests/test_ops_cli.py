@@ -475,6 +475,14 @@ def test_doctor_reports_pools_store_and_disk(
     assert "FAIL  the queue database is failing: database or disk is full" in text
     assert "WARN  2 job(s) failed for good" in text
     assert f"FAIL  only 50 MiB free on the disk holding the queue ({tmp_path}/sub/q.db)" in text
+    # A state and a detail that does not repeat it are both shown.
+    fake.status_json["pools"][0]["workers"][0]["detail"] = "next try in 8s"  # type: ignore[index]
+    _, lines = doctor_lines(capsys, ["--config", str(cfg)])
+    assert "WARN  pool atom: workers are not running: pid -: backing off, next try in 8s" in "\n".join(lines)
+    # The database the daemon reports wins over the local configuration's.
+    fake.status_json["queue"]["database"] = "/daemon/side/q.db"  # type: ignore[index]
+    _, lines = doctor_lines(capsys, ["--config", str(cfg)])
+    assert "FAIL  only 50 MiB free on the disk holding the queue (/daemon/side/q.db)" in "\n".join(lines)
     disk["bytes"] = 512 * 1024 * 1024
     fake.status_json = full_status()
     rc, lines = doctor_lines(capsys, ["--config", str(cfg)])
