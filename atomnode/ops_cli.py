@@ -475,10 +475,13 @@ def render_status(data: dict[str, Any]) -> str:
             )
         )
     conns = data.get("connections")
-    if conns:
+    if isinstance(conns, list) and conns:  # from `workers` (older daemon)
         out.append("")
         out.append("connections (fd ip client-id : functions):")
         out.extend(f"  {c}" for c in conns)
+    elif isinstance(conns, int):
+        out.append("")
+        out.append(f"{conns} client/worker connection(s)")
     return "\n".join(out) + "\n"
 
 

@@ -54,6 +54,7 @@ def full_status(functions: list[dict[str, Any]] | None = None, **over: Any) -> d
             }
         ],
         "handlers": [{"function": "echo-upper", "concurrency": 2, "running": 0}],
+        "connections": 3,
     }  # fmt: skip
     data.update(over)
     return data
@@ -203,6 +204,7 @@ def test_status_table(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> N
     assert pool_rows[1][:5] == ["atom", "102", "idle", "-", "3"]
     assert "backing off, next try in 8s (exit code 255)" in out
     assert "echo-upper" in out
+    assert "3 client/worker connection(s)" in out
     assert fake.commands == ["atomnode-status"]
 
 
@@ -511,3 +513,36 @@ def test_doctor_bad_atom_root(
     rc, lines = doctor_lines(capsys, [str(tmp_path / "nope"), *addr(fake)])
     assert rc == 1
     assert any(line.startswith("FAIL") and "no such directory" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- the real daemon
+
+
+def test_against_the_real_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], disk: dict[str, int]
+) -> None:
+    from conftest import ServerProc
+
+    srv = ServerProc("atomnode", tmp_path)
+    try:
+        srv.wait_ready()
+        where = ["--host", srv.host, "--port", str(srv.port)]
+        assert main(["submit", "--background", "ops-cli-fn", "payload", *where]) == 0
+        handle = capsys.readouterr().out.strip()
+        assert handle.startswith("H:")
+        assert main(["status", *where]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("atomnode ")
+        row = next(line for line in out.splitlines() if line.startswith("ops-cli-fn"))
+        assert row.split()[:4] == ["ops-cli-fn", "1", "0", "0"]
+        assert main(["status", "--json", *where]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["degraded"] is False
+        assert data["queue"]["queued"] == 1
+        rc, lines = doctor_lines(capsys, where)
+        assert rc == 0, lines
+        assert lines[0].startswith(f"OK    the daemon answers at {srv.host}:{srv.port} (atomnode")
+        assert any(line.startswith("WARN  1 job(s) wait for ops-cli-fn but no worker") for line in lines)
+        assert any("the queue database is healthy" in line for line in lines)
+    finally:
+        srv.stop()
