@@ -82,6 +82,7 @@ class Server:
         self._next_id = 1
         self._timer_wakeup = trio.Event()
         self._flush_wakeup = trio.Event()
+        self._accept_scope = trio.CancelScope()
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
         self.shutdown_requested = trio.Event()
@@ -124,9 +125,14 @@ class Server:
             self._nursery = nursery
             nursery.start_soon(self._timer_task)
             nursery.start_soon(self._flusher)
-            for lst in self.listeners:
-                nursery.start_soon(self._accept_loop, lst, nursery)
+            nursery.start_soon(self._accept_all, nursery)
             task_status.started()
+
+    async def _accept_all(self, conn_nursery: trio.Nursery) -> None:
+        with self._accept_scope:
+            async with trio.open_nursery() as nursery:
+                for lst in self.listeners:
+                    nursery.start_soon(self._accept_loop, lst, conn_nursery)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
@@ -141,6 +147,7 @@ class Server:
             nursery.start_soon(self._connection, stream)
 
     async def stop_accepting(self) -> None:
+        self._accept_scope.cancel()
         for lst in self.listeners:
             await lst.aclose()
         self.listeners = []
