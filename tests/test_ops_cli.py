@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from test_atom_helpers import make_atom_tree
+from test_systemd import running_daemon
 
 from atomnode import config as config_mod
 from atomnode import ops_cli
@@ -521,12 +522,8 @@ def test_doctor_bad_atom_root(
 def test_against_the_real_daemon(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], disk: dict[str, int]
 ) -> None:
-    from conftest import ServerProc
-
-    srv = ServerProc("atomnode", tmp_path)
-    try:
-        srv.wait_ready()
-        where = ["--host", srv.host, "--port", str(srv.port)]
+    with running_daemon(tmp_path) as (_proc, port, _sock, _seen):
+        where = ["--host", "127.0.0.1", "--port", str(port)]
         assert main(["submit", "--background", "ops-cli-fn", "payload", *where]) == 0
         handle = capsys.readouterr().out.strip()
         assert handle.startswith("H:")
@@ -541,8 +538,6 @@ def test_against_the_real_daemon(
         assert data["queue"]["queued"] == 1
         rc, lines = doctor_lines(capsys, where)
         assert rc == 0, lines
-        assert lines[0].startswith(f"OK    the daemon answers at {srv.host}:{srv.port} (atomnode")
+        assert lines[0].startswith(f"OK    the daemon answers at 127.0.0.1:{port} (atomnode")
         assert any(line.startswith("WARN  1 job(s) wait for ops-cli-fn but no worker") for line in lines)
         assert any("the queue database is healthy" in line for line in lines)
-    finally:
-        srv.stop()

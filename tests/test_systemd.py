@@ -3,11 +3,13 @@ trio's mock clock, socket activation in a subprocess) and the journal-aware log 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -380,3 +382,86 @@ def test_syslog_priorities() -> None:
 
 def test_module_exports() -> None:
     assert systemd.LISTEN_FDS_START == 3
+
+
+# ----------------------------------------------------------------------------- the real daemon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _next_message(sock: socket.socket, want: str, seen: list[dict[str, str]]) -> dict[str, str]:
+    """Read datagrams until one carries ``want``; everything read is appended to ``seen``."""
+    while True:
+        msg = received(sock)
+        seen.append(msg)
+        if want in msg:
+            return msg
+
+
+@contextlib.contextmanager
+def running_daemon(
+    tmp_path: Path, extra_config: str = "", env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int, socket.socket, list[dict[str, str]]]]:
+    """``atomnode run`` on a free port with its own NOTIFY_SOCKET; returns once it sent
+    READY=1. Yields (process, port, notify socket, messages seen); always killed at exit."""
+    d = tempfile.mkdtemp(prefix="an-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(d, "notify"))
+    sock.settimeout(20)
+    port = free_port()
+    cfg = tmp_path / "atomnode-daemon.yml"
+    cfg.write_text(f"listen: [127.0.0.1:{port}]\ndatabase: {tmp_path}/q.db\n{extra_config}")
+    full_env = {**os.environ, "NOTIFY_SOCKET": sock.getsockname(), **(env or {})}
+    for k in ("WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+        full_env.pop(k, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atomnode", "run", "--config", str(cfg)],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    seen: list[dict[str, str]] = []
+    try:
+        try:
+            _next_message(sock, "READY", seen)
+            yield proc, port, sock, seen
+        except BaseException:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            print(f"notify messages: {seen}\ndaemon stderr:\n{err}")
+            raise
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        sock.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_daemon_lifecycle_over_notify_socket(tmp_path: Path) -> None:
+    """READY only once the port serves, STATUS, WATCHDOG, RELOADING+READY on SIGHUP,
+    STOPPING on SIGTERM, exit 0."""
+    env = {"WATCHDOG_USEC": "900000"}  # pings every 0.3 s
+    with running_daemon(tmp_path, "status_interval: 0.2\n", env) as (proc, port, sock, seen):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the port already serves when READY arrives
+        status = _next_message(sock, "STATUS", seen)["STATUS"]
+        assert "queued 0" in status
+        _next_message(sock, "WATCHDOG", seen)
+        _next_message(sock, "WATCHDOG", seen)
+        proc.send_signal(signal.SIGHUP)
+        reloading = _next_message(sock, "RELOADING", seen)
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        _next_message(sock, "READY", seen)
+        proc.send_signal(signal.SIGTERM)
+        _next_message(sock, "STOPPING", seen)
+        assert proc.wait(30) == 0
