@@ -11,9 +11,7 @@ from collections.abc import Callable
 from .protocol import Decoder, Packet, ProtocolError, T, encode
 
 #: Admin commands whose answer is a listing ended by a line ".".
-LISTING_COMMANDS = frozenset(
-    {"status", "workers", "prioritystatus", "show", "atomnode-status"}
-)
+LISTING_COMMANDS = frozenset({"status", "workers", "prioritystatus", "show", "atomnode-status"})
 
 START_HINT = "start it with `systemctl start atomnode`, or `atomnode run` in a terminal"
 
@@ -60,7 +58,7 @@ def _connect(host: str, port: int, timeout: float | None) -> socket.socket:
         return socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
         raise DaemonUnreachable(host, port, "connection refused") from None
-    except socket.timeout:
+    except TimeoutError:
         raise DaemonUnreachable(host, port, "no answer to connect") from None
     except OSError as e:
         raise DaemonUnreachable(host, port, e.strerror or str(e)) from None
@@ -92,7 +90,7 @@ class AdminClient:
         while b"\n" not in self._buf:
             try:
                 chunk = self._sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 self.close()
                 raise ClientError(
                     f"atomnode at {self.host}:{self.port} did not answer within {self.timeout:g}s"
@@ -189,13 +187,17 @@ class GearmanClient:
                 assert isinstance(ev, Packet)
                 if ev.type == T.ERROR:
                     code, text = (ev.args + (b"", b""))[:2]
-                    raise GearmanError(code.decode("utf-8", "replace"), text.decode("utf-8", "replace"))
+                    raise GearmanError(
+                        code.decode("utf-8", "replace"), text.decode("utf-8", "replace")
+                    )
                 return ev
             try:
                 chunk = self._sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 self.close()
-                raise ClientError(f"no answer from {self.host}:{self.port} within {self.timeout}s") from None
+                raise ClientError(
+                    f"no answer from {self.host}:{self.port} within {self.timeout}s"
+                ) from None
             except OSError as e:
                 self.close()
                 raise ClientError(f"connection to {self.host}:{self.port} failed: {e}") from None

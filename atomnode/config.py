@@ -135,7 +135,7 @@ class ConfigError(Exception):
 
 # --------------------------------------------------------------------------- small parsers
 
-_ATOM_PREFIX = re.compile(r"^[0-9a-f]{32}-(.+)$", re.S)
+_ATOM_PREFIX = re.compile(r"^[0-9a-f]{32}-(.+)$", re.DOTALL)
 
 
 def strip_atom_prefix(name: str) -> str:
@@ -202,7 +202,7 @@ def parse_duration(value: Any) -> float:
     raise ValueError("expected a duration")
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(value: Any) -> int:
@@ -469,7 +469,9 @@ class _Validator:
         if items is None:
             return None
         if not items:
-            self.err(path, "expected a non-empty list of arguments, e.g. [php, symfony, jobs:worker]")
+            self.err(
+                path, "expected a non-empty list of arguments, e.g. [php, symfony, jobs:worker]"
+            )
             return None
         out: list[str] = []
         ok = True
@@ -534,9 +536,15 @@ def _build(data: Any, doc: _Doc) -> Config:
         if q is not None:
             v.keys(q, ("queue",), _QUEUE_KEYS)
             if "synchronous" in q:
-                put("synchronous", v.choice(q["synchronous"], ("queue", "synchronous"), SYNCHRONOUS_MODES))
+                put(
+                    "synchronous",
+                    v.choice(q["synchronous"], ("queue", "synchronous"), SYNCHRONOUS_MODES),
+                )
             if "max_attempts" in q:
-                put("max_attempts", v.integer(q["max_attempts"], ("queue", "max_attempts"), minimum=1))
+                put(
+                    "max_attempts",
+                    v.integer(q["max_attempts"], ("queue", "max_attempts"), minimum=1),
+                )
             if "retention_days" in q:
                 r = q["retention_days"]
                 p = ("queue", "retention_days")
@@ -565,7 +573,9 @@ def _build(data: Any, doc: _Doc) -> Config:
                 if fdata is None:
                     continue
                 v.keys(fdata, p, _FUNCTION_KEYS)
-                ma = v.integer(fdata.get("max_attempts"), p + ("max_attempts",), minimum=1, optional=True)
+                ma = v.integer(
+                    fdata.get("max_attempts"), p + ("max_attempts",), minimum=1, optional=True
+                )
                 mq = v.integer(fdata.get("max_queue"), p + ("max_queue",), minimum=0, optional=True)
                 funcs[fname] = FunctionConfig(max_attempts=ma, max_queue=mq)
             kw["functions"] = MappingProxyType(funcs)
@@ -583,7 +593,10 @@ def _build(data: Any, doc: _Doc) -> Config:
             name = v.string(gd.get("name", f"group{i}"), p + ("name",))
             if name is not None:
                 if name in seen:
-                    v.err(p + ("name",), f"group name {name!r} already used by concurrency[{seen[name]}]")
+                    v.err(
+                        p + ("name",),
+                        f"group name {name!r} already used by concurrency[{seen[name]}]",
+                    )
                 seen[name] = i
             fl: tuple[str, ...] | None = None
             if "functions" in gd:
@@ -720,7 +733,9 @@ def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolC
     ok = _optional_fields(v, data, p, kw, spec) and ok
     bi, bm = kw.get("backoff_initial", 1.0), kw.get("backoff_max", 300.0)
     if bm < bi:
-        v.err(p + ("backoff_max",), f"expected backoff_max >= backoff_initial ({bi:g}s), got {bm:g}s")
+        v.err(
+            p + ("backoff_max",), f"expected backoff_max >= backoff_initial ({bi:g}s), got {bm:g}s"
+        )
         ok = False
     if not ok or name is None or command is None:
         return None
@@ -737,7 +752,10 @@ def _build_handler(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> Ha
     function = v.string(data["function"], p + ("function",)) if "function" in data else None
     if function is not None:
         if function in seen:
-            v.err(p + ("function",), f"function {function!r} already handled by handlers[{seen[function]}]")
+            v.err(
+                p + ("function",),
+                f"function {function!r} already handled by handlers[{seen[function]}]",
+            )
             ok = False
         seen.setdefault(function, int(p[-1]))
     shell = data.get("shell", False)
@@ -745,7 +763,9 @@ def _build_handler(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> Ha
         v.err(p + ("shell",), f"expected true or false, got {shell!r}")
         ok, shell = False, False
     kw["shell"] = shell
-    command = v.command(data["command"], p + ("command",), shell=shell) if "command" in data else None
+    command = (
+        v.command(data["command"], p + ("command",), shell=shell) if "command" in data else None
+    )
 
     def opt_str(x: Any, q: Path) -> str | None:
         return v.string(x, q, optional=True)
@@ -811,7 +831,9 @@ def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
                 except ValueError as e:
                     errors.append(f"command line: listen: expected host:port: {e}")
         elif key == "log_level" and str(value).lower() not in LOG_LEVELS:
-            errors.append(f"command line: log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+            errors.append(
+                f"command line: log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}"
+            )
         elif key == "log_level":
             value = str(value).lower()
         changes[key] = value

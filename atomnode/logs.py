@@ -76,7 +76,9 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> logging.
     try:
         levelno = LEVELS[level.lower()]
     except KeyError:
-        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}") from None
+        raise ValueError(
+            f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
+        ) from None
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if stderr_is_journal(stream):

@@ -46,13 +46,23 @@ ATOM_CHECK_PORT = 4730
 #: AtoM's job classes (config/gearman.yml worker_types in AtoM 2.x), used when the site's
 #: gearman.yml has no worker_types.
 ATOM_JOB_CLASSES = (
-    "arFindingAidJob", "arInheritRightsJob", "arCalculateDescendantDatesJob",
-    "arObjectMoveJob", "arInformationObjectCsvExportJob", "qtSwordPluginWorker",
-    "arUpdatePublicationStatusJob", "arFileImportJob", "arInformationObjectXmlExportJob",
-    "arXmlExportSingleFileJob", "arGenerateReportJob", "arActorCsvExportJob",
-    "arActorXmlExportJob", "arRepositoryCsvExportJob", "arUpdateEsIoDocumentsJob",
+    "arFindingAidJob",
+    "arInheritRightsJob",
+    "arCalculateDescendantDatesJob",
+    "arObjectMoveJob",
+    "arInformationObjectCsvExportJob",
+    "qtSwordPluginWorker",
+    "arUpdatePublicationStatusJob",
+    "arFileImportJob",
+    "arInformationObjectXmlExportJob",
+    "arXmlExportSingleFileJob",
+    "arGenerateReportJob",
+    "arActorCsvExportJob",
+    "arActorXmlExportJob",
+    "arRepositoryCsvExportJob",
+    "arUpdateEsIoDocumentsJob",
     "arPhysicalObjectCsvHoldingsReportJob",
-)  # fmt: skip
+)
 #: Jobs that AtoM serialises itself by sleeping inside the worker; atomnode can do it.
 ATOM_SERIAL_JOBS = ("arObjectMoveJob", "arFileImportJob")
 
@@ -161,7 +171,9 @@ def read_atom_site(root: str) -> AtomSite:
     """Read ``config/gearman.yml``, ``config/app.yml`` (and ``apps/qubit/config/app.yml``)
     and ``config/databases.yml`` of the AtoM tree at ``root``. Raises AtomError."""
     if not os.path.isdir(root):
-        raise AtomError(f"{root}: no such directory (expected the AtoM root, with config/ and symfony)")
+        raise AtomError(
+            f"{root}: no such directory (expected the AtoM root, with config/ and symfony)"
+        )
     real = os.path.realpath(root)
     gearman_path = os.path.join(real, "config", "gearman.yml")
     if not os.path.exists(gearman_path):
@@ -251,9 +263,11 @@ def atom_config_yaml(
         addr = format_address(h, port)
         if addr not in listen:
             listen.append(addr)
-    lines.append("# From config/gearman.yml servers. AtoM's client also checks port 4730 on that host.")
+    lines.append(
+        "# From config/gearman.yml servers. AtoM's client also checks port 4730 on that host."
+    )
     if any(h == "localhost" for h, _ in site.servers):
-        lines.append("# gearman.yml says localhost: add \"[::1]:4730\" if PHP resolves it to IPv6.")
+        lines.append('# gearman.yml says localhost: add "[::1]:4730" if PHP resolves it to IPv6.')
     lines += [
         f"listen: {_y(listen)}",
         f"database: {_y(database)}",
@@ -331,9 +345,17 @@ def _daemon_address(args: argparse.Namespace, err: TextIO) -> tuple[str, int, Co
 
 def _add_address_args(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
-        p.add_argument("--config", metavar="FILE", help="configuration file (default: $ATOMNODE_CONFIG or /etc/atomnode/atomnode.yml)")
-    p.add_argument("--host", help="daemon address (default: the configuration's first listen address)")
-    p.add_argument("--port", type=int, help="daemon port (default: from the configuration, else 4730)")
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="configuration file (default: $ATOMNODE_CONFIG or /etc/atomnode/atomnode.yml)",
+        )
+    p.add_argument(
+        "--host", help="daemon address (default: the configuration's first listen address)"
+    )
+    p.add_argument(
+        "--port", type=int, help="daemon port (default: from the configuration, else 4730)"
+    )
 
 
 # =========================================================================== status
@@ -411,8 +433,10 @@ def format_duration(seconds: float | None) -> str:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
     def fmt(row: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
     return "\n".join([fmt(headers)] + [fmt(r) for r in cells])
 
 
@@ -421,7 +445,9 @@ def render_status(data: dict[str, Any]) -> str:
     out: list[str] = []
     q = data.get("queue") or {}
     if data.get("degraded"):
-        out.append("atomnode (this daemon does not answer atomnode-status: pool details unavailable)")
+        out.append(
+            "atomnode (this daemon does not answer atomnode-status: pool details unavailable)"
+        )
     else:
         out.append(
             f"atomnode {data.get('version') or '?'}, pid {data.get('pid') or '?'}, "
@@ -441,11 +467,16 @@ def render_status(data: dict[str, Any]) -> str:
             _table(
                 ["FUNCTION", "QUEUED", "RUNNING", "WORKERS", "MAX QUEUE"],
                 [
-                    [f.get("name"), f.get("queued"), f.get("running"), f.get("workers"),
-                     f.get("max_queue") or "-"]
+                    [
+                        f.get("name"),
+                        f.get("queued"),
+                        f.get("running"),
+                        f.get("workers"),
+                        f.get("max_queue") or "-",
+                    ]
                     for f in funcs
                 ],
-            )  # fmt: skip
+            )
         )
     else:
         out.append("no functions registered")
@@ -456,15 +487,34 @@ def render_status(data: dict[str, Any]) -> str:
         for p in pools:
             workers = p.get("workers") or []
             if not workers:
-                rows.append([p.get("name"), "-", "no workers", "-", "-", "-", "-", f"count {p.get('count')}"])
+                rows.append(
+                    [
+                        p.get("name"),
+                        "-",
+                        "no workers",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        f"count {p.get('count')}",
+                    ]
+                )
             for w in workers:
                 rows.append(
-                    [p.get("name"), w.get("pid"), w.get("state"), w.get("job") or "-",
-                     w.get("jobs_done"),
-                     "-" if w.get("rss_mb") is None else f"{w.get('rss_mb'):.0f}",
-                     format_duration(w.get("uptime")), w.get("detail") or ""]
-                )  # fmt: skip
-        out.append(_table(["POOL", "PID", "STATE", "JOB", "DONE", "RSS MB", "UPTIME", "DETAIL"], rows))
+                    [
+                        p.get("name"),
+                        w.get("pid"),
+                        w.get("state"),
+                        w.get("job") or "-",
+                        w.get("jobs_done"),
+                        "-" if w.get("rss_mb") is None else f"{w.get('rss_mb'):.0f}",
+                        format_duration(w.get("uptime")),
+                        w.get("detail") or "",
+                    ]
+                )
+        out.append(
+            _table(["POOL", "PID", "STATE", "JOB", "DONE", "RSS MB", "UPTIME", "DETAIL"], rows)
+        )
     handlers = data.get("handlers") or []
     if handlers:
         out.append("")
@@ -545,7 +595,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 on_warning=on_warning,
             )
     except JobException as e:
-        print(f"atomnode: job failed with an exception: {e.data.decode('utf-8', 'replace')}", file=sys.stderr)
+        print(
+            f"atomnode: job failed with an exception: {e.data.decode('utf-8', 'replace')}",
+            file=sys.stderr,
+        )
         return 1
     except JobFailed as e:
         print(f"atomnode: {e}", file=sys.stderr)
@@ -661,7 +714,11 @@ def run_doctor(
     try:
         with AdminClient(host, port, timeout) as client:
             data = fetch_status(client)
-        who = "" if data.get("degraded") else f" (atomnode {data.get('version')}, pid {data.get('pid')})"
+        who = (
+            ""
+            if data.get("degraded")
+            else f" (atomnode {data.get('version')}, pid {data.get('pid')})"
+        )
         checks.append(Check("OK", f"the daemon answers at {addr}{who}"))
     except DaemonUnreachable as e:
         checks.append(Check("FAIL", str(e)))
@@ -678,7 +735,10 @@ def run_doctor(
             for note in site.notes:
                 checks.append(Check("WARN", note))
             checks.append(
-                Check("OK", f"AtoM at {site.root}: job prefix {site.prefix} (workers_key {site.workers_key!r})")
+                Check(
+                    "OK",
+                    f"AtoM at {site.root}: job prefix {site.prefix} (workers_key {site.workers_key!r})",
+                )
             )
             checks.extend(_atom_server_checks(site, host, port, cfg, timeout))
 
@@ -689,21 +749,30 @@ def run_doctor(
         for f in functions:
             if (f.get("queued") or 0) > 0 and not f.get("workers"):
                 checks.append(
-                    Check("WARN", f"{f.get('queued')} job(s) wait for {f.get('name')} but no worker can run it")
+                    Check(
+                        "WARN",
+                        f"{f.get('queued')} job(s) wait for {f.get('name')} but no worker can run it",
+                    )
                 )
         checks.extend(_pool_checks(data))
         q = data.get("queue") or {}
         if q.get("store_healthy") is False:
             checks.append(
-                Check("FAIL", f"the queue database is failing: {q.get('store_error') or 'unknown error'}; "
-                      "new background jobs are refused until it recovers")  # fmt: skip
+                Check(
+                    "FAIL",
+                    f"the queue database is failing: {q.get('store_error') or 'unknown error'}; "
+                    "new background jobs are refused until it recovers",
+                )
             )
         elif q.get("store_healthy"):
             checks.append(Check("OK", "the queue database is healthy"))
         if q.get("failed"):
             checks.append(
-                Check("WARN", f"{q['failed']} job(s) failed for good (poison jobs); "
-                      "see `atomnode jobs list --state failed`, retry with `atomnode jobs retry`")  # fmt: skip
+                Check(
+                    "WARN",
+                    f"{q['failed']} job(s) failed for good (poison jobs); "
+                    "see `atomnode jobs list --state failed`, retry with `atomnode jobs retry`",
+                )
             )
 
     # Prefer the database the daemon says it uses (when it is an absolute path).
@@ -731,8 +800,11 @@ def _atom_server_checks(
         answer = _answers(shost, sport, timeout)
         if answer is None:
             checks.append(
-                Check("FAIL", f"AtoM's config/gearman.yml points at {saddr} but nothing answers there: "
-                      f"make atomnode listen on {saddr} (listen: in the configuration)")  # fmt: skip
+                Check(
+                    "FAIL",
+                    f"AtoM's config/gearman.yml points at {saddr} but nothing answers there: "
+                    f"make atomnode listen on {saddr} (listen: in the configuration)",
+                )
             )
         else:
             checks.append(Check("OK", f"AtoM's server {saddr} answers ({answer})"))
@@ -740,18 +812,26 @@ def _atom_server_checks(
             a4730 = _answers(shost, ATOM_CHECK_PORT, timeout)
             level = "WARN" if a4730 is not None else "FAIL"
             checks.append(
-                Check(level, f"AtoM's config/gearman.yml uses port {sport}, but AtoM's Gearman client also "
-                      f"checks port {ATOM_CHECK_PORT} on {shost}"
-                      + ("" if a4730 is not None else " and nothing answers there")
-                      + f": use {format_address(shost, ATOM_CHECK_PORT)}")  # fmt: skip
+                Check(
+                    level,
+                    f"AtoM's config/gearman.yml uses port {sport}, but AtoM's Gearman client also "
+                    f"checks port {ATOM_CHECK_PORT} on {shost}"
+                    + ("" if a4730 is not None else " and nothing answers there")
+                    + f": use {format_address(shost, ATOM_CHECK_PORT)}",
+                )
             )
-        if listen and (shost, sport) not in listen and not (
-            shost in ("localhost",) and ("127.0.0.1", sport) in listen
+        if (
+            listen
+            and (shost, sport) not in listen
+            and not (shost in ("localhost",) and ("127.0.0.1", sport) in listen)
         ):
             if (host, port) != (shost, sport):
                 checks.append(
-                    Check("WARN", f"the atomnode configuration does not listen on {saddr}, "
-                          "the address AtoM uses")  # fmt: skip
+                    Check(
+                        "WARN",
+                        f"the atomnode configuration does not listen on {saddr}, "
+                        "the address AtoM uses",
+                    )
                 )
     return checks
 
@@ -771,13 +851,19 @@ def _atom_job_checks(
     missing = [c for c in site.job_classes if not workers.get(site.prefix + c)]
     checks: list[Check] = []
     if not missing:
-        checks.append(Check("OK", f"all {len(site.job_classes)} AtoM job classes have a worker under {site.prefix}"))
+        checks.append(
+            Check(
+                "OK",
+                f"all {len(site.job_classes)} AtoM job classes have a worker under {site.prefix}",
+            )
+        )
         return checks
     other_prefixes = sorted(
         {
             f.get("name", "")[:33]
             for f in functions
-            if strip_atom_prefix(f.get("name", "")) != f.get("name") and f.get("workers")
+            if strip_atom_prefix(f.get("name", "")) != f.get("name")
+            and f.get("workers")
             and not f.get("name", "").startswith(site.prefix)
         }
     )
@@ -789,8 +875,11 @@ def _atom_job_checks(
         )
     for c in missing:
         checks.append(
-            Check("FAIL", f"no worker for {c}: AtoM will say \"No Gearman worker available that can handle "
-                  f"the job {c}\" (expected function {site.prefix}{c}){hint}")  # fmt: skip
+            Check(
+                "FAIL",
+                f'no worker for {c}: AtoM will say "No Gearman worker available that can handle '
+                f'the job {c}" (expected function {site.prefix}{c}){hint}',
+            )
         )
     return checks
 
@@ -805,15 +894,29 @@ def _pool_checks(data: dict[str, Any]) -> list[Check]:
             state = str(w.get("state") or "")
             if state.startswith("backing") or state.startswith("waiting"):
                 detail = str(w.get("detail") or "")
-                desc = detail if detail.startswith(state) else f"{state}, {detail}" if detail else state
+                desc = (
+                    detail
+                    if detail.startswith(state)
+                    else f"{state}, {detail}"
+                    if detail
+                    else state
+                )
                 bad.append(f"pid {w.get('pid') or '-'}: {desc}")
         if bad:
             checks.append(
-                Check("WARN", f"pool {name}: workers are not running: " + "; ".join(bad)
-                      + " (see `journalctl -u atomnode` for their output)")  # fmt: skip
+                Check(
+                    "WARN",
+                    f"pool {name}: workers are not running: "
+                    + "; ".join(bad)
+                    + " (see `journalctl -u atomnode` for their output)",
+                )
             )
         elif (pool.get("count") or 0) > 0 and not workers:
-            checks.append(Check("WARN", f"pool {name}: {pool.get('count')} worker(s) configured, none running"))
+            checks.append(
+                Check(
+                    "WARN", f"pool {name}: {pool.get('count')} worker(s) configured, none running"
+                )
+            )
         else:
             checks.append(Check("OK", f"pool {name}: {len(workers)} worker(s) running"))
     return checks
@@ -837,7 +940,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the operator subcommands to ``atomnode``'s parser."""
-    p = sub.add_parser("status", help="show functions, queues, pools and workers of the running daemon")
+    p = sub.add_parser(
+        "status", help="show functions, queues, pools and workers of the running daemon"
+    )
     p.add_argument("--json", action="store_true", help="print the JSON the daemon returns")
     p.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
     _add_address_args(p)
@@ -849,23 +954,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--background", "-b", action="store_true", help="queue it and print its handle")
     p.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
     p.add_argument("--unique", "-u", help="unique id (jobs with the same one are coalesced)")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds without an answer")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds without an answer",
+    )
     _add_address_args(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("check-config", help="validate a configuration file and print the effective configuration")
-    p.add_argument("file", nargs="?", help="default: $ATOMNODE_CONFIG or /etc/atomnode/atomnode.yml")
+    p = sub.add_parser(
+        "check-config", help="validate a configuration file and print the effective configuration"
+    )
+    p.add_argument(
+        "file", nargs="?", help="default: $ATOMNODE_CONFIG or /etc/atomnode/atomnode.yml"
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("atom-config", help="print an atomnode configuration for an AtoM site")
-    p.add_argument("atom_root", metavar="ATOM_ROOT", help="AtoM's root directory (holds symfony and config/)")
+    p.add_argument(
+        "atom_root", metavar="ATOM_ROOT", help="AtoM's root directory (holds symfony and config/)"
+    )
     p.add_argument("--user", default="www-data", help="user the workers run as (default: www-data)")
-    p.add_argument("--database", default="/var/lib/atomnode/atomnode.db", help="queue database path")
-    p.add_argument("--single-pool", action="store_true", help="one pool for every job class instead of one per worker type")
+    p.add_argument(
+        "--database", default="/var/lib/atomnode/atomnode.db", help="queue database path"
+    )
+    p.add_argument(
+        "--single-pool",
+        action="store_true",
+        help="one pool for every job class instead of one per worker type",
+    )
     p.set_defaults(func=cmd_atom_config)
 
     p = sub.add_parser("doctor", help="check a running setup and explain what is wrong")
-    p.add_argument("atom_root", metavar="ATOM_ROOT", nargs="?", help="AtoM's root directory, to check AtoM's side too")
+    p.add_argument(
+        "atom_root",
+        metavar="ATOM_ROOT",
+        nargs="?",
+        help="AtoM's root directory, to check AtoM's side too",
+    )
     p.add_argument("--timeout", type=float, default=3.0, help=argparse.SUPPRESS)
     _add_address_args(p)
     p.set_defaults(func=cmd_doctor)

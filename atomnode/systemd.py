@@ -23,7 +23,6 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Union
 
 import trio
 
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 LISTEN_FDS_START = 3
 
 #: A health check: ``True``/``False``, or ``(ok, reason)`` where ``reason`` says why not.
-Health = Union[bool, tuple[bool, str]]
+Health = bool | tuple[bool, str]
 
 
 class Notifier:
@@ -137,9 +136,7 @@ def _normalize(result: Health) -> tuple[bool, str]:
     return bool(result), ""
 
 
-async def watchdog_task(
-    notifier: Notifier, interval: float, healthy: Callable[[], Health]
-) -> None:
+async def watchdog_task(notifier: Notifier, interval: float, healthy: Callable[[], Health]) -> None:
     """Forever: sleep ``interval`` seconds, then send WATCHDOG=1 if ``healthy()`` says so.
 
     ``healthy()`` returns a bool, or ``(ok, reason)``: the reason is logged (once per

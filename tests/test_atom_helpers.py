@@ -113,7 +113,12 @@ def test_read_site(tmp_path: Path) -> None:
         "move": ["arObjectMoveJob"],
         "file_import": ["arFileImportJob"],
     }
-    assert site.job_classes == ["arFindingAidJob", "arInheritRightsJob", "arObjectMoveJob", "arFileImportJob"]
+    assert site.job_classes == [
+        "arFindingAidJob",
+        "arInheritRightsJob",
+        "arObjectMoveJob",
+        "arFileImportJob",
+    ]
     assert site.mysql == ("127.0.0.1", 3306)
     assert site.notes == []
 
@@ -156,7 +161,9 @@ def test_environment_section_overrides_all(tmp_path: Path) -> None:
 
 
 def test_unix_socket_mysql(tmp_path: Path) -> None:
-    root = make_atom_tree(tmp_path / "atom", dsn="mysql:unix_socket=/run/mysqld/mysqld.sock;dbname=atom")
+    root = make_atom_tree(
+        tmp_path / "atom", dsn="mysql:unix_socket=/run/mysqld/mysqld.sock;dbname=atom"
+    )
     site = read_atom_site(str(root))
     assert site.mysql is None
     assert site.mysql_socket == "/run/mysqld/mysqld.sock"
@@ -179,7 +186,14 @@ def test_generated_config_is_valid_and_complete(tmp_path: Path) -> None:
     assert cfg.database == "/var/lib/atomnode/atomnode.db"
     assert [p.name for p in cfg.pools] == ["general", "acl", "move", "file_import"]
     general = cfg.pools[0]
-    assert general.command == ("php", "-d", "memory_limit=-1", "symfony", "jobs:worker", "--types=general")
+    assert general.command == (
+        "php",
+        "-d",
+        "memory_limit=-1",
+        "symfony",
+        "jobs:worker",
+        "--types=general",
+    )
     assert general.directory == site.root
     assert general.user == "www-data"
     assert general.count == 2

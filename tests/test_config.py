@@ -65,7 +65,9 @@ def errors_of(tmp_path: Path, text: str) -> list[str]:
 def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Never read this machine's /etc/atomnode or the caller's $ATOMNODE_CONFIG."""
     monkeypatch.delenv("ATOMNODE_CONFIG", raising=False)
-    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent" / "atomnode.yml"))
+    monkeypatch.setattr(
+        config_mod, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent" / "atomnode.yml")
+    )
 
 
 # ----------------------------------------------------------------------------- happy paths
@@ -86,7 +88,12 @@ def test_documented_example_loads(tmp_path: Path) -> None:
     assert (pool.user, pool.count, pool.planned_exit_codes) == ("www-data", 2, (111,))
     assert pool.wait_for == (WaitFor("mysql", "127.0.0.1", 3306),)
     h = cfg.handlers[0]
-    assert (h.function, h.command, h.concurrency, h.timeout) == ("echo-upper", ("tr", "a-z", "A-Z"), 2, 60.0)
+    assert (h.function, h.command, h.concurrency, h.timeout) == (
+        "echo-upper",
+        ("tr", "a-z", "A-Z"),
+        2,
+        60.0,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.database = "x"  # type: ignore[misc]
 
@@ -99,7 +106,9 @@ def test_defaults_when_no_file_anywhere() -> None:
     assert cfg.source is None
 
 
-def test_default_path_is_read_when_it_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_path_is_read_when_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(tmp_path, "log_level: debug\n", "etc.yml")
     monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", path)
     assert load_config().log_level == "debug"
@@ -119,13 +128,17 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(ConfigError, match=r"nope\.yml: configuration file not found"):
         load_config(str(tmp_path / "nope.yml"))
     monkeypatch.setenv("ATOMNODE_CONFIG", str(tmp_path / "gone.yml"))
-    with pytest.raises(ConfigError, match=r"gone\.yml: configuration file not found \(from \$ATOMNODE_CONFIG\)"):
+    with pytest.raises(
+        ConfigError, match=r"gone\.yml: configuration file not found \(from \$ATOMNODE_CONFIG\)"
+    ):
         load_config()
 
 
 def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "listen: [127.0.0.1:4730]\ndatabase: file.db\nlog_level: warning\n")
-    cfg = load_config(path, overrides={"listen": ("127.0.0.1:5000",), "database": "x.db", "log_level": None})
+    cfg = load_config(
+        path, overrides={"listen": ("127.0.0.1:5000",), "database": "x.db", "log_level": None}
+    )
     assert cfg.listen == ("127.0.0.1:5000",)
     assert cfg.database == "x.db"
     assert cfg.log_level == "warning"  # None = option not given
@@ -190,7 +203,9 @@ def test_format_config_round_trips(tmp_path: Path) -> None:
 def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
     errs = errors_of(tmp_path, "listen: [127.0.0.1:4730]\ndatabse: x.db\n")
     assert len(errs) == 1
-    assert errs[0].startswith(f"{tmp_path}/atomnode.yml:2: databse: unknown key 'databse'; did you mean 'database'?")
+    assert errs[0].startswith(
+        f"{tmp_path}/atomnode.yml:2: databse: unknown key 'databse'; did you mean 'database'?"
+    )
 
 
 def test_unknown_nested_keys_name_the_path_and_line(tmp_path: Path) -> None:
@@ -207,10 +222,23 @@ def test_unknown_nested_keys_name_the_path_and_line(tmp_path: Path) -> None:
         """,
     )
     f = f"{tmp_path}/atomnode.yml"
-    assert f"{f}:2: queue.max_attemps: unknown key 'max_attemps'; did you mean 'max_attempts'?" in errs[0]
-    assert any(e.startswith(f"{f}:6: pools[0].wait_for[0].adress: unknown key 'adress'; did you mean 'address'?") for e in errs)
-    assert any(e.startswith(f"{f}:6: pools[0].wait_for[0]: missing required key 'address'") for e in errs)
-    assert any(e.startswith(f"{f}:7: pools[0].cuont: unknown key 'cuont'; did you mean 'count'?") for e in errs)
+    assert (
+        f"{f}:2: queue.max_attemps: unknown key 'max_attemps'; did you mean 'max_attempts'?"
+        in errs[0]
+    )
+    assert any(
+        e.startswith(
+            f"{f}:6: pools[0].wait_for[0].adress: unknown key 'adress'; did you mean 'address'?"
+        )
+        for e in errs
+    )
+    assert any(
+        e.startswith(f"{f}:6: pools[0].wait_for[0]: missing required key 'address'") for e in errs
+    )
+    assert any(
+        e.startswith(f"{f}:7: pools[0].cuont: unknown key 'cuont'; did you mean 'count'?")
+        for e in errs
+    )
 
 
 def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> None:
@@ -228,45 +256,141 @@ def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> Non
         ("listen: ['::1:4730']\n", 1, "listen[0]", "write an IPv6 address in brackets"),
         ("listen: ['[::1]4730']\n", 1, "listen[0]", "expected [IPv6]:port"),
         ("listen: [host:http]\n", 1, "listen[0]", "port 'http' is not a number"),
-        ("log_level: verbose\n", 1, "log_level", "expected one of debug, info, warning, error, critical, got 'verbose'"),
+        (
+            "log_level: verbose\n",
+            1,
+            "log_level",
+            "expected one of debug, info, warning, error, critical, got 'verbose'",
+        ),
         ("queue:\n  synchronous: fulll\n", 2, "queue.synchronous", "did you mean 'full'?"),
         ("queue:\n  max_attempts: 0\n", 2, "queue.max_attempts", "expected an integer >= 1, got 0"),
-        ("max_packet_size: lots\n", 1, "max_packet_size", "expected a size in bytes (67108864, 64MiB, 512M), got 'lots'"),
+        (
+            "max_packet_size: lots\n",
+            1,
+            "max_packet_size",
+            "expected a size in bytes (67108864, 64MiB, 512M), got 'lots'",
+        ),
         ("max_packet_size: 10\n", 1, "max_packet_size", "expected at least 1024 bytes, got 10"),
-        ("shutdown_timeout: soon\n", 1, "shutdown_timeout", "expected a duration in seconds (30, 30s, 5m, 2h, 7d), got 'soon'"),
+        (
+            "shutdown_timeout: soon\n",
+            1,
+            "shutdown_timeout",
+            "expected a duration in seconds (30, 30s, 5m, 2h, 7d), got 'soon'",
+        ),
         ("status_interval: 0\n", 1, "status_interval", "expected a duration greater than 0"),
         ("database: ''\n", 1, "database", "expected a non-empty string"),
-        ("functions:\n  f: {max_queue: -1}\n", 2, "functions.f.max_queue", "expected an integer >= 0, got -1"),
+        (
+            "functions:\n  f: {max_queue: -1}\n",
+            2,
+            "functions.f.max_queue",
+            "expected an integer >= 0, got -1",
+        ),
         ("functions: [a, b]\n", 1, "functions", "expected a mapping (key: value), got a list"),
         ("pools: {name: a}\n", 1, "pools", "expected a list of pools, got a mapping"),
-        ("pools:\n  - name: a\n    command: php symfony jobs:worker\n", 3, "pools[0].command",
-         "expected a list of arguments (no shell is used), got a string; write it as a list: command: [php, symfony, jobs:worker]"),
-        ("pools:\n  - name: a\n    command: []\n", 3, "pools[0].command", "expected a non-empty list of arguments"),
-        ("pools:\n  - name: a\n    command: [x]\n    count: -1\n", 4, "pools[0].count", "expected an integer >= 0, got -1"),
-        ("pools:\n  - name: a\n    command: [x]\n    count: two\n", 4, "pools[0].count", "expected an integer, got a string 'two'"),
-        ("pools:\n  - name: a\n    command: [x]\n    wait_for: [{name: db, address: db}]\n", 4,
-         "pools[0].wait_for[0].address", "expected an address host:port"),
-        ("pools:\n  - name: a\n    command: [x]\n    planned_exit_codes: [300]\n", 4,
-         "pools[0].planned_exit_codes[0]", "expected an exit code 0-255, got 300"),
-        ("pools:\n  - name: a\n    command: [x]\n    age_jitter: 2\n", 4, "pools[0].age_jitter", "expected a number between 0 and 1, got 2"),
-        ("pools:\n  - name: a\n    command: [x]\n    backoff_initial: 10\n    backoff_max: 5\n", 5,
-         "pools[0].backoff_max", "expected backoff_max >= backoff_initial (10s), got 5s"),
-        ("pools:\n  - name: a\n    command: [x]\n    environment: {A: [1]}\n", 4, "pools[0].environment.A", "expected a string value, got a list"),
+        (
+            "pools:\n  - name: a\n    command: php symfony jobs:worker\n",
+            3,
+            "pools[0].command",
+            "expected a list of arguments (no shell is used), got a string; write it as a list: command: [php, symfony, jobs:worker]",
+        ),
+        (
+            "pools:\n  - name: a\n    command: []\n",
+            3,
+            "pools[0].command",
+            "expected a non-empty list of arguments",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    count: -1\n",
+            4,
+            "pools[0].count",
+            "expected an integer >= 0, got -1",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    count: two\n",
+            4,
+            "pools[0].count",
+            "expected an integer, got a string 'two'",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    wait_for: [{name: db, address: db}]\n",
+            4,
+            "pools[0].wait_for[0].address",
+            "expected an address host:port",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    planned_exit_codes: [300]\n",
+            4,
+            "pools[0].planned_exit_codes[0]",
+            "expected an exit code 0-255, got 300",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    age_jitter: 2\n",
+            4,
+            "pools[0].age_jitter",
+            "expected a number between 0 and 1, got 2",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    backoff_initial: 10\n    backoff_max: 5\n",
+            5,
+            "pools[0].backoff_max",
+            "expected backoff_max >= backoff_initial (10s), got 5s",
+        ),
+        (
+            "pools:\n  - name: a\n    command: [x]\n    environment: {A: [1]}\n",
+            4,
+            "pools[0].environment.A",
+            "expected a string value, got a list",
+        ),
         ("pools:\n  - command: [x]\n", 2, "pools[0]", "missing required key 'name'"),
         ("pools:\n  - name: a\n", 2, "pools[0]", "missing required key 'command'"),
-        ("pools:\n  - {name: a, command: [x]}\n  - {name: a, command: [y]}\n", 3, "pools[1].name", "pool name 'a' already used by pools[0]"),
-        ("handlers:\n  - {function: f, command: [x], concurrency: 0}\n", 2, "handlers[0].concurrency", "expected an integer >= 1, got 0"),
-        ("handlers:\n  - {function: f, command: [x]}\n  - {function: f, command: [y]}\n", 3,
-         "handlers[1].function", "function 'f' already handled by handlers[0]"),
-        ("handlers:\n  - {function: f, command: [x], shell: maybe}\n", 2, "handlers[0].shell", "expected true or false, got 'maybe'"),
-        ("concurrency:\n  - {name: g, functions: [a], max: 0}\n", 2, "concurrency[0].max", "expected an integer >= 1, got 0"),
-        ("concurrency:\n  - {name: g, functions: [], max: 1}\n", 2, "concurrency[0].functions", "expected at least one function name"),
-        ("concurrency:\n  - {name: g, functions: [a], max: 1}\n  - {name: g, functions: [b], max: 1}\n", 3,
-         "concurrency[1].name", "group name 'g' already used by concurrency[0]"),
+        (
+            "pools:\n  - {name: a, command: [x]}\n  - {name: a, command: [y]}\n",
+            3,
+            "pools[1].name",
+            "pool name 'a' already used by pools[0]",
+        ),
+        (
+            "handlers:\n  - {function: f, command: [x], concurrency: 0}\n",
+            2,
+            "handlers[0].concurrency",
+            "expected an integer >= 1, got 0",
+        ),
+        (
+            "handlers:\n  - {function: f, command: [x]}\n  - {function: f, command: [y]}\n",
+            3,
+            "handlers[1].function",
+            "function 'f' already handled by handlers[0]",
+        ),
+        (
+            "handlers:\n  - {function: f, command: [x], shell: maybe}\n",
+            2,
+            "handlers[0].shell",
+            "expected true or false, got 'maybe'",
+        ),
+        (
+            "concurrency:\n  - {name: g, functions: [a], max: 0}\n",
+            2,
+            "concurrency[0].max",
+            "expected an integer >= 1, got 0",
+        ),
+        (
+            "concurrency:\n  - {name: g, functions: [], max: 1}\n",
+            2,
+            "concurrency[0].functions",
+            "expected at least one function name",
+        ),
+        (
+            "concurrency:\n  - {name: g, functions: [a], max: 1}\n  - {name: g, functions: [b], max: 1}\n",
+            3,
+            "concurrency[1].name",
+            "group name 'g' already used by concurrency[0]",
+        ),
         ("database: a\ndatabase: b\n", 2, "database", "key given twice"),
     ],
 )
-def test_each_validation_message(tmp_path: Path, text: str, line: int, key: str, expected: str) -> None:
+def test_each_validation_message(
+    tmp_path: Path, text: str, line: int, key: str, expected: str
+) -> None:
     errs = errors_of(tmp_path, text)
     want = f"{tmp_path}/atomnode.yml:{line}: {key}: "
     matching = [e for e in errs if e.startswith(want)]
@@ -297,11 +421,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
 
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     (err,) = errors_of(tmp_path, "- a\n- b\n")
-    assert err == f"{tmp_path}/atomnode.yml:1: (top level): expected a mapping (key: value), got a list"
+    assert (
+        err
+        == f"{tmp_path}/atomnode.yml:1: (top level): expected a mapping (key: value), got a list"
+    )
 
 
 def test_shell_handler_accepts_a_string(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, "handlers:\n  - {function: f, command: 'tr a-z A-Z | sort', shell: true}\n"))
+    cfg = load_config(
+        write(tmp_path, "handlers:\n  - {function: f, command: 'tr a-z A-Z | sort', shell: true}\n")
+    )
     assert cfg.handlers[0].command == ("tr a-z A-Z | sort",)
     assert cfg.handlers[0].shell is True
 

@@ -215,7 +215,9 @@ def test_status_json(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> No
     assert data == {**full_status(), "degraded": False}
 
 
-def test_status_degrades_for_an_older_daemon(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_degrades_for_an_older_daemon(
+    fake: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake.status_json = None
     assert main(["status", *addr(fake)]) == 0
     out = capsys.readouterr().out
@@ -227,11 +229,16 @@ def test_status_degrades_for_an_older_daemon(fake: FakeDaemon, capsys: pytest.Ca
     assert main(["status", "--json", *addr(fake)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["degraded"] is True
-    assert data["functions"] == [{"name": "reverse", "queued": 3, "running": 1, "workers": 2, "max_queue": None}]
+    assert data["functions"] == [
+        {"name": "reverse", "queued": 3, "running": 1, "workers": 2, "max_queue": None}
+    ]
 
 
 def test_status_uses_the_configured_listen_address(
-    fake: FakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fake: FakeDaemon,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg = tmp_path / "atomnode.yml"
     cfg.write_text(f"listen: [0.0.0.0:{fake.port}]\n")
@@ -240,7 +247,9 @@ def test_status_uses_the_configured_listen_address(
     assert "atomnode 0.1.0" in capsys.readouterr().out
 
 
-def test_status_with_an_invalid_explicit_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_with_an_invalid_explicit_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "bad.yml"
     cfg.write_text("listen: nowhere\n")
     assert main(["status", "--config", str(cfg)]) == 1
@@ -281,7 +290,11 @@ def test_status_unreachable_in_a_real_process(tmp_path: Path) -> None:
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["status", "--port", "notanumber"], ["submit"], ["submit", "f", "--priority", "urgent"]):
+    for argv in (
+        ["status", "--port", "notanumber"],
+        ["submit"],
+        ["submit", "f", "--priority", "urgent"],
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
@@ -311,7 +324,9 @@ def test_submit_reads_stdin_and_priorities(
     assert fake.submitted[0].data == b"from\0stdin"
 
 
-def test_submit_background_prints_the_handle(fake: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_background_prints_the_handle(
+    fake: FakeDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["submit", "reverse", "x", "--background", "--priority", "low", *addr(fake)]) == 0
     assert capsys.readouterr().out == "H:fake:1\n"
     assert fake.submitted[0].type == "SUBMIT_JOB_LOW_BG"
@@ -378,7 +393,9 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Pretend free space (the real disk's is not ours to decide)."""
     free = {"bytes": 50 * 1024**3}
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(ops_cli.shutil, "disk_usage", lambda p: Usage(100 * 1024**3, 0, free["bytes"]))
+    monkeypatch.setattr(
+        ops_cli.shutil, "disk_usage", lambda p: Usage(100 * 1024**3, 0, free["bytes"])
+    )
     return free
 
 
@@ -387,7 +404,9 @@ def doctor_lines(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[i
     return rc, capsys.readouterr().out.splitlines()
 
 
-def atom_setup(tmp_path: Path, fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+def atom_setup(
+    tmp_path: Path, fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, str]:
     root = make_atom_tree(tmp_path / "atom", server=f"127.0.0.1:{fake.port}", workers_key="k")
     monkeypatch.setattr(ops_cli, "ATOM_CHECK_PORT", fake.port)
     cfg = tmp_path / "atomnode.yml"
@@ -438,18 +457,32 @@ def test_doctor_explains_no_gearman_worker_available(
         f"{wrong}arFileImportJob\t0\t0\t1",  # a worker started from another root
     ]
     fake.status_json = full_status(
-        functions=[{"name": f"{prefix}arObjectMoveJob", "queued": 2, "running": 0, "workers": 0, "max_queue": None}]
+        functions=[
+            {
+                "name": f"{prefix}arObjectMoveJob",
+                "queued": 2,
+                "running": 0,
+                "workers": 0,
+                "max_queue": None,
+            }
+        ]
     )
     rc, lines = doctor_lines(capsys, [str(root), "--config", cfg])
     assert rc == 1
     fails = [line for line in lines if line.startswith("FAIL")]
     assert len(fails) == 2, lines
     assert "no worker for arObjectMoveJob" in fails[0]
-    assert 'AtoM will say "No Gearman worker available that can handle the job arObjectMoveJob"' in fails[0]
+    assert (
+        'AtoM will say "No Gearman worker available that can handle the job arObjectMoveJob"'
+        in fails[0]
+    )
     assert f"expected function {prefix}arObjectMoveJob" in fails[0]
     assert "no worker for arFileImportJob" in fails[1]
     assert f"registered under another prefix ({wrong})" in fails[1]
-    assert any(line.startswith("WARN") and f"2 job(s) wait for {prefix}arObjectMoveJob" in line for line in lines)
+    assert any(
+        line.startswith("WARN") and f"2 job(s) wait for {prefix}arObjectMoveJob" in line
+        for line in lines
+    )
 
 
 def test_doctor_reports_pools_store_and_disk(
@@ -473,19 +506,30 @@ def test_doctor_reports_pools_store_and_disk(
     rc, lines = doctor_lines(capsys, ["--config", str(cfg)])
     assert rc == 1
     text = "\n".join(lines)
-    assert "WARN  pool atom: workers are not running: pid -: backing off, next try in 32s (exit code 255)" in text
-    assert "WARN  pool sword: workers are not running: pid -: waiting for mysql (127.0.0.1:3306)" in text
+    assert (
+        "WARN  pool atom: workers are not running: pid -: backing off, next try in 32s (exit code 255)"
+        in text
+    )
+    assert (
+        "WARN  pool sword: workers are not running: pid -: waiting for mysql (127.0.0.1:3306)"
+        in text
+    )
     assert "FAIL  the queue database is failing: database or disk is full" in text
     assert "WARN  2 job(s) failed for good" in text
     assert f"FAIL  only 50 MiB free on the disk holding the queue ({tmp_path}/sub/q.db)" in text
     # A state and a detail that does not repeat it are both shown.
     fake.status_json["pools"][0]["workers"][0]["detail"] = "next try in 8s"  # type: ignore[index]
     _, lines = doctor_lines(capsys, ["--config", str(cfg)])
-    assert "WARN  pool atom: workers are not running: pid -: backing off, next try in 8s" in "\n".join(lines)
+    assert (
+        "WARN  pool atom: workers are not running: pid -: backing off, next try in 8s"
+        in "\n".join(lines)
+    )
     # The database the daemon reports wins over the local configuration's.
     fake.status_json["queue"]["database"] = "/daemon/side/q.db"  # type: ignore[index]
     _, lines = doctor_lines(capsys, ["--config", str(cfg)])
-    assert "FAIL  only 50 MiB free on the disk holding the queue (/daemon/side/q.db)" in "\n".join(lines)
+    assert "FAIL  only 50 MiB free on the disk holding the queue (/daemon/side/q.db)" in "\n".join(
+        lines
+    )
     disk["bytes"] = 512 * 1024 * 1024
     fake.status_json = full_status()
     rc, lines = doctor_lines(capsys, ["--config", str(cfg)])
@@ -504,8 +548,14 @@ def test_doctor_atom_on_another_port(
     rc, lines = doctor_lines(capsys, [str(root), *addr(fake)])
     assert rc == 1
     text = "\n".join(lines)
-    assert f"FAIL  AtoM's config/gearman.yml points at 127.0.0.1:{dead} but nothing answers there" in text
-    assert f"AtoM's config/gearman.yml uses port {dead}, but AtoM's Gearman client also checks port" in text
+    assert (
+        f"FAIL  AtoM's config/gearman.yml points at 127.0.0.1:{dead} but nothing answers there"
+        in text
+    )
+    assert (
+        f"AtoM's config/gearman.yml uses port {dead}, but AtoM's Gearman client also checks port"
+        in text
+    )
 
 
 def test_doctor_bad_atom_root(
@@ -539,5 +589,7 @@ def test_against_the_real_daemon(
         rc, lines = doctor_lines(capsys, where)
         assert rc == 0, lines
         assert lines[0].startswith(f"OK    the daemon answers at 127.0.0.1:{port} (atomnode")
-        assert any(line.startswith("WARN  1 job(s) wait for ops-cli-fn but no worker") for line in lines)
+        assert any(
+            line.startswith("WARN  1 job(s) wait for ops-cli-fn but no worker") for line in lines
+        )
         assert any("the queue database is healthy" in line for line in lines)

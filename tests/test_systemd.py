@@ -4,6 +4,7 @@ trio's mock clock, socket activation in a subprocess) and the journal-aware log 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -128,7 +129,9 @@ def test_send_errors_never_raise_and_are_logged_once(
         ({"WATCHDOG_USEC": "0"}, None),
     ],
 )
-def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: float | None) -> None:
+def test_watchdog_interval(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: float | None
+) -> None:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     for k, v in env.items():
@@ -180,7 +183,7 @@ async def test_watchdog_pings_at_the_interval_and_stops_while_unhealthy(
     assert any("pings resumed" in r.getMessage() for r in caplog.records)
     # Every gap between pings while healthy is below half of WatchdogSec.
     pings = n.pings()
-    assert all(b - a <= wd_sec / 2 for a, b in zip(pings[:3], pings[1:3]))
+    assert all(b - a <= wd_sec / 2 for a, b in itertools.pairwise(pings[:3]))
 
 
 async def test_watchdog_accepts_plain_bool_and_survives_a_raising_check(
