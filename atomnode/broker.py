@@ -417,6 +417,25 @@ class Broker:
         job = self.uniques.get((function, key)) if key is not None else None
         if job is not None:
             # Coalesce: same handle, payload and priority of the new submission ignored.
+            if background and self.durable and not job.background:
+                # A background submission joins a foreground job: from now on the job
+                # must survive a restart, so it is stored and acknowledged on commit.
+                job.background = True
+                if job.state is not PENDING:
+                    self.store_ops.append((
+                        "insert", job.id, function, job.unique, job.data, job.priority,
+                        job.when, job.seq, job.submitted_at, job,
+                    ))
+                    if job.state is RUNNING:
+                        worker = job.worker
+                        self.store_ops.append((
+                            "start", job.id, job.attempts,
+                            worker.client_id.decode("utf-8", "replace") if worker else "-",
+                            job.started_at,
+                        ))
+                    if conn is not None:
+                        job.acks.append(conn)
+                    return job
             if conn is not None:
                 if not background:
                     job.clients.append(conn)
@@ -460,20 +479,30 @@ class Broker:
     def committed(self, tokens: Iterable[Any]) -> None:
         """The store committed these inserts: acknowledge and release the jobs."""
         for job in tokens:
-            if not isinstance(job, Job) or job.state is not PENDING:
+            if not isinstance(job, Job):
                 continue
-            created = encode(T.JOB_CREATED, job.handle)
-            for c in job.acks:
-                self._send(c, created)
-            job.acks = []
-            self._enqueue(job)
+            if job.acks:
+                created = encode(T.JOB_CREATED, job.handle)
+                for c in job.acks:
+                    self._send(c, created)
+                job.acks = []
+            if job.state is PENDING:
+                self._enqueue(job)
 
     def commit_failed(self, failures: Iterable[tuple[Any, str]]) -> None:
         """The store could not commit these inserts: tell the submitters, forget the jobs."""
         for job, message in failures:
-            if not isinstance(job, Job) or job.state is not PENDING:
+            if not isinstance(job, Job):
                 continue
             err = error_packet("QUEUE_ERROR", message)
+            if job.state is not PENDING:
+                # A foreground job a background submission tried to join: it goes on
+                # as the foreground job it was; the background submitter gets the error.
+                for c in job.acks:
+                    self._send(c, err)
+                job.acks = []
+                job.background = False
+                continue
             for c in job.acks:
                 self._send(c, err)
             for c in job.clients:
@@ -487,6 +516,10 @@ class Broker:
         running when the daemon stopped go back to the queue with their attempt counted,
         or fail if that was their last attempt. Returns the number restored."""
         n = 0
+        stored = list(stored)
+        for s in stored:
+            self.next_id = max(self.next_id, s.id + 1)
+            self.next_seq = max(self.next_seq, s.seq + 1)
         for s in stored:
             fn = self.function(s.function)
             unique = s.unique

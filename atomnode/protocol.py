@@ -275,6 +275,8 @@ class Decoder:
                 if avail > MAX_ADMIN_LINE:
                     raise ProtocolError("INVALID_COMMAND", "admin line too long")
                 return None
+            if end - pos > MAX_ADMIN_LINE:
+                raise ProtocolError("INVALID_COMMAND", "admin line too long")
             line = bytes(buf[pos:end]).rstrip(b"\r")
             self._pos = end + 1
             return AdminLine(line)
