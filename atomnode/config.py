@@ -536,9 +536,12 @@ def _build(data: Any, doc: _Doc) -> Config:
         if q is not None:
             v.keys(q, ("queue",), _QUEUE_KEYS)
             if "synchronous" in q:
+                mode = q["synchronous"]
+                if mode is False:
+                    mode = "off"  # YAML 1.1 reads a bare `off` as false
                 put(
                     "synchronous",
-                    v.choice(q["synchronous"], ("queue", "synchronous"), SYNCHRONOUS_MODES),
+                    v.choice(mode, ("queue", "synchronous"), SYNCHRONOUS_MODES),
                 )
             if "max_attempts" in q:
                 put(

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from atomnode.protocol import Decoder, Packet, T, encode
 
-from conftest import free_port
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Client:

@@ -273,7 +273,7 @@ def test_second_daemon_on_same_database_is_refused(tmp_path):
 
 @pytest.mark.parametrize("synchronous", ["normal", "off"])
 def test_synchronous_setting_is_accepted(tmp_path, synchronous):
-    d = Daemon(tmp_path, config=f"queue: {{synchronous: '{synchronous}'}}\n").start()
+    d = Daemon(tmp_path, config=f"queue: {{synchronous: {synchronous}}}\n").start()
     with d.client() as c:
         c.submit_bg(b"s", b"", b"x")
     assert drain_all(d, b"s") == [(b"", b"x")]
