@@ -163,6 +163,7 @@ class Daemon:
         doc: dict[str, Any] = {}
         if self.store is not None:
             doc["queue"] = {
+                "failed": self._failed_count(),
                 "store_healthy": self.store.healthy,
                 "store_error": self.store.last_error,
                 "store_pending": self.store.pending,
@@ -174,6 +175,30 @@ class Daemon:
             doc["handlers"] = [h.snapshot() for h in self.handlers.values()]
         doc["ready"] = self.ready
         return doc
+
+    def _failed_count(self) -> int | None:
+        """Jobs in state failed (quarantined until an operator retries them): a short
+        read-only query, cached for a few seconds; WAL readers never block the writer."""
+        now = time.monotonic()
+        cached = self._failed_cache
+        if cached is not None and now - cached[0] < 3.0:
+            return cached[1]
+        import sqlite3
+        from urllib.parse import quote
+
+        try:
+            uri = f"file:{quote(self.cfg.database)}?mode=ro"
+            con = sqlite3.connect(uri, uri=True, timeout=0.5)
+            try:
+                n = con.execute("SELECT count(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return None
+        self._failed_cache = (now, n)
+        return n
+
+    _failed_cache: tuple[float, int] | None = None
 
     def healthy(self) -> tuple[bool, str]:
         store = self.store
