@@ -318,7 +318,12 @@ class Daemon:
         server.flush()  # restore's requeue/fail ops
         try:
             try:
-                await server.open_listeners(list(cfg.listen), listen_fds())
+                activated = listen_fds()
+                if activated:
+                    # Socket activation: systemd's sockets replace the configured ones.
+                    log.info("using %d socket(s) passed by systemd (LISTEN_FDS)",
+                             len(activated))
+                await server.open_listeners([] if activated else list(cfg.listen), activated)
             except OSError as e:
                 log.error("%s", e.strerror or e)
                 return 1

@@ -208,3 +208,67 @@ def test_writer_stall_withholds_watchdog():
     FakeStore.last_progress = time.monotonic() - WRITER_STALL_LIMIT - 1
     ok, reason = daemon.healthy()
     assert ok is False and "writer" in reason
+
+
+def test_socket_activation_replaces_configured_listeners(tmp_path):
+    """LISTEN_FDS/LISTEN_PID: the daemon serves the socket it was handed on fd 3 and
+    binds nothing itself."""
+    import subprocess
+    import sys
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    port = lsock.getsockname()[1]
+    unused = Daemon(tmp_path).port  # the configured address, which must stay unbound
+    code = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'atomnode', 'run', "
+        f"'--listen', '127.0.0.1:{unused}', '--db', {str(tmp_path / 'q.db')!r}])"
+    )
+    log = open(tmp_path / "act.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lsock.fileno())],
+                            pass_fds=(lsock.fileno(),), stdout=log, stderr=log)
+    lsock.close()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with Client(port, timeout=2) as c:
+                    c.send(T.ECHO_REQ, b"activated")
+                    assert c.expect(T.ECHO_RES).args[0] == b"activated"
+                    break
+            except (ConnectionError, OSError):
+                assert proc.poll() is None, (tmp_path / "act.log").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # polling a port: no event to wait on
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", unused)) != 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        log.close()
+
+
+def test_listens_on_several_addresses_ipv4_and_ipv6(tmp_path):
+    from daemon_harness import free_port
+
+    with socket.socket(socket.AF_INET6) as s6:
+        s6.bind(("::1", 0))
+        port6 = s6.getsockname()[1]
+    d = Daemon(tmp_path)
+    extra = free_port()
+    d.argv = lambda: [  # type: ignore[method-assign]
+        *Daemon.argv(d), "--listen", f"[::1]:{port6}", "--listen", f"127.0.0.1:{extra}",
+    ]
+    d.start()
+    for family, addr in ((socket.AF_INET, ("127.0.0.1", d.port)),
+                         (socket.AF_INET6, ("::1", port6)),
+                         (socket.AF_INET, ("127.0.0.1", extra))):
+        with socket.socket(family) as s:
+            s.settimeout(5)
+            s.connect(addr)
+            s.sendall(b"version\n")
+            assert s.recv(100).startswith(b"OK 1.1.20")
+    assert d.stop() == 0
