@@ -46,7 +46,7 @@ deb:
 
 # End-to-end test of the package under a real systemd (systemd-nspawn); needs root.
 test-deb:
-	sh tests/packaging/run.sh
+	bash tests/packaging/run.sh
 
 # Side-by-side benchmark, atomnode vs gearmand 1.1.20 (issues 2 and 3); see docs/performance.md.
 # Knobs: SCALE (1), REPS (3), SECTIONS, SERVERS; SCALE=0.05 REPS=1 is a quick smoke run.

@@ -1,0 +1,474 @@
+#!/usr/bin/env bash
+# End-to-end test of the Debian package under a real systemd (`make test-deb`).
+#
+# Builds the package (make deb), boots a Debian 12 minbase root filesystem with
+# systemd-nspawn, installs dist/atomnode_*.deb with apt inside it and checks the
+# service as a site would use it: active with Type=notify, status text and a
+# watchdog; a job round trip on 127.0.0.1:4730; stable past WatchdogSec; queued
+# jobs surviving restart and upgrade; workers started as another user; a clear
+# journal message when port 4730 is taken; a frozen daemon killed and restarted
+# by the watchdog; remove keeps state, purge deletes it.
+#
+# Runs unattended as root. It installs what it needs (debootstrap,
+# systemd-container) and caches the root filesystem in $ATOMNODE_TEST_CACHE
+# (default /var/cache/atomnode-test), so reruns take about a minute.
+# The container shares the host network: port 4730 must be free on the host.
+#
+# Environment:
+#   ATOMNODE_TEST_DEB=FILE     test this .deb instead of building one
+#   ATOMNODE_TEST_CACHE=DIR    root filesystem cache
+#   ATOMNODE_TEST_MIRROR=URL   Debian mirror (default: the one apt on the host uses)
+#   ATOMNODE_TEST_KEEP=1       leave the container running at the end (debugging)
+set -uo pipefail
+
+cd "$(dirname "$0")/../.." || exit 1
+TOP=$(pwd)
+SUITE=bookworm
+CACHE=${ATOMNODE_TEST_CACHE:-/var/cache/atomnode-test}
+# Bump the suffix when the package list changes, so a stale cache is not used.
+# man-db: systemd-analyze verify checks the unit's man: Documentation link.
+ROOT_PACKAGES=systemd,systemd-sysv,dbus,python3,man-db
+ROOTFS=$CACHE/$SUITE-minbase-v2
+MACHINE=atomnode-test
+WATCHDOG_TEST_SEC=5
+PORT=4730
+
+PASSED=0
+FAILED=0
+FAILED_NAMES=()
+NSPAWN_PID=
+LEADER=
+RUNDIR=
+
+say() { printf '%s packaging: %s\n' "$(date +%H:%M:%S)" "$*"; }
+summary() {
+    echo "packaging: $PASSED passed, $FAILED failed${FAILED_NAMES:+ (${FAILED_NAMES[*]})}"
+}
+skip() {
+    echo "packaging: SKIPPED: $*"
+    echo "packaging: 0 passed, 0 failed (skipped)"
+    exit 0
+}
+abort() {
+    echo "packaging: ERROR: $*" >&2
+    FAILED=$((FAILED + 1))
+    FAILED_NAMES+=("setup")
+    summary
+    exit 1
+}
+
+# check NAME FUNCTION: run one check, record and print its result.
+check() {
+    local name=$1
+    shift
+    say "check: $name"
+    local out
+    if out=$("$@" 2>&1); then
+        PASSED=$((PASSED + 1))
+        echo "  ok   $name${out:+: $(echo "$out" | tail -n1)}"
+    else
+        FAILED=$((FAILED + 1))
+        FAILED_NAMES+=("$name")
+        echo "  FAIL $name"
+        echo "$out" | sed 's/^/       | /'
+    fi
+}
+
+# --- the container ------------------------------------------------------------
+
+# inside CMD...: run a command inside the booted container (all its namespaces).
+inside() {
+    nsenter -t "$LEADER" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
+}
+
+# prop NAME: one property of atomnode.service, as `systemctl show` prints it.
+prop() { inside systemctl show -p "$1" --value atomnode.service; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll (every 0.2 s) until COMMAND succeeds.
+wait_for() {
+    local secs=$1 what=$2
+    shift 2
+    local end=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= end)); then
+            echo "timed out after ${secs}s waiting for: $what"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+stop_container() {
+    [ -n "$NSPAWN_PID" ] || return 0
+    if [ "${ATOMNODE_TEST_KEEP:-0}" = 1 ]; then
+        say "leaving the container running: nsenter -t $LEADER -a bash; kill $NSPAWN_PID"
+        return 0
+    fi
+    if kill -0 "$NSPAWN_PID" 2>/dev/null; then
+        kill -TERM "$NSPAWN_PID" 2>/dev/null
+        local end=$((SECONDS + 20))
+        while kill -0 "$NSPAWN_PID" 2>/dev/null && ((SECONDS < end)); do sleep 0.2; done
+        if kill -0 "$NSPAWN_PID" 2>/dev/null; then
+            say "container did not halt in 20s; killing it"
+            kill -KILL "$NSPAWN_PID" 2>/dev/null
+        fi
+    fi
+    wait "$NSPAWN_PID" 2>/dev/null
+    NSPAWN_PID=
+}
+
+cleanup() {
+    stop_container
+    if [ -n "$RUNDIR" ] && [ "${ATOMNODE_TEST_KEEP:-0}" != 1 ]; then
+        rm -rf "$RUNDIR"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ensure_tools() {
+    local missing=""
+    command -v debootstrap >/dev/null || missing="$missing debootstrap"
+    command -v systemd-nspawn >/dev/null || missing="$missing systemd-container"
+    command -v nsenter >/dev/null || missing="$missing util-linux"
+    command -v ss >/dev/null || missing="$missing iproute2"
+    [ -z "$missing" ] && return 0
+    say "installing:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends $missing; } >/dev/null ||
+        abort "could not install$missing"
+}
+
+debian_mirror() {
+    if [ -n "${ATOMNODE_TEST_MIRROR:-}" ]; then
+        echo "$ATOMNODE_TEST_MIRROR"
+        return
+    fi
+    local uri
+    uri=$(apt-get indextargets --format '$(URI)' 2>/dev/null |
+        sed -n "s#^\(.*\)/dists/$SUITE/main/binary-.*#\1#p" | head -n1)
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+ensure_rootfs() {
+    if [ -f "$ROOTFS/.atomnode-root-ok" ]; then
+        say "root filesystem: cached in $ROOTFS"
+        return 0
+    fi
+    local mirror tmp
+    mirror=$(debian_mirror)
+    tmp="$ROOTFS.tmp.$$"
+    mkdir -p "$CACHE"
+    rm -rf "$ROOTFS" "$ROOTFS".tmp.*
+    say "root filesystem: debootstrap $SUITE from $mirror (about a minute)"
+    if ! debootstrap --variant=minbase --include="$ROOT_PACKAGES" "$SUITE" "$tmp" "$mirror" \
+        >"$CACHE/debootstrap.log" 2>&1; then
+        tail -n 20 "$CACHE/debootstrap.log" >&2
+        rm -rf "$tmp"
+        abort "debootstrap failed (log: $CACHE/debootstrap.log)"
+    fi
+    touch "$tmp/.atomnode-root-ok"
+    mv "$tmp" "$ROOTFS"
+}
+
+# The host's apt sources that also work inside the container: Debian's, with a
+# keyring the container has.
+copy_apt_sources() {
+    local root=$1 f key copied=0
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        grep -qi debian "$f" || continue
+        key=$(sed -n 's/^Signed-By: *\(\/[^ ]*\).*/\1/p; s/.*signed-by=\([^] ]*\).*/\1/p' "$f" | head -n1)
+        if [ -n "$key" ] && [ ! -e "$root$key" ]; then
+            continue
+        fi
+        mkdir -p "$root$(dirname "$f")"
+        cp "$f" "$root$f"
+        copied=$((copied + 1))
+    done
+    if [ "$copied" -gt 0 ] && [ ! -f /etc/apt/sources.list ]; then
+        rm -f "$root/etc/apt/sources.list"
+    fi
+}
+
+boot_container() {
+    RUNDIR=$(mktemp -d "${TMPDIR:-/tmp}/atomnode-test.XXXXXX")
+    local root="$RUNDIR/root"
+    # A throw-away copy of the cached root filesystem (reflinked where possible).
+    cp -a --reflink=auto "$ROOTFS" "$root" || abort "could not copy $ROOTFS"
+    copy_apt_sources "$root"
+    mkdir -p "$root/mnt/test"
+    cp "$DEB" "$root/mnt/test/" || abort "could not copy $DEB"
+    cp "$TOP/tests/packaging/gearman_helper.py" "$root/mnt/test/gearman_helper.py"
+    # The test's watchdog: shorter than the packaged 30 s, to keep the run short.
+    mkdir -p "$root/etc/systemd/system/atomnode.service.d"
+    printf '[Service]\nWatchdogSec=%ss\n' "$WATCHDOG_TEST_SEC" \
+        >"$root/etc/systemd/system/atomnode.service.d/50-test-watchdog.conf"
+    echo "$MACHINE" >"$root/etc/hostname"
+
+    say "booting the container (systemd-nspawn)"
+    setsid systemd-nspawn -q --register=no --keep-unit -D "$root" -M "$MACHINE" -b \
+        --console=passive >"$RUNDIR/nspawn.log" 2>&1 </dev/null &
+    NSPAWN_PID=$!
+    local end=$((SECONDS + 60))
+    while [ -z "$LEADER" ]; do
+        kill -0 "$NSPAWN_PID" 2>/dev/null || {
+            cat "$RUNDIR/nspawn.log" >&2
+            abort "systemd-nspawn exited during boot"
+        }
+        ((SECONDS < end)) || abort "the container's init did not start in 60s"
+        LEADER=$(cat /proc/"$NSPAWN_PID"/task/*/children 2>/dev/null | awk '{print $1; exit}')
+        [ -n "$LEADER" ] || sleep 0.1
+    done
+    while [ ! -S "/proc/$LEADER/root/run/systemd/private" ]; do
+        ((SECONDS < end)) || abort "systemd in the container did not come up in 60s"
+        kill -0 "$NSPAWN_PID" 2>/dev/null || abort "systemd-nspawn exited during boot"
+        sleep 0.1
+    done
+    local state
+    state=$(inside timeout 60 systemctl is-system-running --wait 2>&1)
+    say "container up (init pid $LEADER on the host): system $state"
+}
+
+# --- checks ---------------------------------------------------------------------
+
+DEB_IN=
+
+c_install() {
+    inside apt-get update -q >/dev/null || { inside apt-get update; return 1; }
+    inside apt-get install -y -q --no-install-recommends "/mnt/test/$(basename "$DEB")" || return 1
+    inside test -L /usr/bin/atomnode -a -x /usr/bin/atomnode || { echo "no /usr/bin/atomnode"; return 1; }
+    inside test -f /etc/atomnode/atomnode.yml || { echo "no /etc/atomnode/atomnode.yml"; return 1; }
+    inside test -f /usr/share/man/man8/atomnode.8.gz || { echo "no man page"; return 1; }
+    inside getent passwd atomnode || { echo "no atomnode user"; return 1; }
+    inside dpkg-query -W -f='${Conffiles}\n' atomnode | grep -q /etc/atomnode/atomnode.yml ||
+        { echo "/etc/atomnode/atomnode.yml is not a conffile"; return 1; }
+    inside atomnode --version
+}
+
+c_active() {
+    # postinst starts the unit with `|| true`: apt succeeding proves nothing.
+    local state
+    state=$(inside systemctl is-active atomnode)
+    if [ "$state" != active ]; then
+        echo "atomnode.service is $state"
+        inside systemctl status --no-pager -l atomnode
+        inside journalctl -u atomnode --no-pager -n 40
+        return 1
+    fi
+    inside systemctl is-enabled atomnode >/dev/null || { echo "atomnode.service not enabled"; return 1; }
+    local type wd wd_pkg status
+    type=$(prop Type)
+    [ "$type" = notify ] || { echo "Type=$type, expected notify"; return 1; }
+    wd=$(prop WatchdogUSec)
+    [ "$wd" = "${WATCHDOG_TEST_SEC}s" ] || { echo "WatchdogUSec=$wd, expected ${WATCHDOG_TEST_SEC}s (test drop-in)"; return 1; }
+    wd_pkg=$(inside grep -h '^WatchdogSec=' /lib/systemd/system/atomnode.service)
+    [ -n "$wd_pkg" ] || { echo "the packaged unit sets no WatchdogSec"; return 1; }
+    # The daemon may send STATUS= just after READY=1.
+    wait_for 15 "a non-empty StatusText" sh -c "[ -n \"\$(nsenter -t $LEADER -a systemctl show -p StatusText --value atomnode)\" ]" ||
+        { echo "StatusText stayed empty"; return 1; }
+    status=$(prop StatusText)
+    echo "Type=$type WatchdogUSec=$wd (packaged: $wd_pkg) StatusText='$status'"
+}
+
+helper() { inside timeout 60 python3 /mnt/test/gearman_helper.py "$@"; }
+
+c_roundtrip() {
+    local handle got
+    handle=$(helper submit-bg pkgtest-roundtrip hello-from-the-test) || return 1
+    echo "queued $handle"
+    helper admin status | grep -P '^pkgtest-roundtrip\t1\t' ||
+        { echo "admin status does not show the queued job"; helper admin status; return 1; }
+    got=$(helper --timeout 20 work pkgtest-roundtrip 1) || return 1
+    [ "$got" = hello-from-the-test ] || { echo "worker got '$got'"; return 1; }
+    # Completion is recorded in the next batch; wait for the queue to show it.
+    wait_for 10 "status: pkgtest-roundtrip with nothing queued or running" \
+        sh -c "nsenter -t $LEADER -a python3 /mnt/test/gearman_helper.py admin status | grep -qP '^pkgtest-roundtrip\t0\t0\t'" ||
+        { helper admin status; return 1; }
+    inside atomnode status || { echo "'atomnode status' failed"; return 1; }
+    echo "worker got '$got'; queue empty"
+}
+
+c_jobs_done() {
+    # The durable history shows the round-trip job as done.
+    local out
+    out=$(inside atomnode jobs list --function pkgtest-roundtrip --json) || { echo "$out"; return 1; }
+    echo "$out" | grep -q '"done"' || { echo "no done job in: $out"; return 1; }
+    echo "jobs list shows pkgtest-roundtrip done"
+}
+
+c_watchdog_stable() {
+    local pid1 pid2 restarts
+    pid1=$(prop MainPID)
+    [ "$pid1" -gt 0 ] 2>/dev/null || { echo "no MainPID"; return 1; }
+    # Real time must pass here: the watchdog fires only after WatchdogSec.
+    sleep $((WATCHDOG_TEST_SEC * 2 + 1))
+    pid2=$(prop MainPID)
+    restarts=$(prop NRestarts)
+    [ "$(inside systemctl is-active atomnode)" = active ] || { echo "not active after $((WATCHDOG_TEST_SEC * 2 + 1))s"; return 1; }
+    [ "$pid1" = "$pid2" ] || { echo "MainPID changed $pid1 -> $pid2"; inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    [ "$restarts" = 0 ] || { echo "NRestarts=$restarts"; return 1; }
+    echo "same MainPID $pid1 after $((WATCHDOG_TEST_SEC * 2 + 1))s, NRestarts=0"
+}
+
+c_restart_keeps_queue() {
+    helper submit-bg pkgtest-durable job 3 >/dev/null || return 1
+    local pid1 pid2
+    pid1=$(prop MainPID)
+    inside systemctl restart atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    pid2=$(prop MainPID)
+    [ "$pid1" != "$pid2" ] || { echo "MainPID unchanged after restart"; return 1; }
+    helper admin status | grep -P '^pkgtest-durable\t3\t' ||
+        { echo "after restart:"; helper admin status; return 1; }
+    echo "3 queued jobs still queued after restart (MainPID $pid1 -> $pid2)"
+}
+
+c_upgrade_keeps_queue() {
+    # Reinstalling runs the upgrade path of the maintainer scripts (prerm upgrade,
+    # postinst configure with the old version, restart).
+    inside apt-get install -y -q --reinstall -o Dpkg::Options::=--force-confold \
+        "/mnt/test/$(basename "$DEB")" >/dev/null || return 1
+    [ "$(inside systemctl is-active atomnode)" = active ] || { echo "not active after upgrade"; return 1; }
+    helper admin status | grep -P '^pkgtest-durable\t3\t' ||
+        { echo "after upgrade:"; helper admin status; return 1; }
+    local got
+    got=$(helper --timeout 20 work pkgtest-durable 3) || return 1
+    [ "$(echo "$got" | grep -c '^job$')" = 3 ] || { echo "worker got: $got"; return 1; }
+    echo "3 jobs survived the upgrade and were delivered"
+}
+
+c_worker_user() {
+    # Workers run as their configured user, under NoNewPrivileges and the
+    # capability bounding set of the unit.
+    inside sh -c 'cat >>/etc/atomnode/atomnode.yml <<EOF
+handlers:
+  - {function: pkgtest-whoami, command: [id, -un], user: nobody}
+EOF'
+    inside atomnode check-config /etc/atomnode/atomnode.yml >/dev/null || { inside atomnode check-config /etc/atomnode/atomnode.yml; return 1; }
+    inside systemctl restart atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    local got
+    got=$(helper --timeout 20 submit pkgtest-whoami x) || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    [ "$(echo "$got" | tr -d '[:space:]')" = nobody ] || { echo "handler ran as '$got'"; return 1; }
+    echo "handler ran as nobody"
+}
+
+c_port_in_use() {
+    inside systemctl stop atomnode
+    inside systemd-run --quiet --unit=pkgtest-porthog python3 /mnt/test/gearman_helper.py hold-port "$PORT" ||
+        return 1
+    wait_for 10 "the port holder to listen" sh -c "ss -Hltn 'sport = :$PORT' | grep -q ." ||
+        { inside systemctl status --no-pager pkgtest-porthog; inside systemctl stop pkgtest-porthog; return 1; }
+    inside systemctl start atomnode && { echo "atomnode started although port $PORT is taken"; return 1; }
+    local journal
+    journal=$(inside journalctl -u atomnode --no-pager -n 50 -o cat)
+    inside systemctl stop pkgtest-porthog
+    inside systemctl reset-failed atomnode
+    echo "$journal" | grep -i "port $PORT.*in use" | grep -qi gearman ||
+        { echo "the journal does not say port $PORT is inside use / gearman:"; echo "$journal" | tail -n 15; return 1; }
+    wait_for 10 "port $PORT free" sh -c "! ss -Hltn 'sport = :$PORT' | grep -q ." || return 1
+    inside systemctl start atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    echo "$journal" | grep -i "in use" | tail -n1
+}
+
+c_watchdog_kills_frozen() {
+    local pid1 r1 pid2 r2
+    pid1=$(prop MainPID)
+    r1=$(prop NRestarts)
+    inside systemctl kill --kill-who=main --signal=SIGSTOP atomnode || return 1
+    wait_for $((WATCHDOG_TEST_SEC * 3 + 15)) "a watchdog restart" \
+        sh -c "[ \"\$(nsenter -t $LEADER -a systemctl show -p NRestarts --value atomnode)\" -gt $r1 ]" ||
+        { inside journalctl -u atomnode --no-pager -n 20; return 1; }
+    wait_for 30 "atomnode active again" sh -c "[ \"\$(nsenter -t $LEADER -a systemctl is-active atomnode)\" = active ]" ||
+        { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    pid2=$(prop MainPID)
+    r2=$(prop NRestarts)
+    [ "$pid2" != "$pid1" ] || { echo "MainPID unchanged"; return 1; }
+    inside journalctl -u atomnode --no-pager -o cat | grep -q "Watchdog timeout" ||
+        { echo "no 'Watchdog timeout' in the journal"; return 1; }
+    echo "watchdog restarted it: MainPID $pid1 -> $pid2, NRestarts $r1 -> $r2"
+}
+
+c_verify() {
+    local out
+    out=$(inside systemd-analyze verify atomnode.service 2>&1)
+    # It exits 0 even on parse errors: any output is a failure.
+    [ -z "$out" ] || { echo "$out"; return 1; }
+    echo "systemd-analyze verify: clean"
+}
+
+c_remove_keeps_state() {
+    inside apt-get remove -y -q atomnode >/dev/null || return 1
+    local state
+    state=$(inside systemctl is-active atomnode)
+    [ "$state" != active ] || { echo "still active after remove"; return 1; }
+    inside test -f /var/lib/atomnode/atomnode.db || { echo "remove deleted the queue database"; inside ls -la /var/lib/atomnode; return 1; }
+    inside test -f /etc/atomnode/atomnode.yml || { echo "remove deleted the configuration"; return 1; }
+    inside test ! -e /usr/bin/atomnode || { echo "/usr/bin/atomnode left after remove"; return 1; }
+    echo "removed; database and configuration kept"
+}
+
+c_purge() {
+    inside apt-get purge -y -q atomnode >/dev/null || return 1
+    local state left=""
+    state=$(inside systemctl is-active atomnode)
+    [ "$state" != active ] || { echo "still active after purge"; return 1; }
+    for d in /var/lib/atomnode /etc/atomnode /opt/venvs/atomnode; do
+        inside test -e "$d" && left="$left $d"
+    done
+    [ -z "$left" ] || { echo "left after purge:$left"; return 1; }
+    inside getent passwd atomnode && { echo "user atomnode left after purge"; return 1; }
+    echo "purged: state, configuration, venv and user gone"
+}
+
+# --- main -----------------------------------------------------------------------
+
+main() {
+    local start=$SECONDS
+    [ "$(uname -s)" = Linux ] || skip "not Linux: systemd-nspawn needs Linux"
+    [ "$(id -u)" = 0 ] || skip "not root: booting a container with systemd-nspawn needs root (CI runs as root)"
+    [ -d /sys/fs/cgroup ] && [ -n "$(ls -A /sys/fs/cgroup 2>/dev/null)" ] ||
+        skip "no cgroup filesystem mounted at /sys/fs/cgroup: systemd cannot boot inside a container here"
+    command -v apt-get >/dev/null || skip "no apt-get: this test needs a Debian host"
+    ensure_tools
+
+    if ss -Hltn "sport = :$PORT" | grep -q .; then
+        ss -ltnp "sport = :$PORT" >&2
+        abort "port $PORT is inside use on the host; the container shares the host network, so the packaged daemon could not bind it. Stop whatever listens there first (gearman-job-server? systemctl disable --now gearman-job-server)"
+    fi
+
+    if [ -n "${ATOMNODE_TEST_DEB:-}" ]; then
+        DEB=$ATOMNODE_TEST_DEB
+        [ -f "$DEB" ] || abort "ATOMNODE_TEST_DEB=$DEB does not exist"
+    else
+        say "building the package (make deb)"
+        check "build+lintian" make -s deb
+        DEB=$(ls -t dist/atomnode_*.deb 2>/dev/null | head -n1)
+        [ -n "$DEB" ] || abort "make deb produced no dist/atomnode_*.deb"
+    fi
+    DEB=$(readlink -f "$DEB")
+
+    ensure_rootfs
+    boot_container
+
+    check "install" c_install
+    check "active+notify+watchdog" c_active
+    check "job round trip" c_roundtrip
+    check "jobs list shows done" c_jobs_done
+    check "up past WatchdogSec" c_watchdog_stable
+    check "restart keeps queue" c_restart_keeps_queue
+    check "upgrade keeps queue" c_upgrade_keeps_queue
+    check "worker runs as its user" c_worker_user
+    check "port 4730 in use is explained" c_port_in_use
+    check "watchdog restarts a frozen daemon" c_watchdog_kills_frozen
+    check "systemd-analyze verify" c_verify
+    check "remove keeps state" c_remove_keeps_state
+    check "purge removes state" c_purge
+
+    stop_container
+    say "done in $((SECONDS - start))s"
+    summary
+    [ "$FAILED" = 0 ]
+}
+
+main "$@"
