@@ -389,6 +389,53 @@ def test_background_submission_joining_a_foreground_job_is_durable():
     assert w.grab(wk)[0] == T.JOB_ASSIGN
 
 
+def test_second_background_submission_waits_for_the_same_commit():
+    # While the insert of a foreground job promoted to background is not committed, any
+    # further background submission joining it must wait for that commit too.
+    w = World(durable=True)
+    fg, bg1, bg2 = w.conn(), w.conn(), w.conn()
+    hf = w.submit(fg, unique=b"u")
+    w.send(bg1, T.SUBMIT_JOB_BG, FN, b"u", b"x")
+    inserts = [op for op in w.b.store_ops if op[0] == "insert"]
+    w.send(bg2, T.SUBMIT_JOB_BG, FN, b"u", b"x")
+    assert recv(bg1) == [] and recv(bg2) == [], "JOB_CREATED before the insert committed"
+    w.b.committed([op[-1] for op in inserts])
+    assert recv(bg1) == recv(bg2) == [(T.JOB_CREATED, (hf,))]
+
+
+def test_promoted_job_finishing_before_its_commit():
+    w = World(durable=True)
+    fg, bg = w.conn(), w.conn()
+    wk = w.worker(FN)
+    hf = w.submit(fg, unique=b"u")
+    assert w.grab(wk)[1][0] == hf
+    w.b.store_ops.clear()
+    w.send(bg, T.SUBMIT_JOB_BG, FN, b"u", b"x")
+    w.send(wk, T.WORK_COMPLETE, hf, b"r")
+    kinds = [op[0] for op in w.b.store_ops]
+    assert kinds == ["insert", "start", "done"]
+    assert recv(fg) == [(T.WORK_COMPLETE, (hf, b"r"))]
+    assert recv(bg) == []
+    w.b.committed([w.b.store_ops[0][-1]])
+    assert recv(bg) == [(T.JOB_CREATED, (hf,))]
+    assert w.status() == (0, 0, 1)
+
+
+def test_promotion_commit_failure_keeps_the_foreground_job():
+    w = World(durable=True)
+    fg, bg = w.conn(), w.conn()
+    wk = w.worker(FN)
+    hf = w.submit(fg, unique=b"u")
+    w.b.store_ops.clear()
+    w.send(bg, T.SUBMIT_JOB_BG, FN, b"u", b"x")
+    (insert,) = w.b.store_ops
+    w.b.commit_failed([(insert[-1], "disk full")])
+    assert recv(bg) == [error(b"QUEUE_ERROR", b"disk full")]
+    assert w.grab(wk)[1][0] == hf
+    w.send(wk, T.WORK_COMPLETE, hf, b"r")
+    assert recv(fg) == [(T.WORK_COMPLETE, (hf, b"r"))]
+
+
 # ----------------------------------------------------------------- results
 
 
