@@ -1255,3 +1255,166 @@ def test_counters_stay_consistent_through_a_busy_sequence():
     assert fn.total == len(live)
     assert fn.running == sum(1 for j in live if j.state == "running")
     assert fn.queued == sum(1 for j in live if j.state == "queued")
+
+
+# ------------------------------------------------------------ random walks
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FNS = [FN, ATOM_MOVE, ATOM_IMPORT]
+_ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from([
+            "submit", "submit_bg", "submit_high", "submit_low_bg", "epoch", "grab", "grab_uniq",
+            "grab_all", "pre_sleep", "complete", "fail", "exception", "data", "can_do",
+            "can_do_timeout", "cant_do", "reset", "disconnect", "commit", "commit_fail",
+            "tick", "cancel", "drain", "get_status",
+        ]),
+        st.integers(min_value=0, max_value=3),  # connection
+        st.integers(min_value=0, max_value=2),  # function
+        st.sampled_from([b"", b"u1", b"u2", b"-"]),
+        st.integers(min_value=0, max_value=30),  # time step / index
+    ),
+    min_size=5,
+    max_size=80,
+)
+
+
+def _check_invariants(w: World) -> None:
+    b = w.b
+    live = list(b.jobs.values())
+    for f in b.functions.values():
+        mine = [j for j in live if j.function is f]
+        assert f.total == len(mine), f.name
+        assert f.running == sum(1 for j in mine if j.state == "running"), f.name
+        assert f.queued == sum(1 for j in mine if j.state == "queued"), f.name
+        assert f.queued >= 0 and f.running >= 0
+        for c in f.workers:
+            assert f in c.functions and not c.closed
+    for g in b.groups:
+        assert g.running == sum(f.running for f in g.functions)
+        assert g.running <= g.limit
+    for j in live:
+        if j.state == "running":
+            assert j.worker is not None and j.worker.held.get(j.handle) is j
+            assert not j.worker.closed
+        else:
+            assert j.worker is None
+        for c in j.clients:
+            assert j in c.waiting
+    for c in b.conns.values():
+        for hd, j in c.held.items():
+            assert b.jobs.get(hd) is j and j.worker is c
+    for (fname, _key), j in b.uniques.items():
+        assert b.jobs.get(j.handle) is j and j.function.name == fname
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ACTIONS, st.booleans())
+def test_random_walks_keep_the_books_straight(actions, durable):
+    w = World(durable=durable, max_attempts=3)
+    w.b.set_concurrency([("moves", ["arObjectMoveJob", "arFileImportJob"], 1)])
+    conns: dict[int, Conn] = {}
+    tokens: list = []
+    noops: dict[int, int] = {}
+    added_while_asleep: set[Conn] = set()
+    asleep: set[Conn] = set()
+
+    def conn(i: int) -> Conn:
+        c = conns.get(i)
+        if c is None or c.closed:
+            c = conns[i] = w.conn()
+            if i < 2:  # connections 0 and 1 start as workers of every function
+                for f in _FNS:
+                    w.send(c, T.CAN_DO, f)
+        return c
+
+    for action, ci, fi, unique, k in actions:
+        if action in ("complete", "fail", "exception", "data"):
+            # Results come from whichever connection holds work.
+            holders = [i for i, cc in sorted(conns.items()) if cc.held and not cc.closed]
+            ci = holders[ci % len(holders)] if holders else ci
+        elif action.startswith("grab"):
+            ci %= 2
+        c = conn(ci)
+        fn = _FNS[fi]
+        held = list(c.held)
+        if action in ("submit", "submit_bg", "submit_high", "submit_low_bg"):
+            t = {"submit": T.SUBMIT_JOB, "submit_bg": T.SUBMIT_JOB_BG,
+                 "submit_high": T.SUBMIT_JOB_HIGH, "submit_low_bg": T.SUBMIT_JOB_LOW_BG}[action]
+            w.send(c, t, fn, unique, b"data%d" % k)
+        elif action == "epoch":
+            w.send(c, T.SUBMIT_JOB_EPOCH, fn, unique, b"%d" % (w.clock.t + k), b"e")
+        elif action in ("grab", "grab_uniq", "grab_all"):
+            w.send(c, {"grab": T.GRAB_JOB, "grab_uniq": T.GRAB_JOB_UNIQ,
+                       "grab_all": T.GRAB_JOB_ALL}[action])
+        elif action == "pre_sleep":
+            w.send(c, T.PRE_SLEEP)
+        elif action in ("complete", "fail", "exception", "data") and held:
+            hd = held[k % len(held)]
+            if action == "complete":
+                w.send(c, T.WORK_COMPLETE, hd, b"r")
+            elif action == "fail":
+                w.send(c, T.WORK_FAIL, hd)
+            elif action == "exception":
+                w.send(c, T.WORK_EXCEPTION, hd, b"x")
+            else:
+                w.send(c, T.WORK_DATA, hd, b"d")
+        elif action == "can_do":
+            w.send(c, T.CAN_DO, fn)
+        elif action == "can_do_timeout":
+            w.send(c, T.CAN_DO_TIMEOUT, fn, b"%d" % (k % 5 + 1))
+        if action in ("can_do", "can_do_timeout") and c.sleeping:
+            added_while_asleep.add(c)
+        elif action.startswith("grab") or action == "pre_sleep":
+            added_while_asleep.discard(c)
+        elif action == "cant_do":
+            w.send(c, T.CANT_DO, fn)
+        elif action == "reset":
+            w.send(c, T.RESET_ABILITIES)
+        elif action == "disconnect":
+            w.b.disconnect(c)
+        elif action in ("commit", "commit_fail"):
+            tokens += [op[-1] for op in w.b.store_ops if op[0] == "insert"]
+            if tokens:
+                tok = tokens.pop(k % len(tokens))
+                if action == "commit":
+                    w.b.committed([tok])
+                else:
+                    w.b.commit_failed([(tok, "disk full")])
+        elif action == "tick":
+            w.clock.t += k
+            w.b.tick()
+        elif action == "cancel":
+            w.b.cancel(h(k % 8 + 1))
+        elif action == "drain":
+            w.b.drain(c)
+        elif action == "get_status":
+            w.send(c, T.GET_STATUS, h(k % 8 + 1))
+        if not durable:
+            w.b.store_ops.clear()
+        else:
+            tokens += [op[-1] for op in w.b.store_ops if op[0] == "insert"]
+            w.b.store_ops.clear()
+        _check_invariants(w)
+        # Output is always well-formed; a worker gets at most one NOOP per PRE_SLEEP, and
+        # none it has not asked for.
+        if action.startswith("grab"):
+            asleep.discard(c)
+            noops[ci] = 0
+        elif action == "pre_sleep":
+            asleep.add(c)
+            noops[ci] = 0
+        for cid, cc in list(conns.items()):
+            n = sum(1 for t, _args in recv(cc) if t == T.NOOP)
+            if n:
+                assert cc in asleep, f"NOOP to connection {cid}, which did not PRE_SLEEP"
+                noops[cid] = noops.get(cid, 0) + n
+                assert noops[cid] <= 1, f"more than one NOOP to connection {cid}"
+        # No missed wake-up: a worker asleep and not woken has nothing it could run (exempt:
+        # one that added an ability while asleep; gearmand does not wake it either).
+        for cid, cc in conns.items():
+            if (cc in asleep and not noops.get(cid) and not cc.closed and not cc.draining
+                    and cc not in added_while_asleep):
+                assert w.b._peek(cc) is None, f"connection {cid} sleeps while work is queued"
