@@ -1229,7 +1229,69 @@ def test_restore_past_max_attempts_sends_nothing_to_workers():
     assert h(1) not in w.b.jobs
 
 
+def test_enqueue_stored_puts_a_retried_job_back():
+    w = World(durable=True, first_id=10, first_seq=10)
+    wk = w.worker(FN, sleep=True)
+    job = w.b.enqueue_stored(stored(3, data=b"again", attempts=5, seq=50, unique=b"u"))
+    assert job.handle == h(3)
+    assert recv(wk) == [NOOP]
+    assert w.grab(wk) == (T.JOB_ASSIGN, (h(3), FN, b"again"))
+    assert job.attempts == 6
+    c = w.conn()
+    w.send(c, T.SUBMIT_JOB_BG, FN, b"u", b"x")  # coalesces with the retried job
+    assert recv(c) == [(T.JOB_CREATED, (h(3),))]
+    w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"x")
+    (ins,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    assert ins[1] == 10 and ins[7] > 50  # new ids and seqs continue past it
+
+
 # ------------------------------------------------------------------- misc
+
+
+def test_set_concurrency_counts_jobs_already_running():
+    w = World()
+    c = w.conn()
+    wk = w.worker(ATOM_MOVE)
+    w.submit(c, fn=ATOM_MOVE)
+    w.submit(c, fn=ATOM_MOVE)
+    w.grab(wk)
+    w.b.set_concurrency([("moves", ["arObjectMoveJob"], 1)])
+    assert w.grab(wk) == NO_JOB
+    w.b.set_concurrency([])
+    assert w.grab(wk)[0] == T.JOB_ASSIGN
+
+
+def test_take_idle_reports_workers_whose_last_job_ended():
+    w = World()
+    c = w.conn()
+    wk = w.worker(FN)
+    h1, h2 = w.submit(c), w.submit(c)
+    w.grab(wk)
+    w.grab(wk)
+    w.b.take_idle()
+    w.send(wk, T.WORK_COMPLETE, h1, b"")
+    assert wk not in w.b.take_idle()
+    w.send(wk, T.WORK_FAIL, h2)
+    assert wk in w.b.take_idle()
+    assert w.b.take_idle() == []
+    recv(c)
+    other = w.worker(FN)
+    w.submit(c)
+    w.grab(other)
+    w.b.disconnect(other)
+    assert other in w.b.take_idle()
+
+
+def test_shutdown_drain_all():
+    w = World()
+    c = w.conn()
+    wk = w.worker(FN)
+    w.submit(c)
+    w.b.shutdown_drain_all()
+    assert w.grab(wk) == NO_JOB
+    assert w.b.queued_jobs() == 1 and w.b.running_jobs() == 0
+
+
 
 
 def test_all_yours_is_accepted_silently():
@@ -1269,7 +1331,7 @@ _ACTIONS = st.lists(
             "submit", "submit_bg", "submit_high", "submit_low_bg", "epoch", "grab", "grab_uniq",
             "grab_all", "pre_sleep", "complete", "fail", "exception", "data", "can_do",
             "can_do_timeout", "cant_do", "reset", "disconnect", "commit", "commit_fail",
-            "tick", "cancel", "drain", "get_status",
+            "tick", "cancel", "drain", "get_status", "admin",
         ]),
         st.integers(min_value=0, max_value=3),  # connection
         st.integers(min_value=0, max_value=2),  # function
@@ -1308,6 +1370,24 @@ def _check_invariants(w: World) -> None:
             assert b.jobs.get(hd) is j and j.worker is c
     for (fname, _key), j in b.uniques.items():
         assert b.jobs.get(j.handle) is j and j.function.name == fname
+
+
+def _admin_listings_are_well_formed(w: World) -> None:
+    from atomnode.admin import Admin
+
+    server = SimpleNamespace(broker=w.b, peers={}, bound=[], started_at=0.0)
+    admin = Admin()
+    me = w.conn()
+    for line in (b"status", b"workers", b"prioritystatus", b"show jobs", b"show unique jobs",
+                 b"atomnode-status", b"atomnode-jobs list", b"atomnode-jobs list json"):
+        reply = admin(server, me, line)
+        assert reply.endswith(b".\n"), (line, reply)
+    status = admin(server, me, b"status").split(b"\n")[:-2]
+    for row in status:
+        name, total, running, workers = row.split(b"\t")
+        f = w.b.functions[name]
+        assert (int(total), int(running), int(workers)) == (f.total, f.running, len(f.workers))
+    w.b.disconnect(me)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1392,6 +1472,8 @@ def test_random_walks_keep_the_books_straight(actions, durable):
             w.b.drain(c)
         elif action == "get_status":
             w.send(c, T.GET_STATUS, h(k % 8 + 1))
+        elif action == "admin":
+            _admin_listings_are_well_formed(w)
         if not durable:
             w.b.store_ops.clear()
         else:
