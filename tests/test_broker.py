@@ -11,6 +11,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from atomnode.broker import HIGH, LOW, NORMAL, Broker, Conn
 from atomnode.protocol import Decoder, Packet, T
@@ -384,7 +386,7 @@ def test_background_submission_joining_a_foreground_job_is_durable():
     assert inserts, "background submission coalesced onto a foreground job was never stored"
     assert recv(bg) == [], "JOB_CREATED before the commit"
     w.b.committed([op[-1] for op in inserts])
-    assert [t for t, _ in recv(bg)] == [T.JOB_CREATED]
+    assert recv(bg) == [(T.JOB_CREATED, (hf,))]
     w.b.disconnect(fg)
     assert w.grab(wk)[0] == T.JOB_ASSIGN
 
@@ -867,8 +869,8 @@ def test_background_job_acknowledged_only_after_commit():
     assert recv(c) == []
     assert recv(wk) == []
     ((kind, jid, fn, uniq, data, prio, when, seq, at, token),) = w.b.store_ops
-    assert (kind, jid, fn, uniq, data, prio, when, at) == (
-        "insert", 1, FN, b"u1", b"payload", LOW, 0, 1000.0)
+    assert (kind, jid, fn, uniq, data, prio, when, seq, at) == (
+        "insert", 1, FN, b"u1", b"payload", LOW, 0, 1, 1000.0)
     # Pending: not offered, not known to GET_STATUS.
     w.send(c, T.GET_STATUS, h(1))
     assert recv(c) == [(T.STATUS_RES, (h(1), b"0", b"0", b"0", b"0"))]
@@ -1174,7 +1176,7 @@ def test_restore_queued_and_running_jobs():
     ops = w.b.store_ops
     requeue = [op for op in ops if op[0] == "requeue"]
     assert len(requeue) == 1
-    kind, jid, attempts, seq, reason = requeue[0]
+    _kind, jid, attempts, seq, reason = requeue[0]
     assert (jid, attempts, reason) == (2, 1, "daemon restarted")
     assert seq >= 20
     fail = [op for op in ops if op[0] == "fail"]
@@ -1321,9 +1323,6 @@ def test_counters_stay_consistent_through_a_busy_sequence():
 
 # ------------------------------------------------------------ random walks
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 _FNS = [FN, ATOM_MOVE, ATOM_IMPORT]
 _ACTIONS = st.lists(
     st.tuples(
@@ -1390,7 +1389,8 @@ def _admin_listings_are_well_formed(w: World) -> None:
     w.b.disconnect(me)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(_ACTIONS, st.booleans())
 def test_random_walks_keep_the_books_straight(actions, durable):
     w = World(durable=durable, max_attempts=3)

@@ -448,7 +448,7 @@ def _run(chunks: list[bytes], requests: bool) -> tuple[list, str | None]:
     return events, None
 
 
-_FAST = settings(max_examples=300, deadline=None,
+_FAST = settings(max_examples=300, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow])
 
 
