@@ -11,6 +11,14 @@ top=$(pwd)
 say() { echo "atomnode-deb: $*"; }
 die() { echo "atomnode-deb: error: $*" >&2; exit 1; }
 
+# dpkg-dev (dpkg-parsechangelog, dpkg-buildpackage) must be there before anything else.
+if ! command -v dpkg-buildpackage >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || die "dpkg-dev is missing; as root: apt-get install dpkg-dev"
+    say "installing dpkg-dev"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpkg-dev build-essential >/dev/null
+fi
+
 version=$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' pyproject.toml | head -n1)
 deb_version=$(dpkg-parsechangelog -S Version)
 upstream=${deb_version%-*}

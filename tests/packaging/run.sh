@@ -211,20 +211,26 @@ boot_container() {
     setsid systemd-nspawn -q --register=no --keep-unit -D "$root" -M "$MACHINE" -b \
         --console=passive >"$RUNDIR/nspawn.log" 2>&1 </dev/null &
     NSPAWN_PID=$!
-    local end=$((SECONDS + 60))
+    # The container's PID 1 is the nspawn process's child running systemd (nspawn
+    # may fork short-lived helpers first): wait until it serves its private bus.
+    local end=$((SECONDS + 60)) pid
     while [ -z "$LEADER" ]; do
         kill -0 "$NSPAWN_PID" 2>/dev/null || {
             cat "$RUNDIR/nspawn.log" >&2
             abort "systemd-nspawn exited during boot"
         }
-        ((SECONDS < end)) || abort "the container's init did not start in 60s"
-        LEADER=$(cat /proc/"$NSPAWN_PID"/task/*/children 2>/dev/null | awk '{print $1; exit}')
+        if ((SECONDS >= end)); then
+            cat "$RUNDIR/nspawn.log" >&2
+            ps -o pid,ppid,stat,comm --ppid "$NSPAWN_PID" >&2
+            abort "systemd in the container did not come up in 60s"
+        fi
+        for pid in $(cat /proc/"$NSPAWN_PID"/task/*/children 2>/dev/null); do
+            if [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = systemd ] &&
+                [ -S "/proc/$pid/root/run/systemd/private" ]; then
+                LEADER=$pid
+            fi
+        done
         [ -n "$LEADER" ] || sleep 0.1
-    done
-    while [ ! -S "/proc/$LEADER/root/run/systemd/private" ]; do
-        ((SECONDS < end)) || abort "systemd in the container did not come up in 60s"
-        kill -0 "$NSPAWN_PID" 2>/dev/null || abort "systemd-nspawn exited during boot"
-        sleep 0.1
     done
     local state
     state=$(inside timeout 60 systemctl is-system-running --wait 2>&1)
