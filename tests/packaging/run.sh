@@ -239,6 +239,18 @@ boot_container() {
 
 # --- checks ---------------------------------------------------------------------
 
+c_tree_clean() {
+    # make deb builds in a temporary copy: nothing but dist/ may appear here.
+    local left="" p
+    for p in build debian/.debhelper debian/atomnode debian/files debian/debhelper-build-stamp \
+        debian/atomnode.substvars debian/atomnode.postinst.debhelper ../atomnode_*.deb \
+        ../atomnode_*.changes ../atomnode_*.buildinfo; do
+        [ -e "$p" ] && left="$left $p"
+    done
+    [ -z "$left" ] || { echo "build output left in the source tree:$left"; return 1; }
+    echo "only dist/ written"
+}
+
 DEB_IN=
 
 c_install() {
@@ -449,6 +461,7 @@ main() {
     else
         say "building the package (make deb)"
         check "build+lintian" make -s deb
+        check "build leaves the tree clean" c_tree_clean
         DEB=$(ls -t dist/atomnode_*.deb 2>/dev/null | head -n1)
         [ -n "$DEB" ] || abort "make deb produced no dist/atomnode_*.deb"
     fi
