@@ -170,7 +170,7 @@ class Admin:
             running += fn.running
             functions.append({
                 "name": fn.name.decode("utf-8", "replace"),
-                "queued": fn.total - fn.running,
+                "queued": fn.queued,
                 "running": fn.running,
                 "workers": len(fn.workers),
                 "max_queue": fn.max_queue,

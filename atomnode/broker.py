@@ -98,7 +98,7 @@ class Job:
     __slots__ = (
         "id", "handle", "function", "unique", "key", "data", "priority", "background",
         "when", "seq", "attempts", "state", "worker", "clients", "acks", "submitted_at",
-        "started_at", "numerator", "denominator", "reducer", "deadline",
+        "started_at", "numerator", "denominator", "reducer", "deadline", "unstored",
     )
 
     def __init__(
@@ -126,6 +126,7 @@ class Job:
         self.denominator = b"0"
         self.reducer = b""
         self.deadline = 0.0
+        self.unstored = False  # an insert is on its way to the store, not committed yet
 
     def __lt__(self, other: Job) -> bool:  # for heaps
         return self.seq < other.seq
@@ -312,6 +313,7 @@ class Broker:
             self._grab(conn, t)
         elif t == T.PRE_SLEEP:
             if not conn.draining and self._peek(conn):
+                conn.sleeping = False
                 self._send(conn, NOOP)
             else:
                 conn.sleeping = True
@@ -422,6 +424,7 @@ class Broker:
                 # must survive a restart, so it is stored and acknowledged on commit.
                 job.background = True
                 if job.state is not PENDING:
+                    job.unstored = True
                     self.store_ops.append((
                         "insert", job.id, function, job.unique, job.data, job.priority,
                         job.when, job.seq, job.submitted_at, job,
@@ -440,7 +443,7 @@ class Broker:
                 if not background:
                     job.clients.append(conn)
                     conn.waiting.append(job)
-                if job.state is PENDING:
+                if job.state is PENDING or (background and job.unstored):
                     job.acks.append(conn)
                 else:
                     self._send(conn, encode(T.JOB_CREATED, job.handle))
@@ -481,6 +484,7 @@ class Broker:
         for job in tokens:
             if not isinstance(job, Job):
                 continue
+            job.unstored = False
             if job.acks:
                 created = encode(T.JOB_CREATED, job.handle)
                 for c in job.acks:
@@ -502,6 +506,7 @@ class Broker:
                     self._send(c, err)
                 job.acks = []
                 job.background = False
+                job.unstored = False
                 continue
             for c in job.acks:
                 self._send(c, err)
@@ -674,6 +679,11 @@ class Broker:
             conn.timeouts[name] = timeout
         else:
             conn.timeouts.pop(name, None)
+        if conn.sleeping and not conn.noop_sent and not conn.draining and self._runnable(fn):
+            # A sleeping worker that gains an ability with work waiting is woken now,
+            # not at the next submission.
+            conn.noop_sent = True
+            self._send(conn, NOOP)
 
     def _runnable(self, fn: Function) -> bool:
         if not fn.queued:
