@@ -1,0 +1,767 @@
+"""Worker supervision: pools of worker processes (AtoM's ``php symfony jobs:worker``).
+
+One :class:`Supervisor` runs every configured pool. Each worker slot of a pool is one trio
+task that waits for the pool's dependencies, spawns the process, pumps its output into the
+log, and restarts it when it exits:
+
+* an exit code in ``planned_exit_codes`` (111: AtoM's ``--max-job-count`` /
+  ``--max-mem-usage``) or a stop we asked for (recycle, reload) restarts at once;
+* any other exit or a signal backs off exponentially (``backoff_initial`` doubling up to
+  ``backoff_max``, reset once a process stayed up for ``stable_after`` seconds); there is
+  no permanent give-up.
+
+Job awareness comes from the daemon's ``WorkerRegistry`` (see docs/dev/interfaces.md).
+Each Gearman connection is mapped to a worker process: by AtoM's client id
+``pid_<PID>_<uniqid>``, otherwise by finding the connection's socket inode among the
+file descriptors of the worker's process tree (/proc). Stopping a worker drains it first
+(its GRAB_JOB gets NO_JOB), waits until it holds no job (bounded by ``drain_timeout``),
+then sends SIGTERM to its process group and SIGKILL after ``stop_grace``. Without a
+registry (supervisor-only mode, workers talking to an external gearmand) there is no job
+awareness: stop is SIGTERM then SIGKILL, and the recycle limits are not applied.
+
+All timing uses trio's clock, so tests can run it under ``trio.testing.MockClock``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from . import procinfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import PoolConfig, WaitFor
+
+log = logging.getLogger(__name__)
+
+
+class ConnInfoLike(Protocol):
+    conn_id: Any
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    client_id: str
+    abilities: tuple[str, ...]
+    jobs: tuple[str, ...]
+    jobs_done: int
+    draining: bool
+
+
+class WorkerRegistry(Protocol):
+    """What the supervisor needs from the daemon (implemented in daemon.py)."""
+
+    def connections(self) -> list[Any]: ...
+
+    def drain(self, conn_id: Any) -> None: ...
+
+    async def wait_idle(self, conn_id: Any) -> None: ...
+
+
+#: Seconds a process must stay up before a crash no longer doubles the backoff.
+STABLE_AFTER = 60.0
+#: How often connections are mapped to processes and recycle limits checked.
+CHECK_INTERVAL = 1.0
+#: How often a pool waiting for a dependency tries again.
+WAIT_RETRY = 5.0
+#: Timeout of one dependency probe (TCP connect).
+WAIT_CONNECT_TIMEOUT = 2.0
+#: Lines per second (sustained) and burst logged per worker; the rest is counted.
+LOG_RATE = 200.0
+LOG_BURST = 1000.0
+#: Longest line logged; longer lines are cut.
+MAX_LINE = 8192
+#: How often "dropped N lines" is reported while a worker floods.
+DROP_REPORT_INTERVAL = 10.0
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, math.ceil(s - 1e-9))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class _Worker:
+    """One slot of a pool: at most one process at a time."""
+
+    def __init__(self, pool: _Pool, index: int):
+        self.pool = pool
+        self.index = index
+        self.proc: trio.Process | None = None
+        self.pid: int | None = None
+        self.phase = "starting"  # starting | running | waiting | backing off | stopped
+        self.detail = ""
+        self.started_at: float | None = None
+        self.next_try_at: float | None = None
+        self.retiring = False
+        self.planned_stop = False
+        self.stopping = False
+        self.age_limit: float | None = None
+        self.conns: dict[Any, Any] = {}
+        self.jobs_closed = 0  # jobs done on connections of this process that are gone
+        self.conn_jobs: dict[Any, int] = {}
+        self.spawned_once = trio.Event()
+        self.wake = trio.Event()
+        self.done = trio.Event()
+        # log pump state
+        self.tokens = LOG_BURST
+        self.tokens_at = 0.0
+        self.dropped = 0
+        self.dropped_total = 0
+        self.dropped_reported_at = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.pool.cfg.name
+
+    @property
+    def jobs_done(self) -> int:
+        return self.jobs_closed + sum(self.conn_jobs.get(c, 0) for c in self.conns)
+
+    @property
+    def job(self) -> str | None:
+        for c in self.conns.values():
+            if c.jobs:
+                return c.jobs[0]
+        return None
+
+
+class _Pool:
+    def __init__(self, cfg: PoolConfig):
+        self.cfg = cfg
+        self.workers: list[_Worker] = []
+        self.next_index = 0
+        self.removed = False
+
+
+class Supervisor:
+    """Runs the worker pools. See the module docstring for the policy.
+
+    ``registry`` is the daemon's WorkerRegistry, or None in supervisor-only mode.
+    ``default_servers`` are the servers a pool without ``servers`` talks to (the embedded
+    listener); the pool's workers find them in ``$ATOMNODE_SERVERS`` (comma separated)
+    and ``{server}`` / ``{servers}`` in the command line are replaced by the first /
+    all of them. ``clock`` is only used outside a trio run; inside, trio's clock is used.
+    """
+
+    def __init__(
+        self,
+        pools: Sequence[PoolConfig],
+        registry: WorkerRegistry | None,
+        *,
+        default_servers: tuple[str, ...] = ("127.0.0.1:4730",),
+        clock: Callable[[], float] = time.monotonic,
+        check_interval: float = CHECK_INTERVAL,
+        wait_retry: float = WAIT_RETRY,
+        stable_after: float = STABLE_AFTER,
+        log_rate: float = LOG_RATE,
+        log_burst: float = LOG_BURST,
+        drop_report_interval: float = DROP_REPORT_INTERVAL,
+        rng: random.Random | None = None,
+    ):
+        self.registry = registry
+        self.default_servers = tuple(default_servers)
+        self._clock = clock
+        self.check_interval = check_interval
+        self.wait_retry = wait_retry
+        self.stable_after = stable_after
+        self.log_rate = log_rate
+        self.log_burst = log_burst
+        self.drop_report_interval = drop_report_interval
+        self._rng = rng or random.Random()
+        self._pools: dict[str, _Pool] = {}
+        self._initial = list(pools)
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.lowlevel.ParkingLot()
+        self._owner: dict[Any, tuple[_Worker, int] | None] = {}  # conn_id -> (worker, pid)
+        self._shutting_down = False
+        self._closed = trio.Event()
+        #: Recent lifecycle events: (time, pool, index, event, pid, info). For status
+        #: displays and tests.
+        self.events: collections.deque[tuple[float, str, int, str, int | None, Any]] = (
+            collections.deque(maxlen=2000)
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every pool and supervise until cancelled (or until :meth:`shutdown`
+        has stopped everything). ``started()`` once each worker has been spawned or is
+        waiting for a dependency / backing off."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for cfg in self._initial:
+                self._add_pool(cfg)
+            for pool in self._pools.values():
+                for w in pool.workers:
+                    await w.spawned_once.wait()
+            nursery.start_soon(self._monitor)
+            task_status.started()
+            await self._closed.wait()
+            nursery.cancel_scope.cancel()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Drain and stop every worker (drain bounded by ``min(timeout, drain_timeout)``,
+        then SIGTERM, then SIGKILL after ``stop_grace``); returns when all have exited."""
+        self._shutting_down = True
+        if self._nursery is None:
+            self._closed.set()
+            return
+        async with trio.open_nursery() as n:
+            for pool in list(self._pools.values()):
+                for w in list(pool.workers):
+                    n.start_soon(self._retire, w, timeout)
+        self._closed.set()
+
+    async def reload(self, pools: Sequence[PoolConfig]) -> None:
+        """Apply a new pool list: new pools start, removed ones are drained and stopped,
+        resized ones grow or shrink, changed ones are replaced one worker at a time.
+        Returns once the changes are under way (draining continues in the background)."""
+        if self._nursery is None:
+            self._initial = list(pools)
+            return
+        wanted = {p.name: p for p in pools}
+        for name, pool in list(self._pools.items()):
+            if name not in wanted:
+                log.info("pool %s removed; stopping its workers", name)
+                pool.removed = True
+                del self._pools[name]
+                for w in pool.workers:
+                    self._nursery.start_soon(self._retire, w, None)
+        for name, cfg in wanted.items():
+            pool = self._pools.get(name)
+            if pool is None:
+                log.info("pool %s added (%d workers)", name, cfg.count)
+                self._add_pool(cfg)
+                continue
+            old = pool.cfg
+            if old == cfg:
+                continue
+            pool.cfg = cfg
+            active = [w for w in pool.workers if not w.retiring]
+            if dataclasses.replace(old, count=cfg.count) != cfg:
+                log.info("pool %s changed; replacing its workers one at a time", name)
+                self._nursery.start_soon(self._replace_all, list(active))
+            if cfg.count > len(active):
+                log.info("pool %s grows from %d to %d", name, len(active), cfg.count)
+                for _ in range(cfg.count - len(active)):
+                    self._add_worker(pool)
+            elif cfg.count < len(active):
+                log.info("pool %s shrinks from %d to %d", name, len(active), cfg.count)
+                for w in sorted(active, key=lambda w: w.index)[cfg.count :]:
+                    self._nursery.start_soon(self._retire, w, None)
+        self._notify()
+
+    def snapshot(self) -> list[dict]:
+        """Per pool: name, configured count and each worker's pid, state, job, jobs done,
+        RSS (MiB), uptime (s) and detail."""
+        now = self._now()
+        out = []
+        for pool in self._pools.values():
+            workers = []
+            for w in sorted(pool.workers, key=lambda w: w.index):
+                state, detail = self._state(w, now)
+                rss = None
+                if w.pid is not None and w.proc is not None:
+                    rss = round(procinfo.rss_kb(procinfo.process_tree(w.pid)) / 1024, 1)
+                workers.append(
+                    {
+                        "pid": w.pid if w.proc is not None else None,
+                        "state": state,
+                        "job": w.job,
+                        "jobs_done": w.jobs_done,
+                        "rss_mb": rss,
+                        "uptime": (
+                            round(now - w.started_at, 1)
+                            if w.started_at is not None and w.proc is not None
+                            else None
+                        ),
+                        "detail": detail,
+                    }
+                )
+            out.append({"name": pool.cfg.name, "count": pool.cfg.count, "workers": workers})
+        return out
+
+    def summary(self) -> str:
+        """Short text for systemd's STATUS=, e.g. ``atom 2/2 busy 1; reports backing off 8s``."""
+        now = self._now()
+        parts = []
+        for pool in self._pools.values():
+            states = [self._state(w, now) for w in pool.workers if not w.retiring]
+            up = sum(1 for w in pool.workers if w.proc is not None and not w.retiring)
+            text = f"{pool.cfg.name} {up}/{pool.cfg.count}"
+            busy = sum(1 for s, _ in states if s == "busy")
+            if busy:
+                text += f" busy {busy}"
+            backing = [
+                w.next_try_at - now
+                for w in pool.workers
+                if w.phase == "backing off" and w.next_try_at is not None
+            ]
+            if backing:
+                text += f" backing off {_fmt_seconds(min(backing))}"
+            waiting = [d for s, d in states if s == "waiting"]
+            if waiting:
+                text += " " + waiting[0].split(" (")[0]
+            draining = sum(1 for s, _ in states if s == "draining")
+            if draining:
+                text += f" draining {draining}"
+            parts.append(text)
+        return "; ".join(parts) if parts else "no worker pools"
+
+    def worker_for_connection(self, conn_id: Any) -> tuple[str, int] | None:
+        """(pool name, pid) of the worker process that owns a registry connection."""
+        owner = self._owner.get(conn_id)
+        if owner is None:
+            return None
+        w, pid = owner
+        return (w.name, pid)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` is true; re-checked after each lifecycle event and
+        monitor pass. For tests and tools."""
+        while not predicate():
+            await self._changed.park()
+
+    # ------------------------------------------------------------------ internals
+
+    def _now(self) -> float:
+        try:
+            return trio.current_time()
+        except RuntimeError:
+            return self._clock()
+
+    def _notify(self) -> None:
+        self._changed.unpark_all()
+
+    def _event(self, w: _Worker, event: str, info: Any = None) -> None:
+        self.events.append((self._now(), w.name, w.index, event, w.pid, info))
+        self._notify()
+
+    def _state(self, w: _Worker, now: float) -> tuple[str, str]:
+        if w.phase == "backing off":
+            left = (w.next_try_at or now) - now
+            return "backing off", f"next try in {_fmt_seconds(left)}"
+        if w.phase in ("waiting", "stopped"):
+            return w.phase, w.detail
+        if w.proc is None:
+            return "starting", w.detail
+        if w.stopping:
+            return "draining", w.detail
+        if self.registry is None:
+            return "running", w.detail
+        if w.job is not None:
+            return "busy", w.detail
+        if w.conns:
+            return "idle", w.detail
+        return "starting", w.detail
+
+    def _add_pool(self, cfg: PoolConfig) -> None:
+        pool = _Pool(cfg)
+        self._pools[cfg.name] = pool
+        for _ in range(cfg.count):
+            self._add_worker(pool)
+
+    def _add_worker(self, pool: _Pool) -> _Worker:
+        assert self._nursery is not None
+        w = _Worker(pool, pool.next_index)
+        w.tokens = self.log_burst
+        pool.next_index += 1
+        pool.workers.append(w)
+        self._nursery.start_soon(self._run_worker, w)
+        return w
+
+    def _servers(self, cfg: PoolConfig) -> tuple[str, ...]:
+        return tuple(cfg.servers) or self.default_servers
+
+    # --- the worker loop
+
+    async def _run_worker(self, w: _Worker) -> None:
+        delay = w.pool.cfg.backoff_initial
+        try:
+            while not w.retiring and not self._shutting_down:
+                cfg = w.pool.cfg
+                down = await self._first_down(cfg.wait_for)
+                if down is not None:
+                    if w.phase != "waiting":
+                        log.warning(
+                            "pool %s: waiting for %s (%s:%s) before starting worker %d",
+                            cfg.name, down.name, down.host, down.port, w.index,
+                        )
+                    w.phase = "waiting"
+                    w.detail = f"waiting for {down.name} ({down.host}:{down.port})"
+                    self._event(w, "waiting", down.name)
+                    w.spawned_once.set()
+                    await self._pause(w, self.wait_retry)
+                    continue
+                try:
+                    proc = await self._spawn(w, cfg)
+                except (OSError, KeyError, ValueError, subprocess.SubprocessError) as exc:
+                    w.spawned_once.set()
+                    log.error("pool %s: cannot start worker: %s; retrying in %s",
+                              cfg.name, exc, _fmt_seconds(delay))
+                    self._event(w, "spawn-failed", str(exc))
+                    await self._back_off(w, delay)
+                    delay = min(delay * 2, cfg.backoff_max)
+                    continue
+                w.spawned_once.set()
+                try:
+                    await self._supervise_process(w, proc)
+                finally:
+                    if proc.returncode is None:
+                        with trio.CancelScope(shield=True):
+                            await self._terminate(w, proc, min(cfg.stop_grace, 5.0))
+                rc = proc.returncode
+                assert rc is not None
+                uptime = self._now() - (w.started_at or self._now())
+                planned = w.planned_stop or rc in cfg.planned_exit_codes
+                w.planned_stop = False
+                w.proc = None
+                w.stopping = False
+                self._forget_conns(w)
+                self._event(w, "exited", rc)
+                if w.retiring or self._shutting_down:
+                    log.info("[%s pid %d] worker stopped (%s)", cfg.name, w.pid,
+                             procinfo.signal_name(rc))
+                    break
+                if planned:
+                    log.info("[%s pid %d] worker exited with %s (planned); restarting",
+                             cfg.name, w.pid, procinfo.signal_name(rc))
+                    delay = cfg.backoff_initial
+                    continue
+                if uptime >= self.stable_after:
+                    delay = cfg.backoff_initial
+                log.warning("[%s pid %d] worker exited with %s; restarting in %s",
+                            cfg.name, w.pid, procinfo.signal_name(rc), _fmt_seconds(delay))
+                await self._back_off(w, delay)
+                delay = min(delay * 2, cfg.backoff_max)
+        finally:
+            w.phase = "stopped"
+            w.detail = ""
+            w.proc = None
+            w.spawned_once.set()
+            if w in w.pool.workers:
+                w.pool.workers.remove(w)
+            w.done.set()
+            self._event(w, "stopped")
+
+    async def _pause(self, w: _Worker, seconds: float) -> None:
+        w.wake = trio.Event()
+        with trio.move_on_after(seconds):
+            await w.wake.wait()
+
+    async def _back_off(self, w: _Worker, delay: float) -> None:
+        w.phase = "backing off"
+        w.next_try_at = self._now() + delay
+        self._event(w, "backoff", delay)
+        await self._pause(w, delay)
+        w.next_try_at = None
+
+    async def _first_down(self, deps: Sequence[WaitFor]) -> WaitFor | None:
+        for dep in deps:
+            ok = False
+            with trio.move_on_after(WAIT_CONNECT_TIMEOUT):
+                try:
+                    stream = await trio.open_tcp_stream(dep.host, dep.port)
+                except OSError:
+                    pass
+                else:
+                    ok = True
+                    await stream.aclose()
+            if not ok:
+                return dep
+        return None
+
+    async def _spawn(self, w: _Worker, cfg: PoolConfig) -> trio.Process:
+        servers = self._servers(cfg)
+        argv = [
+            a.replace("{servers}", ",".join(servers)).replace("{server}", servers[0])
+            for a in cfg.command
+        ]
+        opts = procinfo.spawn_options(
+            user=cfg.user, group=cfg.group, directory=cfg.directory,
+            environment=cfg.environment, extra_env={"ATOMNODE_SERVERS": ",".join(servers)},
+        )
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            **opts,
+        )
+        w.proc = proc
+        w.pid = proc.pid
+        w.phase = "running"
+        w.detail = ""
+        w.started_at = self._now()
+        w.conns = {}
+        w.conn_jobs = {}
+        w.jobs_closed = 0
+        w.age_limit = None
+        if cfg.max_age:
+            j = max(0.0, min(cfg.age_jitter, 1.0))
+            w.age_limit = cfg.max_age * self._rng.uniform(1 - j, 1 + j)
+        log.info("[%s pid %d] worker started: %s", cfg.name, proc.pid, " ".join(argv))
+        self._event(w, "spawned", proc.pid)
+        return proc
+
+    async def _supervise_process(self, w: _Worker, proc: trio.Process) -> None:
+        async with trio.open_nursery() as n:
+            eof = [trio.Event(), trio.Event()]
+            n.start_soon(self._pump, w, proc.stdout, logging.INFO, eof[0])
+            n.start_soon(self._pump, w, proc.stderr, logging.WARNING, eof[1])
+            await proc.wait()
+            # Leftover children of the worker would keep the pipes open: end them.
+            procinfo.signal_group(proc.pid, signal.SIGKILL)
+            with trio.move_on_after(2.0):
+                for e in eof:
+                    await e.wait()
+            n.cancel_scope.cancel()
+        self._report_drops(w, force=True)
+
+    async def _terminate(self, w: _Worker, proc: trio.Process, grace: float) -> None:
+        procinfo.signal_group(proc.pid, signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await proc.wait()
+            return
+        log.warning("[%s pid %d] still running %s after SIGTERM; sending SIGKILL",
+                    w.name, proc.pid, _fmt_seconds(grace))
+        procinfo.signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    async def _stop(self, w: _Worker, drain_timeout: float | None) -> None:
+        """Drain, then SIGTERM, then SIGKILL. The exit counts as planned."""
+        proc = w.proc
+        w.planned_stop = True
+        if proc is None:
+            w.wake.set()
+            return
+        cfg = w.pool.cfg
+        if drain_timeout is None:
+            drain_timeout = cfg.drain_timeout
+        w.stopping = True
+        self._event(w, "draining")
+        if self.registry is not None:
+            self._refresh()
+            conns = list(w.conns)
+            for c in conns:
+                self.registry.drain(c)
+            with trio.move_on_after(drain_timeout) as scope:
+                for c in conns:
+                    await self.registry.wait_idle(c)
+            if scope.cancelled_caught:
+                log.warning("[%s pid %d] still busy after %s of draining; stopping it anyway",
+                            w.name, proc.pid, _fmt_seconds(drain_timeout))
+        if proc.returncode is None:
+            self._event(w, "sigterm")
+            await self._terminate(w, proc, cfg.stop_grace)
+
+    async def _retire(self, w: _Worker, timeout: float | None) -> None:
+        w.retiring = True
+        w.wake.set()
+        drain = w.pool.cfg.drain_timeout
+        if timeout is not None:
+            drain = min(drain, timeout)
+        if w.proc is not None:
+            await self._stop(w, drain)
+        await w.done.wait()
+
+    async def _replace_all(self, workers: list[_Worker]) -> None:
+        for w in workers:
+            if w.retiring or w.done.is_set():
+                continue
+            if w.proc is None:
+                w.wake.set()  # waiting / backing off: try the new config now
+                continue
+            await self._stop(w, None)
+            # Wait for its successor to come up before replacing the next one.
+            await self.wait_until(lambda: w.proc is not None or w.done.is_set()
+                                  or w.phase in ("waiting", "backing off"))
+
+    # --- logs
+
+    async def _pump(self, w: _Worker, stream: Any, level: int, eof: trio.Event) -> None:
+        logger = logging.getLogger(f"atomnode.worker.{w.name}")
+        pid = w.pid
+        name = w.name
+        buf = b""
+        try:
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                nl = buf.rfind(b"\n")
+                if nl < 0:
+                    if len(buf) > MAX_LINE:
+                        self._emit(w, logger, level, name, pid, [buf[:MAX_LINE]], 1)
+                        buf = b""
+                    continue
+                complete, buf = buf[:nl], buf[nl + 1 :]
+                n = complete.count(b"\n") + 1
+                allowed = self._take_tokens(w, n)
+                lines = complete.split(b"\n", allowed)[:allowed] if allowed else []
+                self._emit(w, logger, level, name, pid, lines, n)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            if buf:
+                self._emit(w, logger, level, name, pid, [buf[:MAX_LINE]], 1)
+            eof.set()
+
+    def _take_tokens(self, w: _Worker, n: int) -> int:
+        now = self._now()
+        w.tokens = min(self.log_burst, w.tokens + (now - w.tokens_at) * self.log_rate)
+        w.tokens_at = now
+        allowed = min(n, int(w.tokens))
+        w.tokens -= allowed
+        return allowed
+
+    def _emit(self, w: _Worker, logger: logging.Logger, level: int, name: str,
+              pid: int | None, lines: list[bytes], total: int) -> None:
+        for raw in lines:
+            line = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
+            logger.log(level, "[%s pid %s] %s", name, pid, line)
+        if total > len(lines):
+            w.dropped += total - len(lines)
+            w.dropped_total += total - len(lines)
+        self._report_drops(w)
+
+    def _report_drops(self, w: _Worker, force: bool = False) -> None:
+        if not w.dropped:
+            return
+        now = self._now()
+        if force or now - w.dropped_reported_at >= self.drop_report_interval:
+            logging.getLogger(f"atomnode.worker.{w.name}").warning(
+                "[%s pid %s] dropped %d lines of output (more than %g lines/s)",
+                w.name, w.pid, w.dropped, self.log_rate,
+            )
+            w.dropped = 0
+            w.dropped_reported_at = now
+
+    # --- connections and recycling
+
+    def _workers(self) -> list[_Worker]:
+        return [w for p in self._pools.values() for w in p.workers]
+
+    def _forget_conns(self, w: _Worker) -> None:
+        for c in list(self._owner):
+            owner = self._owner[c]
+            if owner is not None and owner[0] is w:
+                del self._owner[c]
+        w.conns = {}
+
+    def _refresh(self) -> None:
+        """Map registry connections to worker processes and update each worker's view."""
+        if self.registry is None:
+            return
+        conns = self.registry.connections()
+        live = {c.conn_id for c in conns}
+        for c in list(self._owner):
+            if c not in live:
+                del self._owner[c]
+        workers = [w for w in self._workers() if w.proc is not None and w.pid is not None]
+        by_pid = {w.pid: w for w in workers}
+        unresolved = [c for c in conns if c.conn_id not in self._owner]
+        if unresolved and workers:
+            kids: dict[int, list[int]] | None = None
+            trees: dict[int, list[int]] = {}
+            need_proc = []
+            for c in unresolved:
+                owner: _Worker | None = None
+                pid = _client_id_pid(c.client_id)
+                if pid is not None:
+                    owner = by_pid.get(pid)
+                    if owner is None:
+                        if kids is None:
+                            kids = procinfo.children_map()
+                            trees = {w.pid: procinfo.process_tree(w.pid, kids)
+                                     for w in workers}  # type: ignore[misc]
+                        owner = next((by_pid[p] for p, t in trees.items() if pid in t), None)
+                if owner is not None:
+                    self._owner[c.conn_id] = (owner, owner.pid)  # type: ignore[arg-type]
+                else:
+                    need_proc.append(c)
+            if need_proc:
+                if kids is None:
+                    kids = procinfo.children_map()
+                    trees = {w.pid: procinfo.process_tree(w.pid, kids)  # type: ignore[misc]
+                             for w in workers}
+                inodes = {p: procinfo.socket_inodes(t) for p, t in trees.items()}
+                table = procinfo.tcp_connections()
+                for c in need_proc:
+                    p = procinfo.find_tcp_owner(c.peer, c.local, inodes, table)
+                    self._owner[c.conn_id] = (by_pid[p], p) if p is not None else None
+        seen: dict[_Worker, dict[Any, Any]] = {w: {} for w in workers}
+        for c in conns:
+            owner = self._owner.get(c.conn_id)
+            if owner is None:
+                continue
+            w, pid = owner
+            if w.pid != pid or w not in seen:
+                continue
+            seen[w][c.conn_id] = c
+        for w, current in seen.items():
+            for gone in set(w.conns) - set(current):
+                w.jobs_closed += w.conn_jobs.pop(gone, 0)
+            for cid, c in current.items():
+                w.conn_jobs[cid] = c.jobs_done
+            w.conns = current
+
+    def _recycle_reason(self, w: _Worker, now: float) -> str | None:
+        cfg = w.pool.cfg
+        if cfg.max_jobs and w.jobs_done >= cfg.max_jobs:
+            return f"{w.jobs_done} jobs done (max_jobs {cfg.max_jobs})"
+        if cfg.max_rss_mb and w.pid is not None:
+            rss = procinfo.rss_kb(procinfo.process_tree(w.pid)) / 1024
+            if rss > cfg.max_rss_mb:
+                return f"RSS {rss:.0f} MiB > max_rss_mb {cfg.max_rss_mb}"
+        if w.age_limit is not None and w.started_at is not None:
+            age = now - w.started_at
+            if age >= w.age_limit:
+                return f"up {_fmt_seconds(age)} (max_age {cfg.max_age:g}s with jitter)"
+        return None
+
+    async def _recycle(self, w: _Worker, reason: str) -> None:
+        log.info("[%s pid %d] recycling worker: %s", w.name, w.pid, reason)
+        self._event(w, "recycle", reason)
+        await self._stop(w, None)
+
+    async def _monitor(self) -> None:
+        assert self._nursery is not None
+        while True:
+            try:
+                self._refresh()
+                now = self._now()
+                if self.registry is not None and not self._shutting_down:
+                    for w in self._workers():
+                        if w.proc is None or w.stopping or w.retiring:
+                            continue
+                        if self._state(w, now)[0] != "idle":
+                            continue
+                        reason = self._recycle_reason(w, now)
+                        if reason:
+                            w.stopping = True  # no second recycle while this one runs
+                            self._nursery.start_soon(self._recycle, w, reason)
+                for w in self._workers():
+                    self._report_drops(w)
+            except Exception:  # pragma: no cover - never let a /proc hiccup kill supervision
+                log.exception("supervisor monitor pass failed")
+            self._notify()
+            await trio.sleep(self.check_interval)
+
+
+def _client_id_pid(client_id: str | None) -> int | None:
+    """The pid in AtoM's client id ``pid_<PID>_<uniqid>``, else None."""
+    if not client_id or not client_id.startswith("pid_"):
+        return None
+    part = client_id[4:].split("_", 1)[0]
+    return int(part) if part.isdigit() else None
