@@ -358,7 +358,17 @@ c_upgrade_keeps_queue() {
 
 c_worker_user() {
     # Workers run as their configured user, under NoNewPrivileges and the
-    # capability bounding set of the unit.
+    # capability bounding set of the unit. On failure the configuration is put
+    # back, so that the checks after this one test a running service.
+    inside cp -p /etc/atomnode/atomnode.yml /root/atomnode.yml.orig
+    c_worker_user_steps && return 0
+    inside cp -p /root/atomnode.yml.orig /etc/atomnode/atomnode.yml
+    inside systemctl reset-failed atomnode
+    inside systemctl restart atomnode
+    return 1
+}
+
+c_worker_user_steps() {
     inside sh -c 'cat >>/etc/atomnode/atomnode.yml <<EOF
 handlers:
   - {function: pkgtest-whoami, command: [id, -un], user: nobody}
