@@ -220,6 +220,33 @@ static long rss_kb(void)
     return kb;
 }
 
+/* The server's CPU time (user + system, all threads) in microseconds; -1 without --pid. */
+static double cpu_us(void)
+{
+    char path[64], buf[2048];
+    if (opt.server_pid <= 0)
+        return -1;
+    snprintf(path, sizeof path, "/proc/%ld/stat", opt.server_pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may contain spaces */
+    unsigned long long ut, st;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) * 1e6 / (double)sysconf(_SC_CLK_TCK);
+}
+
+static void print_cpu(double c0, uint64_t jobs)
+{
+    double c1 = cpu_us();
+    if (c0 >= 0 && c1 >= 0 && jobs)
+        printf(" server_cpu_s=%.2f cpu_us_per_job=%.1f", (c1 - c0) / 1e6, (c1 - c0) / (double)jobs);
+}
+
 /* Jobs already delivered to a worker: one byte per sequence number, grown on demand. */
 static int seen_test_and_set(uint64_t seq)
 {
@@ -893,6 +920,7 @@ static int wl_submit_bg(void)
 {
     open_clients(R_BG_CLIENT, opt.clients);
     long rss0 = rss_kb();
+    double c0 = cpu_us();
     g.record = 1;
     double s = submit_phase(0, opt.jobs);
     long rss1 = rss_kb();
@@ -905,6 +933,7 @@ static int wl_submit_bg(void)
     if (rss0 >= 0 && rss1 >= 0)
         printf(" rss_start_kb=%ld rss_end_kb=%ld bytes_per_job=%.0f", rss0, rss1,
                (double)(rss1 - rss0) * 1024.0 / (double)opt.jobs);
+    print_cpu(c0, opt.jobs);
     printf("\n");
     return 0;
 }
@@ -921,6 +950,7 @@ static int wl_drain(void)
     want = opt.jobs;
     for (int i = 0; i < opt.workers; i++)
         conn_new(R_WORKER);
+    double c0 = cpu_us();
     uint64_t t0 = now_ns();
     for (int i = 0; i < g.nconns; i++)
         if (g.conns[i]->role == R_WORKER) {
@@ -934,6 +964,7 @@ static int wl_drain(void)
     printf(" worker_sleeps=%llu", (unsigned long long)worker_sleeps());
     if (!opt.no_prefill)
         printf(" prefill_jobs_per_s=%.0f", prefill_rate);
+    print_cpu(c0, opt.jobs);
     printf("\n");
     return 0;
 }
@@ -952,6 +983,7 @@ static int wl_roundtrip(void)
     g.next_seq = 0;
     g.submit_limit = opt.jobs;
     want = opt.jobs;
+    double c0 = cpu_us();
     uint64_t t0 = now_ns();
     kick_clients();
     run_until(all_completed, 0);
@@ -963,8 +995,10 @@ static int wl_roundtrip(void)
     conn_stats(&mn, &mx);
     result_head("roundtrip", opt.jobs, opt.clients, opt.workers, s, (double)opt.jobs / s);
     print_lat("", &g.lat);
-    printf(" worker_sleeps=%llu conn_jobs_min=%llu conn_jobs_max=%llu\n",
+    printf(" worker_sleeps=%llu conn_jobs_min=%llu conn_jobs_max=%llu",
            (unsigned long long)worker_sleeps(), (unsigned long long)mn, (unsigned long long)mx);
+    print_cpu(c0, opt.jobs);
+    printf("\n");
     return 0;
 }
 
@@ -1023,7 +1057,9 @@ static int wl_depth(void)
     double s_fill = d > n ? submit_phase(n, d) : 0;
     long rss_mid = rss_kb();
     g.record = 1;
+    double c0 = cpu_us();
     double s_deep = submit_phase(d, d + n);
+    double c1 = cpu_us();
     long rss1 = rss_kb();
     double empty = (double)n / s_empty, deep = (double)n / s_deep;
     result_head("depth", n, opt.clients, 0, s_deep, deep);
@@ -1036,6 +1072,8 @@ static int wl_depth(void)
         printf(" rss_start_kb=%ld rss_depth_kb=%ld rss_end_kb=%ld queued=%llu bytes_per_job=%.0f",
                rss0, rss_mid, rss1, (unsigned long long)(d + n),
                (double)(rss1 - rss0) * 1024.0 / (double)(d + n));
+    if (c0 >= 0 && c1 >= 0)
+        printf(" server_cpu_s=%.2f cpu_us_per_job=%.1f", (c1 - c0) / 1e6, (c1 - c0) / (double)n);
     printf("\n");
     return 0;
 }

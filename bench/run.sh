@@ -312,7 +312,7 @@ for label in $(sed -n 's/.* label=\([^ ]*\).*/\1/p' "$RES" | awk '!seen[$0]++');
   runs=$(grep -c -F " label=$label " "$RES")
   errs=$(errors "$label")
   other=""
-  for k in prefill_jobs_per_s ratio empty_jobs_per_s fill_jobs_per_s bytes_per_job seconds total conn_jobs_min conn_jobs_max; do
+  for k in cpu_us_per_job prefill_jobs_per_s ratio empty_jobs_per_s fill_jobs_per_s bytes_per_job seconds total conn_jobs_min conn_jobs_max; do
     v=$(med "$label" "$k")
     [ -n "$v" ] && other="$other $k=$v"
   done
