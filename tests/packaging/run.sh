@@ -381,6 +381,39 @@ EOF'
     echo "handler ran as nobody"
 }
 
+c_pool_user() {
+    # A supervised worker pool, like AtoM's, with its workers started as another
+    # user by the hardened service; the config is put back afterwards.
+    inside cp -p /etc/atomnode/atomnode.yml /root/atomnode.yml.orig
+    c_pool_user_steps
+    local rc=$?
+    inside cp -p /root/atomnode.yml.orig /etc/atomnode/atomnode.yml
+    inside systemctl restart atomnode
+    return $rc
+}
+
+c_pool_user_steps() {
+    inside sh -c 'cat >>/etc/atomnode/atomnode.yml <<EOF
+pools:
+  - name: pkgtest
+    command: [python3, /mnt/test/gearman_helper.py, --timeout, "3600", work, pkgtest-pool, "1000000"]
+    directory: /mnt/test
+    user: nobody
+    count: 2
+EOF'
+    inside atomnode check-config /etc/atomnode/atomnode.yml >/dev/null || { inside atomnode check-config /etc/atomnode/atomnode.yml; return 1; }
+    inside systemctl restart atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    local got users
+    got=$(helper --timeout 30 submit pkgtest-pool from-the-pool-test) ||
+        { inside atomnode status; inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    [ "$got" = FROM-THE-POOL-TEST ] || { echo "pool worker answered '$got'"; return 1; }
+    users=$(inside ps -o user= -C python3 2>/dev/null || inside sh -c 'for p in /proc/[0-9]*; do grep -l gearman_helper $p/cmdline >/dev/null 2>&1 && stat -c %U $p; done')
+    echo "$users" | grep -q nobody || { echo "no worker process running as nobody: $users"; return 1; }
+    echo "$users" | grep -q root && { echo "a worker runs as root: $users"; return 1; }
+    inside atomnode status | grep -q pkgtest || { echo "'atomnode status' does not show the pool:"; inside atomnode status; return 1; }
+    echo "2 pool workers as nobody; job answered"
+}
+
 c_port_in_use() {
     inside systemctl stop atomnode
     inside systemd-run --quiet --unit=pkgtest-porthog python3 /mnt/test/gearman_helper.py hold-port "$PORT" ||
@@ -488,6 +521,7 @@ main() {
     check "restart keeps queue" c_restart_keeps_queue
     check "upgrade keeps queue" c_upgrade_keeps_queue
     check "worker runs as its user" c_worker_user
+    check "pool workers run as their user" c_pool_user
     check "port 4730 in use is explained" c_port_in_use
     check "watchdog restarts a frozen daemon" c_watchdog_kills_frozen
     check "systemd-analyze verify" c_verify
