@@ -119,8 +119,10 @@ class FakeServer:
             if ptype == 7:
                 self.waiting[handle] = stream
             self.queue.append((handle, func, uniq, data))
-            for w in [w for w in self.sleepers if func in self.abilities[w]]:
-                self.sleepers.remove(w)
+            # Take the sleepers out before any await: other tasks run during a send.
+            woken = [w for w in self.sleepers if func in self.abilities[w]]
+            self.sleepers = [w for w in self.sleepers if w not in woken]
+            for w in woken:
                 await self.send(w, res(NOOP))
         elif ptype in (9, 30):  # GRAB_JOB, GRAB_JOB_UNIQ
             mine = [job for job in self.queue if job[1] in self.abilities[stream]]
