@@ -48,7 +48,7 @@ class ServerProc:
         self.port = free_port(host)
         self.workdir = workdir
         self._stderr_path = workdir / f"{kind}-{self.port}.stderr"
-        self._stderr = open(self._stderr_path, "wb")
+        self._stderr = open(self._stderr_path, "wb")  # noqa: SIM115 -- lives as long as the server
         self.proc = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,

@@ -35,5 +35,3 @@ def peers() -> Iterator[Callable[..., Peer]]:
     yield start
     for p in started:
         p.cleanup()
-
-

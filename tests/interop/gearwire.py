@@ -118,7 +118,7 @@ class Conn:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Conn:
+    def __enter__(self) -> Conn:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -138,7 +138,7 @@ class Conn:
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(1 << 20)
-        except socket.timeout as e:
+        except TimeoutError as e:
             raise TimeoutError("no data from server in time") from e
         except ConnectionResetError as e:
             raise Closed("connection reset") from e
@@ -220,8 +220,13 @@ class Conn:
 
     # -- client helpers
     def submit(
-        self, func: str | bytes, payload: bytes = b"", unique: str | bytes = b"",
-        *, background: bool = False, priority: str = "normal",
+        self,
+        func: str | bytes,
+        payload: bytes = b"",
+        unique: str | bytes = b"",
+        *,
+        background: bool = False,
+        priority: str = "normal",
     ) -> bytes:
         """Submit a job and return its handle (reads JOB_CREATED)."""
         table = PRIORITY_BG if background else PRIORITY_FG
@@ -287,10 +292,9 @@ def status_table(host: str, port: int) -> dict[str, tuple[int, int, int]]:
 
 def wait_status(host: str, port: int, func: str, pred, timeout: float = 5.0):
     """Wait until ``pred((total, running, workers))`` holds for ``func`` in admin ``status``."""
-    return wait_for(
-        lambda: (lambda row: row if row is not None and pred(row) else None)(
-            status_table(host, port).get(func)
-        ),
-        timeout=timeout,
-        what=f"status of {func}",
-    )
+
+    def check():
+        row = status_table(host, port).get(func)
+        return row if row is not None and pred(row) else None
+
+    return wait_for(check, timeout=timeout, what=f"status of {func}")

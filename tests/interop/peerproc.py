@@ -87,8 +87,10 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.kill()
             out, err = self.proc.communicate()
-            raise AssertionError(f"{self.argv[:3]} did not exit within {timeout}s; "
-                                 f"stdout {out[-500:]!r} stderr {err[-500:]!r}") from None
+            raise AssertionError(
+                f"{self.argv[:3]} did not exit within {timeout}s; "
+                f"stdout {out[-500:]!r} stderr {err[-500:]!r}"
+            ) from None
 
     def stderr(self) -> bytes:
         """The peer's stderr once it has exited (kill it first to read it while running)."""

@@ -22,7 +22,9 @@ from gearwire import (
 def gearadmin(server, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["gearadmin", "-h", server.host, "-p", str(server.port), *args],
-        capture_output=True, timeout=10, check=False,
+        capture_output=True,
+        timeout=10,
+        check=False,
     )
 
 
@@ -139,8 +141,9 @@ def test_raw_status_workers_prioritystatus_bytes(fresh_server, func) -> None:
         assert c.admin_list("prioritystatus") == f"{func}\t0\t0\t1\t1\n.\n".encode()
         workers = c.admin_list("workers")
         assert workers.endswith(b"\n.\n") and b"\r" not in workers
-        assert re.search(rb"(?m)^\d+ 127\.0\.0\.1 raw-w : " + re.escape(func.encode()) + rb"$",
-                         workers)
+        assert re.search(
+            rb"(?m)^\d+ 127\.0\.0\.1 raw-w : " + re.escape(func.encode()) + rb"$", workers
+        )
         # admin commands are case-insensitive and accept CRLF
         c.send_raw(b"STATUS\r\n")
         assert c.read_until(b".\n") == f"{func}\t1\t0\t1\n.\n".encode()

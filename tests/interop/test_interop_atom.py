@@ -59,8 +59,9 @@ def atom_submit(host: str, port: int, func: str, job_id: int) -> None:
     """Check a worker exists (else AtoM fails the request), submit, close at once."""
     status = atom_status(host, port)
     assert func in status and status[func][2] > 0, "No Gearman worker available"
-    payload = json.dumps({"id": job_id, "name": func.split("-", 1)[1],
-                          "objectId": 42, "delete": False}).encode()
+    payload = json.dumps(
+        {"id": job_id, "name": func.split("-", 1)[1], "objectId": 42, "delete": False}
+    ).encode()
     unique = f"{job_id}-{uuid.uuid4().hex}".encode()
     with Conn(host, port) as c:
         c.send(SUBMIT_JOB_BG, func.encode(), unique, payload)

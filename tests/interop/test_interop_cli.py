@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from gearwire import Conn, wait_status
-
 from peerproc import Peer
 
 
@@ -15,7 +14,7 @@ def test_foreground_job_with_cli_worker(server, func, peers) -> None:
     """`gearman -w` (GRAB_JOB_ALL) runs a command per job; `gearman` waits for its output."""
     worker: Peer = peers(cli(server, "-w", "-c", "1", "-f", func, "--", "tr", "a-z", "A-Z"))
     wait_status(server.host, server.port, func, lambda r: r[2] >= 1)
-    out, err = peers(cli(server, "-f", func, "--", "hello world")).communicate()
+    out, _ = peers(cli(server, "-f", func, "--", "hello world")).communicate()
     assert out == b"HELLO WORLD"
     worker.communicate()  # -c 1: exits after one job
     assert worker.proc.returncode == 0
@@ -23,7 +22,7 @@ def test_foreground_job_with_cli_worker(server, func, peers) -> None:
 
 def test_background_job_then_worker(server, func, peers) -> None:
     """A background job submitted with no worker waits in the queue, then runs."""
-    out, err = peers(cli(server, "-b", "-f", func, "--", "queued data")).communicate()
+    out, _ = peers(cli(server, "-b", "-f", func, "--", "queued data")).communicate()
     assert out == b"" and worker_free(server, func)
     wait_status(server.host, server.port, func, lambda r: r == (1, 0, 0))
     worker = peers(cli(server, "-w", "-c", "1", "-f", func, "--", "cat"))

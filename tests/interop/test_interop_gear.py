@@ -26,22 +26,24 @@ class RecordingClient(gear.Client):
         self.events.put((kind, job, *extra))
         return job
 
-    def handleWorkComplete(self, packet):  # noqa: N802 (gear's naming)
+    def handleWorkComplete(self, packet):
         return self._record("complete", super().handleWorkComplete(packet))
 
-    def handleWorkFail(self, packet):  # noqa: N802
+    def handleWorkFail(self, packet):
         return self._record("fail", super().handleWorkFail(packet))
 
-    def handleWorkException(self, packet):  # noqa: N802
+    def handleWorkException(self, packet):
         return self._record("exception", super().handleWorkException(packet))
 
-    def handleWorkData(self, packet):  # noqa: N802
+    def handleWorkData(self, packet):
         return self._record("data", super().handleWorkData(packet), packet.getArgument(1, True))
 
-    def handleWorkWarning(self, packet):  # noqa: N802
-        return self._record("warning", super().handleWorkWarning(packet), packet.getArgument(1, True))
+    def handleWorkWarning(self, packet):
+        return self._record(
+            "warning", super().handleWorkWarning(packet), packet.getArgument(1, True)
+        )
 
-    def handleWorkStatus(self, packet):  # noqa: N802
+    def handleWorkStatus(self, packet):
         job = super().handleWorkStatus(packet)
         return self._record("status", job, job.numerator, job.denominator)
 
@@ -95,7 +97,7 @@ def gworker(server) -> Iterator[Callable[[str, Callable], queue.Queue]]:
             while True:
                 try:
                     job = w.getJob()
-                except (gear.InterruptedError, Exception):
+                except Exception:  # noqa: BLE001 -- InterruptedError on shutdown, or a lost server
                     return
                 taken.put(job)
                 handler(job)
@@ -111,7 +113,7 @@ def gworker(server) -> Iterator[Callable[[str, Callable], queue.Queue]]:
         # gear's shutdown waits up to 5 s for a GRAB_JOB_UNIQ in flight to be answered, and
         # its poll thread stops reading first: let the worker settle asleep before stopping it.
         try:
-            wait_for(lambda: all(c.state == "SLEEP" for c in w.active_connections), timeout=2)
+            wait_for(lambda w=w: all(c.state == "SLEEP" for c in w.active_connections), timeout=2)
         except AssertionError:
             pass
         w.shutdown()

@@ -16,11 +16,15 @@ def b64(ev: dict, key: str = "data_b64") -> bytes:
 
 
 def client(server, func: str, *args: object) -> list[str]:
-    return php("php_client.php", "--host", server.host, "--port", server.port, "--func", func, *args)
+    return php(
+        "php_client.php", "--host", server.host, "--port", server.port, "--func", func, *args
+    )
 
 
 def worker(server, func: str, *args: object) -> list[str]:
-    return php("php_worker.php", "--host", server.host, "--port", server.port, "--func", func, *args)
+    return php(
+        "php_worker.php", "--host", server.host, "--port", server.port, "--func", func, *args
+    )
 
 
 def start_worker(server, peers, func: str, *args: object):
@@ -86,8 +90,10 @@ def test_status_data_warning_callbacks(server, func, peers) -> None:
             break
         events.append(ev)
     assert events[0]["event"] == "created"
-    seen = [(e["event"], e.get("numerator"), e.get("denominator"),
-             b64(e) if "data_b64" in e else None) for e in events[1:]]
+    seen = [
+        (e["event"], e.get("numerator"), e.get("denominator"), b64(e) if "data_b64" in e else None)
+        for e in events[1:]
+    ]
     assert seen == [
         ("status", 1, 2, None),
         ("data", None, None, b"d1"),

@@ -7,7 +7,6 @@ import base64
 from gearwire import (
     GRAB_JOB_UNIQ,
     JOB_ASSIGN,
-    SUBMIT_JOB,
     WORK_COMPLETE,
     WORK_DATA,
     Conn,
@@ -43,10 +42,22 @@ def test_priorities_with_php_worker(fresh_server, func, peers) -> None:
     with Conn(s.host, s.port) as c:
         for name in ["low-a", "normal-a", "high-a", "normal-b", "high-b"]:
             c.submit(func, name.encode(), b"", background=True, priority=name.split("-")[0])
-    w = peers(php("php_worker.php", "--host", s.host, "--port", s.port, "--func", func,
-                  "--behavior", "record", "--count", "5"))
-    got = [base64.b64decode(w.wait_event("job")["data_b64"]).decode()
-           for _ in range(5)]
+    w = peers(
+        php(
+            "php_worker.php",
+            "--host",
+            s.host,
+            "--port",
+            s.port,
+            "--func",
+            func,
+            "--behavior",
+            "record",
+            "--count",
+            "5",
+        )
+    )
+    got = [base64.b64decode(w.wait_event("job")["data_b64"]).decode() for _ in range(5)]
     assert got == ["high-a", "high-b", "normal-a", "normal-b", "low-a"]
 
 
@@ -122,8 +133,21 @@ def test_coalescing_with_php_clients(fresh_server, func, peers) -> None:
     c2 = peers(php("php_client.php", *args, "--payload", "two"))
     h2 = c2.wait_event("created")["handle"]
     assert h1 == h2
-    w = peers(php("php_worker.php", "--host", s.host, "--port", s.port, "--func", func,
-                  "--behavior", "record", "--count", "1"))
+    w = peers(
+        php(
+            "php_worker.php",
+            "--host",
+            s.host,
+            "--port",
+            s.port,
+            "--func",
+            func,
+            "--behavior",
+            "record",
+            "--count",
+            "1",
+        )
+    )
     job = w.wait_event("job")
     assert base64.b64decode(job["data_b64"]) == b"one"
     for c in (c1, c2):
