@@ -458,6 +458,25 @@ c_verify() {
     echo "systemd-analyze verify: clean"
 }
 
+c_clean_stop() {
+    # `systemctl stop` drains and exits 0: the unit ends inactive, not failed.
+    inside systemctl reset-failed atomnode 2>/dev/null
+    inside systemctl restart atomnode || return 1
+    helper submit-bg pkgtest-stop x >/dev/null || return 1
+    inside systemctl stop atomnode
+    local result status state
+    result=$(prop Result)
+    status=$(prop ExecMainStatus)
+    state=$(inside systemctl is-active atomnode)
+    inside systemctl start atomnode || return 1
+    if [ "$result" != success ] || [ "$status" != 0 ] || [ "$state" != inactive ]; then
+        echo "after stop: state=$state Result=$result ExecMainStatus=$status"
+        inside journalctl -u atomnode --no-pager -n 25 -o cat
+        return 1
+    fi
+    echo "stopped cleanly (exit 0)"
+}
+
 c_remove_keeps_state() {
     inside apt-get remove -y -q atomnode >/dev/null || return 1
     local state
@@ -525,6 +544,7 @@ main() {
     check "port 4730 in use is explained" c_port_in_use
     check "watchdog restarts a frozen daemon" c_watchdog_kills_frozen
     check "systemd-analyze verify" c_verify
+    check "stop is clean" c_clean_stop
     check "remove keeps state" c_remove_keeps_state
     check "purge removes state" c_purge
 
