@@ -35,7 +35,9 @@ def test_response_magic_gets_invalid_magic(server, func) -> None:
     with Conn(server.host, server.port) as c:
         c.send(ECHO_REQ, b"x", magic=RES)
         err = c.expect(ERROR)
-        assert err.args == (b"INVALID_MAGIC", b"Request magic expected")
+        assert err.args[0] == b"INVALID_MAGIC"
+        if server.kind == "gearmand":
+            assert err.args[1] == b"Request magic expected"
         if server.kind == "gearmand":
             # gearmand keeps the connection after the ERROR
             c.send(ECHO_REQ, b"again")
