@@ -630,6 +630,8 @@ class Supervisor:
         for raw in lines:
             line = raw[:MAX_LINE].decode("utf-8", "replace").rstrip("\r")
             logger.log(level, "[%s pid %s] %s", name, pid, line)
+        if lines:
+            self._notify()
         if total > len(lines):
             w.dropped += total - len(lines)
             w.dropped_total += total - len(lines)

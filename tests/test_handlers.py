@@ -127,12 +127,27 @@ async def status(port: int) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def alive(pid: int) -> bool:
+
+async def exits(pid: int) -> None:
+    """Return once ``pid`` has exited (pidfd: an event, not a poll)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def read_lines(fifo: Path, n: int) -> None:
+    """Read ``n`` lines from a FIFO that several commands write to. Opened read-write, so
+    it never reports EOF between writers and no line is lost."""
+    stream = trio.lowlevel.FdStream(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+    async with stream:
+        buf = b""
+        while buf.count(b"\n") < n:
+            buf += await stream.receive_some(4096)
 
 
 # ---------------------------------------------------------------- tests
@@ -204,7 +219,9 @@ async def test_timeout_kills_the_process_group(gearmand: Gearmand, tmp_path: Pat
         assert p.args[1] == b"timed out after 0.5s"
         pids = [int(x) for x in pidfile.read_text().split()]
         assert len(pids) == 2
-        assert not any(alive(pid) for pid in pids)
+        with trio.fail_after(5):
+            for pid in pids:
+                await exits(pid)
         await pool.shutdown(1)
 
 
@@ -217,12 +234,6 @@ async def test_concurrency_runs_n_at_once_and_shows_in_status(
                         command=(f"echo started > {fifo}; exec sleep 1000",))
     pool = HandlerPool(cfg, (gearmand.address,))
 
-    def wait_started(n: int) -> None:
-        seen = 0
-        while seen < n:
-            with open(fifo) as f:
-                seen += len(f.read().splitlines())
-
     async with trio.open_nursery() as n:
         await n.start(pool.run)
         st = await status(gearmand.port)
@@ -234,7 +245,7 @@ async def test_concurrency_runs_n_at_once_and_shows_in_status(
         for i in range(4):
             await c.submit_bg("h-conc", b"%d" % i)
         with trio.fail_after(10):
-            await trio.to_thread.run_sync(wait_started, 3)
+            await read_lines(fifo, 3)
         assert pool.snapshot()["running"] == 3
         assert (await status(gearmand.port))["h-conc"] == (4, 3, 3)
         # Shutdown with no grace: the commands are killed, their jobs go back to the queue.
