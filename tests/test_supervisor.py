@@ -498,7 +498,7 @@ async def test_reload_adds_removes_resizes_and_replaces(autojump_clock: Any) -> 
         await sup.wait_until(lambda: len(live_pids(sup, "a")) == 3
                              and len(live_pids(sup, "c")) == 1
                              and [p["name"] for p in sup.snapshot()] == ["a", "c"])
-        assert not any(alive(p) for p in b_pids)
+        await sup.wait_until(lambda: not any(alive(p) for p in b_pids))
         # Shrink.
         await sup.reload([pool("a", count=1), pool("c", count=1)])
         await sup.wait_until(lambda: len(sup.snapshot()[0]["workers"]) == 1)
@@ -509,3 +509,39 @@ async def test_reload_adds_removes_resizes_and_replaces(autojump_clock: Any) -> 
                              and live_pids(sup, "c") != old_c)
         assert not alive(old_c[0])
         assert sup.summary() == "a 1/1; c 1/1"
+
+
+# ---------------------------------------------------------------- the AtoM-like PHP worker
+
+
+@pytest.mark.interop
+async def test_atom_like_php_worker_against_gearmand(tmp_path: Any) -> None:
+    """Supervisor-only mode with AtoM's kind of worker on a real gearmand: exit 111 is a
+    planned restart, a crash mid-job backs off."""
+    from test_handlers import Gearmand, RawClient
+
+    g = await trio.to_thread.run_sync(Gearmand, _free_port())
+    php = os.path.join(os.path.dirname(__file__), "workers", "atom_like_worker.php")
+    cfg = pool(command=("php", php, "--server", "{server}", "--function", "sv-f"),
+               backoff_initial=0.2)
+    try:
+        async with running([cfg], None, default_servers=(g.address,)) as sup:
+            c = await RawClient.connect(g.port)
+            with trio.fail_after(20):
+                p = await c.submit("sv-f", b"hello")
+                assert p.args[1] == b"HELLO"
+                await c.submit_bg("sv-f", b"exit111")
+                await sup.wait_until(lambda: len(events(sup, "spawned")) == 2)
+                assert events(sup, "exited")[0][5] == 111 and events(sup, "backoff") == []
+                await c.submit_bg("sv-f", b"crash")
+                await sup.wait_until(lambda: len(events(sup, "backoff")) == 1)
+                await sup.wait_until(lambda: len(events(sup, "spawned")) == 3)
+                assert events(sup, "exited")[1][5] == 1
+    finally:
+        g.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
