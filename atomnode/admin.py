@@ -83,7 +83,8 @@ class Admin:
             return b"ERR UNKNOWN_ERROR\r\n"
         if verb == b"show" and argc >= 2:
             if argc == 3 and words[1].lower() == b"unique" and words[2].lower() == b"jobs":
-                out = [j.unique + b"\n" for j in broker.uniques.values() if j.state is not PENDING]
+                # As gearmand: every job's unique, an empty line for an empty unique.
+                out = [j.unique + b"\n" for j in broker.jobs.values() if j.state is not PENDING]
                 out.append(b".\n")
                 return b"".join(out)
             if argc == 2 and words[1].lower() == b"jobs":

@@ -310,7 +310,7 @@ class Decoder:
             return True
         if magic == RES:
             if self.expect_requests:
-                raise ProtocolError("INVALID_MAGIC", "response magic in a request")
+                raise ProtocolError("INVALID_MAGIC", "Request magic expected")
             return False
         raise ProtocolError("INVALID_MAGIC", f"bad magic {magic!r}")
 
