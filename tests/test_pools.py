@@ -266,3 +266,33 @@ def test_supervisor_only_mode_against_external_gearmand(tmp_path):
     finally:
         gd.kill()
         gd.wait()
+
+
+def test_gearman_cli_workers_are_mapped_through_proc(tmp_path):
+    """`gearman -w` sends no client id: the daemon still finds which process holds the
+    job by its socket (/proc), so status shows that worker busy with that job. Child
+    output lands in the daemon's log with pool and pid."""
+    script = tmp_path / "gw.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        "echo starting gearman worker\n"
+        'exec gearman -w -h 127.0.0.1 -p "${ATOMNODE_SERVERS##*:}" -f gw -- '
+        "sh -c 'read x; sleep 1; echo got-$x'\n"
+    )
+    script.chmod(0o755)
+    config = f"pools:\n  - name: cli\n    command: [{str(script)!r}]\n    count: 1\n"
+    d = Daemon(tmp_path, config=config).start()
+    try:
+        wait_until(lambda: d.status().get("gw", (0, 0, 0))[2] == 1, "gearman -w registered")
+        c = Client(d.port, timeout=20)
+        c.send(T.SUBMIT_JOB, b"gw", b"", b"payload\n")
+        handle = c.expect(T.JOB_CREATED).args[0]
+        busy = wait_until(
+            lambda: [w for w in pool_workers(d, "cli") if w["state"] == "busy"], "busy")
+        assert busy[0]["job"] == handle.decode()
+        assert c.expect(T.WORK_COMPLETE).args[1] == b"got-payload\n"
+        c.close()
+        pid = busy[0]["pid"]
+        assert f"[cli pid {pid}] starting gearman worker" in d.log()
+    finally:
+        assert d.stop() == 0
