@@ -290,9 +290,10 @@ if has "$SECTIONS" depth; then
 fi
 if has "$SECTIONS" kill && has "$SERVERS" an; then
   a=$(med an/kill-restart seconds) tot=$(range an/kill-restart total)
+  totmin=$(vals an/kill-restart total | sort -g | head -n 1)
   row 3 "kill -9 with $N_KILL jobs queued: restart until status answers (jobs listed: $(cell "$tot"))" \
     "-" "$(calc "printf \"%.2f s\", $a")" "$(calc "printf \"%.2f s\", $a")" "<= 5 s" \
-    "$(verdict "print ($a <= 5 && \"$tot\" == \"$N_KILL\") ? 1 : 0" "$a" "$tot")"
+    "$(verdict "print ($a <= 5 && $totmin == $N_KILL) ? 1 : 0" "$a" "$totmin")"
   f=$(med an/kill-fill bytes_per_job) r=$(med an/kill-rss bytes_per_job)
   row 3 "memory per queued job with $N_KILL queued: after submitting / after recovery, bytes" \
     "-" "$(cell "$f") / $(cell "$r")" "$(cell "$f") / $(cell "$r")" "measured" "-"
