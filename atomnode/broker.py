@@ -321,7 +321,7 @@ class Broker:
         elif t == T.WORK_COMPLETE:
             self._work_end(conn, args[0], T.WORK_COMPLETE, args[1])
         elif t in _SUBMIT:
-            prio, bg = _SUBMIT[T(t)]
+            prio, bg = _SUBMIT[t]
             self.submit(conn, args[0], args[1], args[2], prio, bg)
         elif t == T.WORK_STATUS:
             job = self._held(conn, args[0])

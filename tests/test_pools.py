@@ -225,7 +225,7 @@ def test_sighup_resizes_pool_and_refuses_invalid_config(tmp_path):
 
 def test_supervisor_only_mode_against_external_gearmand(tmp_path):
     """No embedded listener: the pool's workers talk to an existing gearmand."""
-    from conftest import free_port  # the repository's tests/conftest.py
+    from daemon_harness import free_port
 
     port = free_port()
     gd = subprocess.Popen(["/usr/sbin/gearmand", "-L", "127.0.0.1", "-p", str(port), "-t", "1",
