@@ -6,7 +6,7 @@
 # times, and prints a markdown table of medians and the ratios that issues 2 and 3 ask for.
 #
 # Environment:
-#   SCALE (1)       multiplies every job count (SCALE=0.05 REPS=1: a smoke run of about a minute)
+#   SCALE (1)       multiplies every job count (SCALE=0.05 REPS=1: a smoke run, under a minute)
 #   REPS (3)        runs per server and workload; the table shows medians
 #   SECTIONS        subset of: roundtrip serial grab submit drain depth kill (default: all)
 #   SERVERS         subset of: gm (gearmand -t 1), gs (gearmand -t 1 -q libsqlite3), an (atomnode)
