@@ -11,7 +11,7 @@
  *   drain          prefill N background jobs, then K workers empty the queue
  *   roundtrip      K workers + C clients doing foreground SUBMIT_JOB, W in flight
  *   grab-latency   idle pollers and busy workers time GRAB_JOB -> reply,
- *                  optionally while C clients submit background jobs flat out
+ *                  optionally while C clients submit (background or foreground) flat out
  *   depth          submit rate on an empty queue, then after it holds D jobs
  *   status         admin `status` (optionally waiting for the server to come up)
  *   freeport       print a free TCP port on 127.0.0.1 (never 4730)
@@ -97,7 +97,7 @@ typedef struct {
 static struct {
     const char *host, *port, *func, *label, *workload, *unique_prefix;
     int clients, workers, idle_workers, window, size, grab_uniq, priority;
-    int no_prefill, wait;
+    int no_prefill, wait, foreground;
     uint64_t jobs, depth;
     double timeout, duration, idle_interval;
     long long since_ns;
@@ -1019,7 +1019,7 @@ static int wl_grab_latency(void)
     }
     g.submit_limit = UINT64_MAX;
     run_until(workers_answered, 0);
-    open_clients(R_BG_CLIENT, opt.clients);
+    open_clients(opt.foreground ? R_FG_CLIENT : R_BG_CLIENT, opt.clients);
     g.measure_grabs = 1;
     g.record = 1;
     g.next_seq = 0;
@@ -1027,7 +1027,9 @@ static int wl_grab_latency(void)
     kick_clients();
     run_until(NULL, t0 + (uint64_t)(opt.duration * 1e9));
     double s = secs_since(t0);
-    result_head("grab-latency", g.acked, opt.clients, opt.workers, s, (double)g.acked / s);
+    uint64_t submitted = opt.foreground ? g.completed : g.acked;
+    result_head("grab-latency", submitted, opt.clients, opt.workers, s, (double)submitted / s);
+    printf(" foreground=%d", opt.foreground);
     printf(" idle_workers=%d done=%llu done_per_s=%.0f", opt.idle_workers,
            (unsigned long long)g.done, (double)g.done / s);
     vec_t all = {0};
@@ -1199,6 +1201,7 @@ static void usage(void)
             "  --label TEXT  --priority normal|high|low  --grab uniq|plain  --no-prefill\n"
             "  --unique-prefix S  --pid SERVER_PID (report its RSS)\n"
             "  grab-latency: --duration S (5) --idle-workers I (2) --idle-interval S (0.001)\n"
+            "                --foreground (clients submit SUBMIT_JOB instead of SUBMIT_JOB_BG)\n"
             "  depth: --depth D (jobs queued before the measured batch of N)\n"
             "  status: --wait (retry until the server answers) --since-ns REALTIME_NS\n");
     exit(3);
@@ -1222,7 +1225,7 @@ int main(int argc, char **argv)
         {"label", 1, 0, 1},          {"priority", 1, 0, 2},       {"grab", 1, 0, 3},
         {"no-prefill", 0, 0, 4},     {"unique-prefix", 1, 0, 5},  {"pid", 1, 0, 6},
         {"duration", 1, 0, 7},       {"idle-workers", 1, 0, 8},   {"idle-interval", 1, 0, 9},
-        {"depth", 1, 0, 10},         {"wait", 0, 0, 11},          {"since-ns", 1, 0, 12},
+        {"depth", 1, 0, 10},         {"wait", 0, 0, 11},          {"since-ns", 1, 0, 12},      {"foreground", 0, 0, 13},
         {"help", 0, 0, 'h'},         {0, 0, 0, 0},
     };
     if (argc < 2 || argv[1][0] == '-')
@@ -1262,6 +1265,7 @@ int main(int argc, char **argv)
         case 10: opt.depth = (uint64_t)parse_double(optarg, "depth"); break;
         case 11: opt.wait = 1; break;
         case 12: opt.since_ns = (long long)parse_double(optarg, "since-ns"); break;
+        case 13: opt.foreground = 1; break;
         default: usage();
         }
     }

@@ -213,16 +213,19 @@ async def test_misbehaving_server_is_caught(fault: str, args: tuple[str, ...], m
     assert b"RESULT" not in proc.stdout
 
 
-async def test_grab_latency_counts_idle_and_busy_grabs() -> None:
+@pytest.mark.parametrize("mode", [(), ("--foreground",)], ids=["background", "foreground"])
+async def test_grab_latency_counts_idle_and_busy_grabs(mode: tuple[str, ...]) -> None:
     proc = await with_fake(
         "", "grab-latency", "--duration", "0.3", "-c", "1", "-w", "2", "-k", "1",
-        "--idle-workers", "1", "--grab", "plain",
+        "--idle-workers", "1", "--grab", "plain", *mode,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     fields = result_fields(proc.stdout.decode())
     assert int(fields["idle_samples"]) > 0
     assert int(fields["busy_samples"]) > 0
     assert int(fields["grab_samples"]) == int(fields["idle_samples"]) + int(fields["busy_samples"])
+    assert fields["foreground"] == ("1" if mode else "0")
+    assert int(fields["jobs"]) > 0  # acknowledged (background) or completed (foreground)
 
 
 async def test_status_waits_for_a_server_that_starts_later() -> None:
