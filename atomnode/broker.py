@@ -118,8 +118,11 @@ class Job:
         self.attempts = 0
         self.state = PENDING
         self.worker: Conn | None = None
-        self.clients: list[Conn] = []  # foreground clients waiting for the result
-        self.acks: list[Conn] = []  # connections owed a JOB_CREATED after the commit
+        # Foreground clients waiting for the result, and connections owed a JOB_CREATED
+        # after the commit. An empty tuple until needed: a million queued background
+        # jobs should not carry two empty lists each.
+        self.clients: list[Conn] | tuple[()] = ()
+        self.acks: list[Conn] | tuple[()] = ()
         self.submitted_at = submitted_at
         self.started_at = 0.0
         self.numerator = b"0"
@@ -437,14 +440,14 @@ class Broker:
                             job.started_at,
                         ))
                     if conn is not None:
-                        job.acks.append(conn)
+                        job.acks = [*job.acks, conn]
                     return job
             if conn is not None:
                 if not background:
-                    job.clients.append(conn)
+                    job.clients = [*job.clients, conn]
                     conn.waiting.append(job)
                 if job.state is PENDING or (background and job.unstored):
-                    job.acks.append(conn)
+                    job.acks = [*job.acks, conn]
                 else:
                     self._send(conn, encode(T.JOB_CREATED, job.handle))
             return job
@@ -465,11 +468,11 @@ class Broker:
         if key is not None:
             self.uniques[(function, key)] = job
         if conn is not None and not background:
-            job.clients.append(conn)
+            job.clients = [*job.clients, conn]
             conn.waiting.append(job)
         if background and self.durable:
             if conn is not None:
-                job.acks.append(conn)
+                job.acks = [*job.acks, conn]
             self.store_ops.append(
                 ("insert", job.id, function, unique, data, priority, when, job.seq, now, job)
             )
@@ -489,7 +492,7 @@ class Broker:
                 created = encode(T.JOB_CREATED, job.handle)
                 for c in job.acks:
                     self._send(c, created)
-                job.acks = []
+                job.acks = ()
             if job.state is PENDING:
                 self._enqueue(job)
 
@@ -504,7 +507,7 @@ class Broker:
                 # as the foreground job it was; the background submitter gets the error.
                 for c in job.acks:
                     self._send(c, err)
-                job.acks = []
+                job.acks = ()
                 job.background = False
                 job.unstored = False
                 continue
@@ -513,7 +516,7 @@ class Broker:
             for c in job.clients:
                 if c not in job.acks:
                     self._send(c, encode(T.WORK_FAIL, job.handle))
-            job.acks = []
+            job.acks = ()
             self._forget(job)
 
     def restore(self, stored: Iterable[Any], *, requeue_reason: str = "daemon restarted") -> int:
@@ -617,7 +620,7 @@ class Broker:
                 c.waiting.remove(job)
             except ValueError:
                 pass
-        job.clients = []
+        job.clients = ()
 
     def _wake_group(self, g: ConcurrencyGroup) -> None:
         if not g.full():
