@@ -6,6 +6,7 @@ Plain stdlib sockets (no trio): the CLI runs one request and exits.
 from __future__ import annotations
 
 import socket
+from typing import Any
 from collections.abc import Callable
 
 from .protocol import Decoder, Packet, ProtocolError, T, encode
@@ -15,6 +16,26 @@ LISTING_COMMANDS = frozenset({"status", "workers", "prioritystatus", "show", "at
 
 START_HINT = "start it with `systemctl start atomnode`, or `atomnode run` in a terminal"
 
+
+
+def _recv_chunk(client: Any) -> bytes:
+    """Read what the daemon sent on ``client._sock``; a timeout, an error or a closed
+    connection closes the client and raises ClientError saying which."""
+    try:
+        chunk = client._sock.recv(65536)
+    except TimeoutError:
+        client.close()
+        raise ClientError(
+            f"atomnode at {client.host}:{client.port} did not answer within "
+            f"{client.timeout:g}s"
+        ) from None
+    except OSError as e:
+        client.close()
+        raise ClientError(f"connection to {client.host}:{client.port} failed: {e}") from None
+    if not chunk:
+        client.close()
+        raise ClientError(f"{client.host}:{client.port} closed the connection mid-answer")
+    return chunk
 
 class ClientError(Exception):
     """Talking to the daemon failed."""
@@ -88,20 +109,7 @@ class AdminClient:
     def _readline(self) -> str:
         assert self._sock is not None
         while b"\n" not in self._buf:
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError:
-                self.close()
-                raise ClientError(
-                    f"atomnode at {self.host}:{self.port} did not answer within {self.timeout:g}s"
-                ) from None
-            except OSError as e:
-                self.close()
-                raise ClientError(f"connection to {self.host}:{self.port} failed: {e}") from None
-            if not chunk:
-                self.close()
-                raise ClientError(f"{self.host}:{self.port} closed the connection mid-answer")
-            self._buf += chunk
+            self._buf += _recv_chunk(self)
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode("utf-8", "replace").rstrip("\r")
 
@@ -191,20 +199,7 @@ class GearmanClient:
                         code.decode("utf-8", "replace"), text.decode("utf-8", "replace")
                     )
                 return ev
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError:
-                self.close()
-                raise ClientError(
-                    f"no answer from {self.host}:{self.port} within {self.timeout}s"
-                ) from None
-            except OSError as e:
-                self.close()
-                raise ClientError(f"connection to {self.host}:{self.port} failed: {e}") from None
-            if not chunk:
-                self.close()
-                raise ClientError(f"{self.host}:{self.port} closed the connection")
-            self._decoder.feed(chunk)
+            self._decoder.feed(_recv_chunk(self))
 
     def _enable_exceptions(self) -> None:
         if self._exceptions:
