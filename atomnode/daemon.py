@@ -282,22 +282,22 @@ class Daemon:
         self.shutdown = trio.Event()
         self.store = Store(cfg.database, synchronous=cfg.synchronous,
                            retention_days=cfg.retention_days, hostname=self.hostname)
-        try:
-            recovery = self.store.open()
-        except StoreError as e:
-            log.error("%s", e)
-            return 1
-        broker = self.broker = Broker(
-            hostname=self.hostname, durable=True, max_attempts=self.max_attempts,
-            first_id=recovery.next_id, first_seq=recovery.next_seq,
-        )
-        broker.on_new_function = self._function_defaults
-        self._apply_runtime_config()
-        t0 = time.monotonic()
         # A million recovered jobs are a million long-lived objects: without this the
         # cyclic garbage collector rescans them over and over while they are created.
         gc.disable()
         try:
+            try:
+                recovery = self.store.open()
+            except StoreError as e:
+                log.error("%s", e)
+                return 1
+            broker = self.broker = Broker(
+                hostname=self.hostname, durable=True, max_attempts=self.max_attempts,
+                first_id=recovery.next_id, first_seq=recovery.next_seq,
+            )
+            broker.on_new_function = self._function_defaults
+            self._apply_runtime_config()
+            t0 = time.monotonic()
             restored = broker.restore(recovery.jobs)
         finally:
             gc.freeze()
