@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .names import function_matches
 from .protocol import (
     MAX_FUNCTION_SIZE,
     MAX_UNIQUE_SIZE,
@@ -173,18 +174,9 @@ class ConcurrencyGroup:
         return self.running >= self.limit
 
 
-def strip_site_prefix(name: bytes) -> bytes:
-    """``0123...ef-arFindingAidJob`` -> ``arFindingAidJob`` (AtoM's md5 site prefix)."""
-    if len(name) > 33 and name[32:33] == b"-":
-        head = name[:32]
-        if all(c in b"0123456789abcdefABCDEF" for c in head):
-            return name[33:]
-    return name
-
-
 def pattern_matches(pattern: str, function: bytes) -> bool:
-    p = pattern.encode()
-    return p == function or p == strip_site_prefix(function)
+    """A concurrency-group pattern names this function (AtoM site prefix optional)."""
+    return function_matches(pattern, function.decode("utf-8", "replace"))
 
 
 class Broker:

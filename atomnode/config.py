@@ -25,6 +25,9 @@ from typing import Any
 
 import yaml
 
+# Re-exported: defined in atomnode.names, which the broker uses too.
+from .names import function_matches, strip_atom_prefix  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = "/etc/atomnode/atomnode.yml"
@@ -134,20 +137,6 @@ class ConfigError(Exception):
 
 
 # --------------------------------------------------------------------------- small parsers
-
-_ATOM_PREFIX = re.compile(r"^[0-9a-f]{32}-(.+)$", re.DOTALL)
-
-
-def strip_atom_prefix(name: str) -> str:
-    """``0123...ef-arObjectMoveJob`` -> ``arObjectMoveJob``; other names unchanged."""
-    m = _ATOM_PREFIX.match(name)
-    return m.group(1) if m else name
-
-
-def function_matches(pattern: str, function: str) -> bool:
-    """True if ``pattern`` names ``function`` exactly, or names it without its
-    ``<32 hex>-`` AtoM site prefix."""
-    return pattern == function or pattern == strip_atom_prefix(function)
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -27,6 +27,7 @@ import trio
 
 from . import protocol
 from .broker import Broker, Conn
+from .config import parse_address
 from .protocol import AdminLine, Decoder, ProtocolError, error_packet
 
 log = logging.getLogger("atomnode.server")
@@ -54,16 +55,6 @@ class _Peer:
         self.closing = False
         self.decoder = decoder
         self.is_loopback = is_loopback
-
-
-def parse_listen(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"listen address {address!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port)
 
 
 class Server:
@@ -106,7 +97,7 @@ class Server:
     ) -> None:
         """Bind every address (and adopt sockets from systemd socket activation)."""
         for address in addresses:
-            host, port = parse_listen(address)
+            host, port = parse_address(address)
             try:
                 lst = await trio.open_tcp_listeners(port, host=host, backlog=1024)
             except OSError as e:
