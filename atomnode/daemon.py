@@ -111,6 +111,7 @@ class Daemon:
         self.shutdown: trio.Event | None = None  # created inside trio.run
         self.graceful = True
         self.ready = False
+        self._nursery_for_handlers: trio.Nursery | None = None  # where reloads start handlers
 
     # ----------------------------------------------------------------- config
     def max_attempts(self, function: bytes) -> int:
@@ -475,8 +476,6 @@ class Daemon:
         if added and self._nursery_for_handlers is not None:
             for h in added:
                 await self._start_handler(self._nursery_for_handlers, h)
-
-    _nursery_for_handlers: trio.Nursery | None = None
 
 
 # --------------------------------------------------------------------- CLI
