@@ -279,6 +279,13 @@ class Daemon:
 
     # -------------------------------------------------------------------- run
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> int:
+        # Signals are caught from the very start (trio queues them): a SIGTERM or SIGHUP
+        # that arrives while the queue is recovered or the pools start must not kill the
+        # process with the default action.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            return await self._run(sigs, task_status)
+
+    async def _run(self, sigs: Any, task_status: Any) -> int:
         cfg = self.cfg
         self.shutdown = trio.Event()
         self.store = Store(cfg.database, synchronous=cfg.synchronous,
@@ -342,7 +349,7 @@ class Daemon:
                 await nursery.start(server.serve)
                 self._nursery_for_handlers = nursery
                 await self._start_workers(nursery)
-                nursery.start_soon(self._signals)
+                nursery.start_soon(self._signals, sigs)
                 nursery.start_soon(self._gc_task)
                 interval = watchdog_interval()
                 if interval:
@@ -428,14 +435,13 @@ class Daemon:
                 gc.unfreeze()
                 gc.collect()
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                if signum == signal.SIGHUP:
-                    await self.reload()
-                else:
-                    log.info("received %s", signal.Signals(signum).name)
-                    self.request_shutdown(graceful=True)
+    async def _signals(self, sigs: Any) -> None:
+        async for signum in sigs:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                log.info("received %s", signal.Signals(signum).name)
+                self.request_shutdown(graceful=True)
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config; keep the old one if the new one is invalid."""

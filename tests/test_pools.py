@@ -296,3 +296,18 @@ def test_gearman_cli_workers_are_mapped_through_proc(tmp_path):
         assert f"[cli pid {pid}] starting gearman worker" in d.log()
     finally:
         assert d.stop() == 0
+
+
+def test_sighup_adds_changes_and_removes_handlers(tmp_path):
+    d = Daemon(tmp_path, config="handlers:\n  - {function: h1, command: [tr, a-z, A-Z]}\n").start()
+    try:
+        wait_until(lambda: d.status().get("h1", (0, 0, 0))[2] == 1, "h1 registered")
+        assert d.config_path is not None
+        d.config_path.write_text(
+            "handlers:\n  - {function: h2, command: [rev]}\n")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.status().get("h2", (0, 0, 0))[2] == 1, "h2 after reload")
+        wait_until(lambda: d.status().get("h1", (0, 0, 0))[2] == 0, "h1 gone after reload")
+        assert foreground(d, "h2", b"abc\n") == b"cba\n"
+    finally:
+        assert d.stop() == 0
