@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .broker import PENDING, QUEUED, RUNNING, SCHEDULED, Conn
+from .broker import PENDING, RUNNING, SCHEDULED, Conn
 
 if TYPE_CHECKING:
     from .server import Server
@@ -241,4 +241,4 @@ class Admin:
         return b"".join(out)
 
 
-__all__ = ["Admin", "OK", "QUEUED"]
+__all__ = ["OK", "Admin"]

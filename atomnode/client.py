@@ -6,7 +6,7 @@ Plain stdlib sockets (no trio): the CLI runs one request and exits.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Self
 from collections.abc import Callable
 
 from .protocol import Decoder, Packet, ProtocolError, T, encode
@@ -18,24 +18,6 @@ START_HINT = "start it with `systemctl start atomnode`, or `atomnode run` in a t
 
 
 
-def _recv_chunk(client: Any) -> bytes:
-    """Read what the daemon sent on ``client._sock``; a timeout, an error or a closed
-    connection closes the client and raises ClientError saying which."""
-    try:
-        chunk = client._sock.recv(65536)
-    except TimeoutError:
-        client.close()
-        raise ClientError(
-            f"atomnode at {client.host}:{client.port} did not answer within "
-            f"{client.timeout:g}s"
-        ) from None
-    except OSError as e:
-        client.close()
-        raise ClientError(f"connection to {client.host}:{client.port} failed: {e}") from None
-    if not chunk:
-        client.close()
-        raise ClientError(f"{client.host}:{client.port} closed the connection mid-answer")
-    return chunk
 
 class ClientError(Exception):
     """Talking to the daemon failed."""
@@ -85,31 +67,77 @@ def _connect(host: str, port: int, timeout: float | None) -> socket.socket:
         raise DaemonUnreachable(host, port, e.strerror or str(e)) from None
 
 
-class AdminClient:
-    """The text admin protocol (``status``, ``workers``, ``atomnode-status``, ...)."""
+class _Connection:
+    """One TCP connection to the daemon, opened on first use; closed on any error so the
+    next call reconnects."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 4730, timeout: float = 5.0):
+    #: Seconds allowed for connecting, whatever the read timeout.
+    connect_timeout: float = 5.0
+
+    def __init__(self, host: str, port: int, timeout: float | None):
         self.host, self.port, self.timeout = host, port, timeout
         self._sock: socket.socket | None = None
-        self._buf = b""
 
-    def __enter__(self) -> AdminClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close the connection (the next command reconnects)."""
+        """Close the connection (the next call reconnects)."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget per-connection parsing state (subclasses)."""
+
+    def _sendall(self, data: bytes) -> None:
+        if self._sock is None:
+            self._sock = _connect(self.host, self.port, self.connect_timeout)
+            self._sock.settimeout(self.timeout)
+            self._reset()
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            self.close()
+            raise ClientError(f"cannot send to {self.host}:{self.port}: {e}") from None
+
+    def _recv_chunk(self) -> bytes:
+        """What the daemon sent; a timeout, an error or a closed connection closes this
+        connection and raises ClientError saying which."""
+        assert self._sock is not None
+        try:
+            chunk = self._sock.recv(65536)
+        except TimeoutError:
+            self.close()
+            raise ClientError(
+                f"atomnode at {self.host}:{self.port} did not answer within {self.timeout:g}s"
+            ) from None
+        except OSError as e:
+            self.close()
+            raise ClientError(f"connection to {self.host}:{self.port} failed: {e}") from None
+        if not chunk:
+            self.close()
+            raise ClientError(f"{self.host}:{self.port} closed the connection mid-answer")
+        return chunk
+
+
+class AdminClient(_Connection):
+    """The text admin protocol (``status``, ``workers``, ``atomnode-status``, ...)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 4730, timeout: float = 5.0):
+        super().__init__(host, port, timeout)
+        self._buf = b""
+
+    def _reset(self) -> None:
         self._buf = b""
 
     def _readline(self) -> str:
-        assert self._sock is not None
         while b"\n" not in self._buf:
-            self._buf += _recv_chunk(self)
+            self._buf += self._recv_chunk()
         line, _, self._buf = self._buf.partition(b"\n")
         return line.decode("utf-8", "replace").rstrip("\r")
 
@@ -121,13 +149,7 @@ class AdminClient:
         (callers decide): e.g. ``["ERR UNKNOWN_COMMAND ..."]``.
         Raises DaemonUnreachable if nothing listens, ClientError on a broken answer.
         """
-        if self._sock is None:
-            self._sock = _connect(self.host, self.port, self.timeout)
-        try:
-            self._sock.sendall(line.encode() + b"\n")
-        except OSError as e:
-            self.close()
-            raise ClientError(f"cannot send to {self.host}:{self.port}: {e}") from None
+        self._sendall(line.encode() + b"\n")
         words = line.split()
         first = self._readline()
         if not words or words[0].lower() not in LISTING_COMMANDS:
@@ -151,37 +173,21 @@ _SUBMIT = {
 }
 
 
-class GearmanClient:
+class GearmanClient(_Connection):
     """A minimal Gearman client: one job at a time on one connection."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4730, timeout: float | None = None):
         """``timeout`` bounds each read (None: wait as long as the job runs)."""
-        self.host, self.port, self.timeout = host, port, timeout
-        self._sock: socket.socket | None = None
+        super().__init__(host, port, timeout)
         self._decoder = Decoder(expect_requests=False)
         self._exceptions = False
 
-    def __enter__(self) -> GearmanClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _reset(self) -> None:
+        self._decoder = Decoder(expect_requests=False)
+        self._exceptions = False  # OPTION_REQ holds for one connection only
 
     def _send(self, type_: int, *args: bytes) -> None:
-        if self._sock is None:
-            self._sock = _connect(self.host, self.port, 5.0)
-            self._sock.settimeout(self.timeout)
-            self._decoder = Decoder(expect_requests=False)
-        try:
-            self._sock.sendall(encode(type_, *args, request=True))
-        except OSError as e:
-            self.close()
-            raise ClientError(f"cannot send to {self.host}:{self.port}: {e}") from None
+        self._sendall(encode(type_, *args, request=True))
 
     def _recv(self) -> Packet:
         assert self._sock is not None
@@ -199,7 +205,7 @@ class GearmanClient:
                         code.decode("utf-8", "replace"), text.decode("utf-8", "replace")
                     )
                 return ev
-            self._decoder.feed(_recv_chunk(self))
+            self._decoder.feed(self._recv_chunk())
 
     def _enable_exceptions(self) -> None:
         if self._exceptions:

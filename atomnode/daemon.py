@@ -112,6 +112,7 @@ class Daemon:
         self.graceful = True
         self.ready = False
         self._nursery_for_handlers: trio.Nursery | None = None  # where reloads start handlers
+        self._failed_cache: tuple[float, int] | None = None  # (when, count)
 
     # ----------------------------------------------------------------- config
     def max_attempts(self, function: bytes) -> int:
@@ -200,7 +201,6 @@ class Daemon:
         self._failed_cache = (now, n)
         return n
 
-    _failed_cache: tuple[float, int] | None = None
 
     def healthy(self) -> tuple[bool, str]:
         store = self.store

@@ -85,11 +85,8 @@ class Server:
         self._by_fd: dict[int, _Peer] = {}
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
-        self.shutdown_requested = trio.Event()
-        self.graceful_shutdown = False
         self.idle_events: dict[Conn, trio.Event] = {}
         self.started_at = time.time()
-        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------- listening
     async def open_listeners(
