@@ -16,8 +16,8 @@ from . import __version__
 # Modules that add subcommands. Each has register(subparsers).
 SUBCOMMAND_MODULES = [
     "atomnode.daemon",
-    "atomnode.ops_cli",
-    "atomnode.jobs_cli",
+    "atomnode.ops.ops_cli",
+    "atomnode.ops.jobs_cli",
 ]
 
 

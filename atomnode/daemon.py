@@ -23,12 +23,12 @@ from typing import Any
 import trio
 
 from . import __version__
-from .admin import Admin
-from .broker import Broker, Conn, Function
-from .config import Config, ConfigError, function_matches, load_config
-from .server import Server
-from .store import Store, StoreError, parse_handle
-from .systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
+from .gearman.admin import Admin
+from .gearman.broker import Broker, Conn, Function
+from .system.config import Config, ConfigError, function_matches, load_config
+from .gearman.server import Server
+from .queue.store import Store, StoreError, parse_handle
+from .system.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
 
 log = logging.getLogger("atomnode")
 
@@ -374,7 +374,7 @@ class Daemon:
             for h in cfg.handlers:
                 await self._start_handler(nursery, h)
         if cfg.pools:
-            from .supervisor import Supervisor
+            from .workers.supervisor import Supervisor
 
             registry = WorkerRegistry(self.server) if self.server and self.server.bound else None
             self.supervisor = Supervisor(cfg.pools, registry,
@@ -382,7 +382,7 @@ class Daemon:
             await nursery.start(self.supervisor.run)
 
     async def _start_handler(self, nursery: trio.Nursery, h: Any) -> None:
-        from .handlers import HandlerPool
+        from .workers.handlers import HandlerPool
 
         servers = tuple(h.servers) or self._pool_servers()
         pool = HandlerPool(h, servers)
@@ -502,7 +502,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .logs import setup_logging
+    from .system.logs import setup_logging
 
     overrides: dict[str, Any] = {}
     if args.listen:

@@ -1,7 +1,7 @@
 """Start the real atomnode daemon as a process and talk to it with a minimal client.
 
 Used by the daemon-level tests (durability, lifecycle, systemd notify). The client is
-built on atomnode.protocol's codec; compatibility with independent clients is proven
+built on atomnode.gearman.protocol's codec; compatibility with independent clients is proven
 separately in tests/interop.
 """
 
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from atomnode.protocol import Decoder, Packet, T, encode
+from atomnode.gearman.protocol import Decoder, Packet, T, encode
 
 
 

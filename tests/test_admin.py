@@ -1,4 +1,4 @@
-"""Tests of the text admin commands (atomnode.admin) against a stand-in server.
+"""Tests of the text admin commands (atomnode.gearman.admin) against a stand-in server.
 
 Expected bytes follow gearmand 1.1.20 (libgearman-server/text.cc): OK/ERR lines end with
 CRLF, listings with LF and a final ".". AtoM's web app and gearadmin parse them strictly.
@@ -12,9 +12,9 @@ import time
 from types import SimpleNamespace
 
 from atomnode import __version__
-from atomnode.admin import Admin
-from atomnode.broker import Broker, Conn
-from atomnode.protocol import Decoder, Packet, T
+from atomnode.gearman.admin import Admin
+from atomnode.gearman.broker import Broker, Conn
+from atomnode.gearman.protocol import Decoder, Packet, T
 
 FN = b"reverse"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atomnode import config as config_mod
+from atomnode.system import config as config_mod
 from atomnode.cli import main
-from atomnode.config import parse_config
-from atomnode.ops_cli import (
+from atomnode.system.config import parse_config
+from atomnode.ops.ops_cli import (
     ATOM_JOB_CLASSES,
     AtomError,
     atom_config_yaml,

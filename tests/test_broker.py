@@ -1,4 +1,4 @@
-"""Tests of the job broker (atomnode.broker) with plain calls: no sockets, no threads.
+"""Tests of the job broker (atomnode.gearman.broker) with plain calls: no sockets, no threads.
 
 Each test builds a :class:`World` (a Broker with an injected clock), opens fake
 connections, hands the broker request packets and reads what it appended to each
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atomnode.broker import HIGH, LOW, NORMAL, Broker, Conn
-from atomnode.protocol import Decoder, Packet, T
+from atomnode.gearman.broker import HIGH, LOW, NORMAL, Broker, Conn
+from atomnode.gearman.protocol import Decoder, Packet, T
 
 FN = b"reverse"
 
@@ -1372,7 +1372,7 @@ def _check_invariants(w: World) -> None:
 
 
 def _admin_listings_are_well_formed(w: World) -> None:
-    from atomnode.admin import Admin
+    from atomnode.gearman.admin import Admin
 
     server = SimpleNamespace(broker=w.b, peers={}, bound=[], started_at=0.0)
     admin = Admin()

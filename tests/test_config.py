@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from atomnode import config as config_mod
-from atomnode.config import (
+from atomnode.system import config as config_mod
+from atomnode.system.config import (
     Config,
     ConfigError,
     FunctionConfig,

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from atomnode.protocol import T
+from atomnode.gearman.protocol import T
 from daemon_harness import Client, Daemon
 
 FUNC = b"durable-fn"

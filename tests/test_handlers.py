@@ -1,4 +1,4 @@
-"""Command handlers (atomnode.handlers) against a real gearmand 1.1.20 and real commands."""
+"""Command handlers (atomnode.workers.handlers) against a real gearmand 1.1.20 and real commands."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from atomnode.config import HandlerConfig
-from atomnode.handlers import HandlerPool
-from atomnode.protocol import Decoder, Packet, T, encode
+from atomnode.system.config import HandlerConfig
+from atomnode.workers.handlers import HandlerPool
+from atomnode.gearman.protocol import Decoder, Packet, T, encode
 
 GEARMAND = "/usr/sbin/gearmand"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from atomnode.cli import main
-from atomnode.jobs_cli import read_gearmand_queue
-from atomnode.store import Store
+from atomnode.ops.jobs_cli import read_gearmand_queue
+from atomnode.queue.store import Store
 
 GEARMAND = os.environ.get("ATOMNODE_TEST_GEARMAND", "/usr/sbin/gearmand")
 GEARMAN = shutil.which("gearman") or "/usr/bin/gearman"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from atomnode.cli import main
-from atomnode.jobs_cli import parse_duration
-from atomnode.store import Store
+from atomnode.ops.jobs_cli import parse_duration
+from atomnode.queue.store import Store
 
 FN = b"0123456789abcdef0123456789abcdef-arObjectMoveJob"
 OTHER = b"0123456789abcdef0123456789abcdef-arFindingAidJob"

@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 
-from atomnode.protocol import T
+from atomnode.gearman.protocol import T
 from daemon_harness import Client, Daemon
 
 
@@ -196,7 +196,7 @@ def test_bad_input_costs_one_connection_only(tmp_path):
 
 def test_writer_stall_withholds_watchdog():
     """Daemon.healthy() turns false when the SQLite writer makes no progress."""
-    from atomnode.config import Config
+    from atomnode.system.config import Config
     from atomnode.daemon import WRITER_STALL_LIMIT, Daemon as RealDaemon
 
     class FakeStore:

@@ -19,12 +19,12 @@ import pytest
 from test_atom_helpers import make_atom_tree
 from test_systemd import running_daemon
 
-from atomnode import config as config_mod
-from atomnode import ops_cli
+from atomnode.system import config as config_mod
+from atomnode.ops import ops_cli
 from atomnode.cli import main
-from atomnode.client import AdminClient, DaemonUnreachable
-from atomnode.ops_cli import atom_function_prefix, read_atom_site
-from atomnode.protocol import AdminLine, Decoder, Packet, T, encode, error_packet
+from atomnode.ops.client import AdminClient, DaemonUnreachable
+from atomnode.ops.ops_cli import atom_function_prefix, read_atom_site
+from atomnode.gearman.protocol import AdminLine, Decoder, Packet, T, encode, error_packet
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from atomnode.protocol import T
+from atomnode.gearman.protocol import T
 from daemon_harness import Client, Daemon
 
 WORKER_PHP = Path(__file__).parent / "workers" / "atom_like_worker.php"

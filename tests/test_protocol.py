@@ -1,4 +1,4 @@
-"""Tests of the sans-I/O Gearman codec (atomnode.protocol): bytes <-> events.
+"""Tests of the sans-I/O Gearman codec (atomnode.gearman.protocol): bytes <-> events.
 
 The expected bytes are written out independently of the codec (magic, big-endian type and
 size, NUL-separated arguments) with the type numbers of the Gearman protocol document, so a
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atomnode.protocol import (
+from atomnode.gearman.protocol import (
     ARG_COUNT,
     MAX_ADMIN_LINE,
     REQUEST_TYPES,

@@ -1,4 +1,4 @@
-"""The durable queue (atomnode.store): schema, recovery, every op, group commit, faults."""
+"""The durable queue (atomnode.queue.store): schema, recovery, every op, group commit, faults."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from atomnode import store as store_mod
-from atomnode.store import (
+from atomnode.queue import store as store_mod
+from atomnode.queue.store import (
     APPLICATION_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -540,7 +540,7 @@ def test_disk_full_on_tmpfs(tmp_path: Path) -> None:
 
 FSIZE_SCRIPT = textwrap.dedent(r"""
     import json, os, resource, signal, sys, threading
-    from atomnode.store import Store
+    from atomnode.queue.store import Store
 
     db = sys.argv[1]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed

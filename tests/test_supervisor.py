@@ -1,4 +1,4 @@
-"""Worker supervision (atomnode.supervisor) with real child processes and a fake registry.
+"""Worker supervision (atomnode.workers.supervisor) with real child processes and a fake registry.
 
 Time-dependent behaviour (backoff, drain timeouts, age limits) runs under trio's MockClock.
 Where a real process must react to a signal before a mock deadline passes, the clock only
@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio.testing
 
-from atomnode.config import PoolConfig, WaitFor
-from atomnode.supervisor import Supervisor
+from atomnode.system.config import PoolConfig, WaitFor
+from atomnode.workers.supervisor import Supervisor
 
 PY = sys.executable
 

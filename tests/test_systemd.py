@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from atomnode import logs, systemd
-from atomnode.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
+from atomnode.system import logs, systemd
+from atomnode.system.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
 
 # ----------------------------------------------------------------------------- sd_notify
 
@@ -234,7 +234,7 @@ async def test_status_task_refreshes(autojump_clock: trio.testing.MockClock) -> 
 
 CHILD = r"""
 import json, os, socket, sys
-from atomnode.systemd import listen_fds
+from atomnode.system.systemd import listen_fds
 socks = listen_fds()
 s = socks[0]
 s.settimeout(10)

@@ -1,6 +1,6 @@
 """A tiny, independent Gearman wire client for the interop tests (blocking sockets).
 
-Deliberately does not use ``atomnode.protocol``: the point of these tests is to check atomnode
+Deliberately does not use ``atomnode.gearman.protocol``: the point of these tests is to check atomnode
 against an implementation written from the protocol description and gearmand's behaviour.
 """
 

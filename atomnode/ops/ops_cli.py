@@ -28,7 +28,7 @@ from .client import (
     JobException,
     JobFailed,
 )
-from .config import (
+from ..system.config import (
     Config,
     ConfigError,
     format_address,

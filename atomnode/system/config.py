@@ -25,10 +25,10 @@ from typing import Any
 
 import yaml
 
-# Re-exported: defined in atomnode.names, which the broker uses too.
+# Re-exported: defined in atomnode.system.names, which the broker uses too.
 from .names import function_matches, strip_atom_prefix  # noqa: F401
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("atomnode.config")  # stable name: operators see it in the journal
 
 DEFAULT_CONFIG_PATH = "/etc/atomnode/atomnode.yml"
 ENV_CONFIG = "ATOMNODE_CONFIG"

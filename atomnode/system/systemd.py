@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import trio
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("atomnode.systemd")  # stable name: operators see it in the journal
 
 #: First file descriptor passed by socket activation (SD_LISTEN_FDS_START).
 LISTEN_FDS_START = 3

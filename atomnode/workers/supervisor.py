@@ -40,9 +40,9 @@ import trio
 from . import procinfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import PoolConfig, WaitFor
+    from ..system.config import PoolConfig, WaitFor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("atomnode.supervisor")  # stable name: operators see it in the journal
 
 
 class ConnInfoLike(Protocol):

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import procinfo
-from .protocol import Decoder, Packet, T, encode
+from ..gearman.protocol import Decoder, Packet, T, encode
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import HandlerConfig
+    from ..system.config import HandlerConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("atomnode.handlers")  # stable name: operators see it in the journal
 
 #: Largest command output accepted as a result; more fails the job.
 MAX_RESULT = 64 * 1024 * 1024

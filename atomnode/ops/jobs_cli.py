@@ -22,8 +22,8 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
-from .protocol import Decoder, ProtocolError, T, encode
-from .store import (
+from ..gearman.protocol import Decoder, ProtocolError, T, encode
+from ..queue.store import (
     APPLICATION_ID,
     STATES,
     Store,
@@ -44,7 +44,7 @@ class CliError(Exception):
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from .config import ConfigError, load_config
+    from ..system.config import ConfigError, load_config
 
     try:
         return load_config(getattr(args, "config", None))
@@ -62,7 +62,7 @@ def _database_path(args: argparse.Namespace) -> str:
 def _daemon_address(args: argparse.Namespace) -> tuple[str, int]:
     """Where the daemon's admin protocol answers: its first ``listen`` address, with a
     wildcard address replaced by loopback."""
-    from .config import parse_address
+    from ..system.config import parse_address
 
     listen = tuple(_load_config(args).listen)
     if not listen:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from .. import __version__
 from .broker import PENDING, RUNNING, SCHEDULED, Conn
 
 if TYPE_CHECKING:

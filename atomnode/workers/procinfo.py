@@ -15,7 +15,7 @@ import signal
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("atomnode.procinfo")  # stable name: operators see it in the journal
 
 #: PATH given to children: the daemon's own environment is not inherited.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -9,7 +9,7 @@ import socket
 from typing import Self
 from collections.abc import Callable
 
-from .protocol import Decoder, Packet, ProtocolError, T, encode
+from ..gearman.protocol import Decoder, Packet, ProtocolError, T, encode
 
 #: Admin commands whose answer is a listing ended by a line ".".
 LISTING_COMMANDS = frozenset({"status", "workers", "prioritystatus", "show", "atomnode-status"})

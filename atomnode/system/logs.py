@@ -4,7 +4,7 @@ When stderr is connected to the journal (``$JOURNAL_STREAM`` names stderr's devi
 inode), each line starts with the ``<N>`` syslog priority so ``journalctl -p warning`` works,
 and carries no timestamp (the journal adds one). Otherwise lines are meant for a terminal::
 
-    2026-11-27 12:00:00 INFO atomnode.server: message
+    2026-11-27 12:00:00 INFO atomnode.gearman.server: message
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ No sockets, no threads, no SQLite. The server feeds it packets per connection
 (:meth:`Broker.handle`) and connection events (:meth:`Broker.connect`,
 :meth:`Broker.disconnect`); the broker answers by appending encoded packets to each
 :class:`Conn`'s ``out`` list (and the conn to :attr:`Broker.dirty`), and durable-queue
-operations to :attr:`Broker.store_ops` (tuples, see :mod:`atomnode.store`). The server
+operations to :attr:`Broker.store_ops` (tuples, see :mod:`atomnode.queue.store`). The server
 flushes both after each read batch.
 
 Background jobs are durable: a new one is *pending* until the store reports its insert
@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .names import function_matches
+from ..system.names import function_matches
 from .protocol import (
     MAX_FUNCTION_SIZE,
     MAX_UNIQUE_SIZE,

@@ -27,7 +27,7 @@ import trio
 
 from . import protocol
 from .broker import Broker, Conn
-from .config import parse_address
+from ..system.config import parse_address
 from .protocol import AdminLine, Decoder, ProtocolError, error_packet
 
 log = logging.getLogger("atomnode.server")
@@ -61,7 +61,7 @@ class Server:
     """Serves the Gearman protocol (binary and text admin) for one :class:`Broker`.
 
     ``admin`` is a callable ``(server, peer, line) -> bytes`` answering a text command
-    (see :mod:`atomnode.admin`). ``store`` has ``submit_many(ops)`` (or is None when the
+    (see :mod:`atomnode.gearman.admin`). ``store`` has ``submit_many(ops)`` (or is None when the
     broker is not durable).
     """
 

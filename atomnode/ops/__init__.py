@@ -1,0 +1,1 @@
+"""The operator side: command-line commands, the blocking client, AtoM site reading, doctor."""

@@ -1,0 +1,1 @@
+"""The durable queue: the SQLite store (the only module that knows SQL)."""

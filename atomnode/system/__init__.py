@@ -1,0 +1,1 @@
+"""System glue: configuration and its validation, value parsers, logging, systemd."""

@@ -1,0 +1,1 @@
+"""Worker processes: pools (supervisor), command handlers, process information."""
