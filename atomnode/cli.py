@@ -17,6 +17,8 @@ from . import __version__
 SUBCOMMAND_MODULES = [
     "atomnode.daemon",
     "atomnode.ops.ops_cli",
+    "atomnode.ops.atom_site",
+    "atomnode.ops.doctor",
     "atomnode.ops.jobs_cli",
 ]
 

@@ -14,7 +14,7 @@ import yaml
 from atomnode.system import config as config_mod
 from atomnode.cli import main
 from atomnode.system.config import parse_config
-from atomnode.ops.ops_cli import (
+from atomnode.ops.atom_site import (
     ATOM_JOB_CLASSES,
     AtomError,
     atom_config_yaml,

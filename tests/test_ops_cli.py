@@ -20,10 +20,10 @@ from test_atom_helpers import make_atom_tree
 from test_systemd import running_daemon
 
 from atomnode.system import config as config_mod
-from atomnode.ops import ops_cli
+from atomnode.ops import doctor, ops_cli
 from atomnode.cli import main
 from atomnode.ops.client import AdminClient, DaemonUnreachable
-from atomnode.ops.ops_cli import atom_function_prefix, read_atom_site
+from atomnode.ops.atom_site import atom_function_prefix, read_atom_site
 from atomnode.gearman.protocol import AdminLine, Decoder, Packet, T, encode, error_packet
 
 
@@ -394,7 +394,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     free = {"bytes": 50 * 1024**3}
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(
-        ops_cli.shutil, "disk_usage", lambda p: Usage(100 * 1024**3, 0, free["bytes"])
+        doctor.shutil, "disk_usage", lambda p: Usage(100 * 1024**3, 0, free["bytes"])
     )
     return free
 
@@ -408,7 +408,7 @@ def atom_setup(
     tmp_path: Path, fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Path, str]:
     root = make_atom_tree(tmp_path / "atom", server=f"127.0.0.1:{fake.port}", workers_key="k")
-    monkeypatch.setattr(ops_cli, "ATOM_CHECK_PORT", fake.port)
+    monkeypatch.setattr(doctor, "ATOM_CHECK_PORT", fake.port)
     cfg = tmp_path / "atomnode.yml"
     cfg.write_text(f"listen: [127.0.0.1:{fake.port}]\ndatabase: {tmp_path}/q.db\n")
     return root, str(cfg)
@@ -543,7 +543,7 @@ def test_doctor_atom_on_another_port(
 ) -> None:  # fmt: skip
     # AtoM points at a port where nothing answers, and port "4730" is empty too.
     dead = free_port()
-    monkeypatch.setattr(ops_cli, "ATOM_CHECK_PORT", free_port())
+    monkeypatch.setattr(doctor, "ATOM_CHECK_PORT", free_port())
     root = make_atom_tree(tmp_path / "atom", server=f"127.0.0.1:{dead}")
     rc, lines = doctor_lines(capsys, [str(root), *addr(fake)])
     assert rc == 1
