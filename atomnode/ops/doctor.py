@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..system.config import Config, ConfigError, format_address, parse_address, strip_atom_prefix
-from .atom_site import ATOM_CHECK_PORT, DEFAULT_HOST, DEFAULT_PORT, AtomError, AtomSite, read_atom_site
+from .atom_site import (
+    ATOM_CHECK_PORT,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    AtomError,
+    AtomSite,
+    read_atom_site,
+)
 from .client import AdminClient, ClientError, DaemonUnreachable
 from .ops_cli import _add_address_args, _daemon_address, _split_status, fetch_status
 
