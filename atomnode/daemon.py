@@ -155,6 +155,8 @@ class Daemon:
                  f"workers {workers}"]
         if self.store is not None and not self.store.healthy:
             parts.append(f"QUEUE ERROR: {self.store.last_error}")
+        elif self.store is not None and self.store.incident:
+            parts.append(f"QUEUE INCIDENT: {self.store.incident}")
         text = ", ".join(parts)
         if self.supervisor is not None:
             summary = self.supervisor.summary()
@@ -170,6 +172,7 @@ class Daemon:
                 "store_healthy": self.store.healthy,
                 "store_error": self.store.last_error,
                 "store_pending": self.store.pending,
+                "store_incident": self.store.incident,
                 "database": self.cfg.database,
             }
         if self.supervisor is not None:
@@ -180,12 +183,14 @@ class Daemon:
         return doc
 
     def _failed_count(self) -> int | None:
-        """Jobs in state failed (quarantined until an operator retries them): a short
-        read-only query, cached for a few seconds; WAL readers never block the writer."""
-        now = time.monotonic()
-        cached = self._failed_cache
-        if cached is not None and now - cached[0] < 3.0:
-            return cached[1]
+        """Jobs in state failed (quarantined until an operator retries them), as last
+        counted by :meth:`_count_failed_task`. Status requests only read this number:
+        nothing on the event loop touches the disk (an I/O stall would freeze every
+        client and worker with it)."""
+        return self._failed_cache[1] if self._failed_cache is not None else None
+
+    def _count_failed(self) -> int | None:
+        """In a worker thread: a short read-only query; WAL readers never block the writer."""
         import sqlite3
         from urllib.parse import quote
 
@@ -193,14 +198,21 @@ class Daemon:
             uri = f"file:{quote(self.cfg.database)}?mode=ro"
             con = sqlite3.connect(uri, uri=True, timeout=0.5)
             try:
-                n = con.execute("SELECT count(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
+                return con.execute(
+                    "SELECT count(*) FROM jobs WHERE state = 'failed'"
+                ).fetchone()[0]
             finally:
                 con.close()
         except sqlite3.Error:
             return None
-        self._failed_cache = (now, n)
-        return n
 
+    async def _count_failed_task(self) -> None:
+        """Refresh the failed-job count every few seconds, in a thread. A stalled disk
+        stalls only this task (it is abandoned at shutdown)."""
+        while True:
+            n = await trio.to_thread.run_sync(self._count_failed, abandon_on_cancel=True)
+            self._failed_cache = (time.monotonic(), n) if n is not None else None
+            await trio.sleep(3.0)
 
     def healthy(self) -> tuple[bool, str]:
         store = self.store
@@ -351,6 +363,7 @@ class Daemon:
                 await self._start_workers(nursery)
                 nursery.start_soon(self._signals, sigs)
                 nursery.start_soon(self._gc_task)
+                nursery.start_soon(self._count_failed_task)
                 interval = watchdog_interval()
                 if interval:
                     nursery.start_soon(watchdog_task, self.notifier, interval / 3, self.healthy)

@@ -125,12 +125,39 @@ def test_new_database_is_created_with_schema_and_markers(db: str) -> None:
     assert {"jobs", "meta", "jobs_active", "jobs_finished"} <= names
 
 
-def test_empty_existing_file_is_initialised(db: str) -> None:
+def test_empty_existing_file_is_refused(db: str) -> None:
+    """A missing file is a new install; an existing empty one is a truncated queue."""
     os.makedirs(os.path.dirname(db))
     Path(db).write_bytes(b"")
+    with pytest.raises(StoreOpenError) as e:
+        Store(db).open()
+    assert db in str(e.value) and "empty file (0 bytes)" in str(e.value)
+    assert "Restore it from a backup" in str(e.value)
+    assert Path(db).stat().st_size == 0  # untouched
+    assert not Store.is_locked(db)
+
+
+def test_new_database_is_built_aside_and_renamed_into_place(db: str, monkeypatch) -> None:
+    """Creation never leaves an empty or half-built file at the path: if it fails midway
+    the path stays missing, and the next start creates it again."""
+    real = store_mod.Store._check_and_migrate
+
+    def boom(self, conn):
+        real(self, conn)
+        assert not os.path.exists(db)  # still being built under another name
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store_mod.Store, "_check_and_migrate", boom)
+    with pytest.raises(StoreOpenError) as e:
+        Store(db).open()
+    assert "cannot create it" in str(e.value)
+    assert not os.path.exists(db)
+    assert [n for n in os.listdir(os.path.dirname(db)) if ".new-" in n] == []
+    monkeypatch.setattr(store_mod.Store, "_check_and_migrate", real)
     s = Store(db)
     assert s.open().jobs == []
     s.close()
+    assert Path(db).stat().st_size > 0
 
 
 @pytest.mark.parametrize("mode,pragma", [("full", 2), ("normal", 1), ("off", 0)])
@@ -611,3 +638,105 @@ def test_read_only_database_is_refused(tmp_path: Path) -> None:
         assert db in str(exc.value)
     finally:
         undo()
+
+
+# -- values that cannot be stored, a database that moves -----------------------------------
+
+
+def test_one_bad_value_fails_only_its_own_op(db: str) -> None:
+    """An integer SQLite cannot hold (the broker refuses it first; this is the store's own
+    guard) fails its insert alone; the other inserts of the batch commit at once, and the
+    writer stays healthy (no backoff)."""
+    s, _, res = opened(db, retention_days=0)
+    good = [Token(f"g{i}") for i in range(5)]
+    bad = Token("bad")
+    ops = [insert_op(i + 1, token=good[i]) for i in range(2)]
+    ops.append(insert_op(3, when=2**63, token=bad))
+    ops += [insert_op(i + 4, token=good[i + 2]) for i in range(3)]
+    s.submit_many(ops + [("start", 1, 1, "w", 1.0), ("done", 1, 2.0, 0)])
+    res.wait_for(*good, bad)
+    s.close()
+    assert [t for t in res.committed if t in good] == good
+    message = res.message_for(bad)
+    assert message is not None and "cannot be stored" in message and db in message
+    assert s.healthy and s.last_error is None
+    stored = rows(db)
+    assert sorted(stored) == [1, 2, 4, 5, 6]
+    assert stored[1].state == "done"
+
+
+def test_deleted_database_is_rebuilt_at_its_path(db: str, caplog) -> None:
+    """rm of the open database: noticed at the next batch, logged at ERROR, rebuilt from
+    the open copy (every job and the history) at the configured path."""
+    s, _, res = opened(db, retention_days=0)
+    toks = [Token(str(i)) for i in range(200)]
+    s.submit_many([insert_op(i + 1, token=toks[i]) for i in range(200)])
+    res.wait_for(*toks)
+    s.submit_many([("start", 1, 1, "w", 1.0), ("done", 1, 2.0, 0)])
+    os.unlink(db)
+    more = Token("after")
+    s.submit(insert_op(201, token=more))
+    res.wait_for(more)
+    assert more in res.committed
+    assert s.healthy and s.incident is not None and "deleted or renamed" in s.incident
+    assert any(r.levelname == "ERROR" and "a restart would find the queue missing"
+               in r.getMessage() for r in caplog.records)
+    s.close()
+    again = Store(db)
+    rec = again.open()
+    again.close()
+    assert len(rec.jobs) == 200  # 201 inserted, job 1 done
+    assert rows(db)[1].state == "done"
+
+
+def test_renamed_and_replaced_database_is_rebuilt_and_the_other_file_kept(db: str) -> None:
+    s, _, res = opened(db, retention_days=0)
+    toks = [Token(str(i)) for i in range(20)]
+    s.submit_many([insert_op(i + 1, token=toks[i]) for i in range(20)])
+    res.wait_for(*toks)
+    os.rename(db, db + ".old")
+    Path(db).write_bytes(b"someone else's file")
+    t = Token("x")
+    s.submit(insert_op(21, token=t))
+    res.wait_for(t)
+    assert t in res.committed
+    assert s.incident is not None and ".replaced-" in s.incident
+    kept = [n for n in os.listdir(os.path.dirname(db)) if ".replaced-" in n]
+    assert len(kept) == 1
+    assert Path(os.path.dirname(db), kept[0]).read_bytes() == b"someone else's file"
+    s.close()
+    again = Store(db)
+    assert len(again.open().jobs) == 21
+    again.close()
+
+
+def test_database_that_cannot_be_rebuilt_refuses_jobs_until_it_can(tmp_path: Path) -> None:
+    """The directory itself is gone and a file took its name: inserts are refused with the
+    fault named (the writer is unhealthy), facts are kept; once the name is free the
+    database is rebuilt with everything."""
+    d = tmp_path / "state"
+    db = str(d / "q.db")
+    s, _, res = opened(db, retention_days=0)
+    s.backoff_initial = s.backoff_max = 0.05
+    toks = [Token(str(i)) for i in range(10)]
+    s.submit_many([insert_op(i + 1, token=toks[i]) for i in range(10)])
+    res.wait_for(*toks)
+    for name in os.listdir(d):
+        os.unlink(d / name)
+    d.rmdir()
+    d.write_text("not a directory")
+    refused = Token("refused")
+    s.submit_many([("start", 2, 1, "w", 1.0), insert_op(11, token=refused)])
+    res.wait_for(refused)
+    message = res.message_for(refused)
+    assert message is not None and "deleted or renamed" in message and "cannot rebuild" in message
+    assert not s.healthy
+    d.unlink()
+    ok = Token("ok")
+    s.submit(insert_op(12, token=ok))
+    res.wait_for(ok)
+    assert ok in res.committed and s.healthy
+    s.close()
+    stored = rows(db)
+    assert sorted(stored) == [*range(1, 11), 12]
+    assert stored[2].state == "running"

@@ -54,6 +54,26 @@ _SUBMIT = {
     T.SUBMIT_JOB_LOW_BG: (LOW, True),
 }
 
+#: Largest SUBMIT_JOB_EPOCH time accepted: 9999-12-31 23:59:59 UTC. Every value a packet
+#: may carry is checked before it reaches the store: SQLite integers are 64-bit, and one
+#: value it cannot take must never join (and fail) a batch of other clients' jobs.
+MAX_EPOCH = 253402300799
+#: Largest CAN_DO_TIMEOUT, in seconds (gearmand reads it into a 32-bit int).
+MAX_TIMEOUT = 2**31 - 1
+
+
+def _parse_count(raw: bytes, limit: int) -> int | None:
+    """A decimal number from 0 to ``limit`` (empty = 0; trailing NULs ignored, as some
+    clients send them), else None."""
+    raw = raw.rstrip(b"\0").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or len(raw) > 20:
+        return None
+    value = int(raw)
+    return value if value <= limit else None
+
+
 NOOP = encode(T.NOOP)
 NO_JOB = encode(T.NO_JOB)
 
@@ -338,12 +358,15 @@ class Broker:
         elif t == T.CAN_DO:
             self._can_do(conn, args[0], 0)
         elif t == T.CAN_DO_TIMEOUT:
-            try:
-                timeout = int(args[1].rstrip(b"\0") or b"0")
-            except ValueError:
-                self._send(conn, error_packet("INVALID_PACKET", "CAN_DO_TIMEOUT needs a number"))
+            timeout = _parse_count(args[1], MAX_TIMEOUT)
+            if timeout is None:
+                self._send(conn, error_packet(
+                    "INVALID_PACKET",
+                    f"CAN_DO_TIMEOUT needs a number of seconds from 0 to {MAX_TIMEOUT}; "
+                    "ability not registered",
+                ))
                 return
-            self._can_do(conn, args[0], max(timeout, 0))
+            self._can_do(conn, args[0], timeout)
         elif t == T.CANT_DO:
             fn = self.functions.get(args[0])
             if fn is not None and fn in conn.functions:
@@ -372,10 +395,13 @@ class Broker:
         elif t == T.GET_STATUS_UNIQUE:
             self._get_status_unique(conn, args[0])
         elif t == T.SUBMIT_JOB_EPOCH:
-            try:
-                when = int(args[2] or b"0")
-            except ValueError:
-                self._send(conn, error_packet("INVALID_PACKET", "epoch time is not a number"))
+            when = _parse_count(args[2], MAX_EPOCH)
+            if when is None:
+                self._send(conn, error_packet(
+                    "INVALID_PACKET",
+                    f"SUBMIT_JOB_EPOCH needs a unix time from 0 to {MAX_EPOCH} "
+                    "(9999-12-31); job not queued",
+                ))
                 return
             self.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
         elif t in (T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND):

@@ -133,6 +133,14 @@ def run_doctor(
             )
         elif q.get("store_healthy"):
             checks.append(Check("OK", "the queue database is healthy"))
+        if q.get("store_incident"):
+            checks.append(
+                Check(
+                    "WARN",
+                    f"the queue database had an incident: {q['store_incident']}; "
+                    "find out what removed or replaced it",
+                )
+            )
         if q.get("failed"):
             checks.append(
                 Check(

@@ -31,6 +31,7 @@ blocking the writer.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
@@ -173,8 +174,19 @@ class Recovery:
     next_seq: int
 
 
+#: Errors that come from one op's values, not from the database: they fail that op alone.
+_VALUE_ERRORS = (
+    OverflowError, ValueError, TypeError, sqlite3.InterfaceError, sqlite3.IntegrityError,
+    sqlite3.ProgrammingError, sqlite3.DataError,
+)
+
+
 class StoreError(Exception):
     """A queue database problem; the message is for humans and names the file."""
+
+
+class _PathMoved(Exception):
+    """The configured path no longer leads to the open database (writer-internal)."""
 
 
 class StoreOpenError(StoreError):
@@ -212,6 +224,31 @@ def _human_error(path: str, exc: BaseException) -> str:
     else:
         what = "write failed"
     return f"queue database {path}: {what} ({text})".replace("\n", " ")
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _unwritable_reason(path: str) -> str | None:
@@ -266,6 +303,14 @@ class Store:
         self._thread: threading.Thread | None = None
         self._on_result: Callable[[list, list[tuple[object, str]]], None] | None = None
         self._next_prune = 0.0
+        # Where the open database and its WAL are (device, inode), to notice when the
+        # configured path stops leading to them (deleted, renamed, replaced).
+        self._db_id: tuple[int, int] | None = None
+        self._wal_id: tuple[int, int] | None = None
+        self._fault: str | None = None  # the path is broken and not yet repaired
+        self._rebuilds = 0
+        #: The last repaired fault, for status and doctor (None if there was none).
+        self.incident: str | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -301,6 +346,7 @@ class Store:
         self._take_lock()
         try:
             self._conn = self._connect()
+            self._watch_start()
             return self._recover()
         except BaseException:
             self._close_conn()
@@ -358,10 +404,22 @@ class Store:
             with open(path, "rb") as f:
                 header = f.read(16)
         except FileNotFoundError:
-            header = b""
+            # A new install: the database is built aside and renamed into place, so a crash
+            # never leaves an empty file behind (an empty file is refused below).
+            self._create_new()
+            with open(path, "rb") as f:
+                header = f.read(16)
         except OSError as e:
             raise StoreOpenError(f"queue database {path}: cannot read: {e.strerror}") from e
-        if header and header != _SQLITE_MAGIC:
+        if not header:
+            raise StoreOpenError(
+                f"queue database {path} is an empty file (0 bytes): atomnode never leaves one "
+                "(a new database is built aside and renamed into place), so this one was "
+                "truncated or created by something else, and the queue it held is gone. "
+                "Refusing to start. Restore it from a backup, or, if no jobs were queued, "
+                "delete it and atomnode creates a new database."
+            )
+        if header != _SQLITE_MAGIC:
             raise StoreOpenError(
                 f"queue database {path} is not an SQLite database (corrupt or another kind "
                 "of file); refusing to start. Move it aside or point 'database' elsewhere."
@@ -378,6 +436,36 @@ class Store:
             conn.close()
             raise
         return conn
+
+    def _create_new(self) -> None:
+        """Create the database at a temporary name beside ``path``, complete (schema,
+        markers, WAL checkpointed away, fsynced), then rename it into place."""
+        path = self.path
+        tmp = f"{path}.new-{os.getpid()}"
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        log.info("queue database %s does not exist: creating it", path)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
+            try:
+                self._check_and_migrate(conn)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            _fsync_file(tmp)
+            os.rename(tmp, path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except sqlite3.Error as e:
+            raise StoreOpenError(f"queue database {path}: cannot create it: {e}") from e
+        except OSError as e:
+            raise StoreOpenError(
+                f"queue database {path}: cannot create it: {e.strerror or e}"
+            ) from e
+        finally:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
 
     def _check_and_migrate(self, conn: sqlite3.Connection) -> None:
         path = self.path
@@ -577,6 +665,8 @@ class Store:
                 else:
                     backoff = 0.0
             if not carry:
+                if self._fault is not None or self._path_fault() is not None:
+                    self._repair_path()
                 self._maybe_prune()
             if stopping:
                 if carry or self._queue:
@@ -601,8 +691,16 @@ class Store:
                 self.path, len(batch), self.last_error,
             )  # fmt: skip
 
-    def _write_batch(self, batch: list[tuple]) -> list[tuple]:
-        """Apply ``batch`` in one transaction and report. Returns the ops to retry."""
+    def _write_batch(self, batch: list[tuple], depth: int = 0) -> list[tuple]:
+        """Apply ``batch`` in one transaction and report. Returns the ops to retry.
+
+        Failure policy: an error of the database (disk full, read-only, I/O, locked) rolls
+        the batch back; its inserts and operator commands are reported failed, every other
+        op is a fact about work that already happened and is returned to be retried. An
+        error of one op's *values* (an integer SQLite cannot hold, a duplicate id: a bug
+        upstream, since the broker validates every value) must not fail the others: the
+        batch is then applied again one op at a time, and only the bad op is refused.
+        """
         conn = self._conn
         assert conn is not None
         inserts: list[tuple] = []
@@ -615,22 +713,33 @@ class Store:
             else:
                 others.append(op)
         retried: list[tuple[object, StoredJob]] = []  # (token, row) for committed retries
-        retry_refused: list[tuple[object, str]] = []
+        refused: list[tuple[object, str]] = []
         purged: list[tuple[object, int]] = []
+        committed: list = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            # An insert is always the first op for its job, so inserts may go first as one
-            # executemany; the rest keeps its order (start/done for one job in one batch).
-            if inserts:
-                conn.executemany(SQL_INSERT, inserts)
-            i, n = 0, len(others)
-            while i < n:
-                kind = others[i][0]
-                j = i + 1
-                while j < n and others[j][0] == kind:
-                    j += 1
-                self._apply_run(conn, kind, others[i:j], retried, retry_refused, purged)
-                i = j
+            self._path_guard()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                # An insert is always the first op for its job, so inserts may go first as
+                # one executemany; the rest keeps its order (start/done for one job in one
+                # batch).
+                if inserts:
+                    conn.executemany(SQL_INSERT, inserts)
+                i, n = 0, len(others)
+                while i < n:
+                    kind = others[i][0]
+                    j = i + 1
+                    while j < n and others[j][0] == kind:
+                        j += 1
+                    self._apply_run(conn, kind, others[i:j], retried, refused, purged)
+                    i = j
+                committed = list(insert_tokens)
+            except _VALUE_ERRORS:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                retried, refused, purged = [], [], []
+                committed = self._apply_one_by_one(batch, retried, refused, purged)
+            self._path_guard()
             conn.execute("COMMIT")
         except Exception as e:  # sqlite3.Error, but also anything unexpected: never die
             try:
@@ -638,7 +747,12 @@ class Store:
                     conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            message = _human_error(self.path, e)
+            if isinstance(e, _PathMoved):
+                if depth < 3 and self._repair_path():
+                    return self._write_batch(batch, depth + 1)  # on the rebuilt database
+                message = self.last_error or str(e)
+            else:
+                message = _human_error(self.path, e)
             if self.healthy or message != self.last_error:
                 log.error("%s; %d ops will be retried", message, len(others))
             self.healthy = False
@@ -654,21 +768,200 @@ class Store:
                 self.pending -= len(batch) - len(keep)
             self._report([], failed)
             return keep
-        if not self.healthy:
+        if self._path_fault() is not None:
+            # Moved during the commit: what was just committed is in the open file, and
+            # the rebuild copies it to the configured path before anyone is told.
+            self._repair_path()
+        if not self.healthy and self._fault is None:
             log.warning("queue database %s: writes succeed again", self.path)
-        self.healthy = True
-        self.last_error = None
+        if self._fault is None:
+            self.healthy = True
+            self.last_error = None
         with self._mutex:
             self.pending -= len(batch)
-        committed: list = list(insert_tokens)
         for token, job in retried:
             token.job = job  # type: ignore[attr-defined]
             committed.append(token)
         for token, count in purged:
             token.count = count  # type: ignore[attr-defined]
             committed.append(token)
-        self._report(committed, retry_refused)
+        self._report(committed, refused)
         return []
+
+    # -- the database's path ----------------------------------------------------------------
+
+    def _watch_start(self) -> None:
+        self._db_id = _identity(self.path)
+        self._wal_id = _identity(self.path + "-wal")
+
+    def _path_fault(self) -> str | None:
+        """Why the configured path no longer leads to the open database, if it does not.
+        Two stat() calls: cheap enough for every batch."""
+        if self._db_id is None:
+            return None
+        now = _identity(self.path)
+        if now != self._db_id:
+            what = "deleted or renamed" if now is None else "replaced by another file"
+            return f"queue database {self.path} was {what} while atomnode had it open"
+        if self._wal_id is not None and _identity(self.path + "-wal") != self._wal_id:
+            return (f"queue database {self.path}: its write-ahead log {self.path}-wal was "
+                    "deleted or replaced while atomnode had it open")
+        return None
+
+    def _path_guard(self) -> None:
+        if self._fault is not None or self._path_fault() is not None:
+            raise _PathMoved(self._fault or "queue database path changed")
+
+    def _repair_path(self) -> bool:
+        """The path no longer leads to the open database: SQLite would go on writing to a
+        file no restart can find. Copy the open database (every job, history too) to a new
+        file beside the path and rename it into place; another file found at the path is
+        kept, renamed. True once the path leads to the open database again."""
+        fault = self._path_fault()
+        if fault is None and self._fault is None:
+            return True
+        if self._fault is None:
+            self._fault = fault
+            log.error(
+                "%s: a restart would find the queue missing. Rebuilding the database at %s "
+                "from the open copy; new jobs wait until it is back.", fault, self.path,
+            )  # fmt: skip
+        self.healthy = False
+        self.last_error = f"{self._fault}; rebuilding it"
+        try:
+            live, moved = self._rebuild()
+        except (OSError, sqlite3.Error) as e:
+            message = f"{self._fault}; cannot rebuild it: {e}".replace("\n", " ")
+            if message != self.last_error:
+                log.error("%s (retrying)", message)
+            self.last_error = message
+            return False
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        kept = f"; the file found at the path was kept as {moved}" if moved else ""
+        self.incident = (f"{when}: {self._fault}; rebuilt from the open copy with {live} "
+                         f"live jobs and the history{kept}")
+        log.error("queue database %s rebuilt from the open copy: %d live jobs and the "
+                  "history kept%s. Find what removed it.", self.path, live, kept)
+        self._fault = None
+        self.healthy = True
+        self.last_error = None
+        return True
+
+    def _rebuild(self) -> tuple[int, str | None]:
+        """Back up the open database aside, close it, rename the copy into place, open it.
+        Returns (live jobs copied, where a foreign file at the path was moved)."""
+        path = self.path
+        old = self._conn
+        assert old is not None
+        self._rebuilds += 1
+        tmp = f"{path}.rebuild-{os.getpid()}-{self._rebuilds}"
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        try:
+            new = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
+            try:
+                old.backup(new)
+                live = new.execute(
+                    "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+                ).fetchone()[0]
+                new.execute("PRAGMA journal_mode = WAL")
+                new.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                new.close()
+            _fsync_file(tmp)
+        except BaseException:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            raise
+        # The old connection closes first: SQLite then removes *its* -wal by name, which
+        # must not be the new database's.
+        self._conn = None
+        with contextlib.suppress(sqlite3.Error):
+            old.close()
+        moved = None
+        try:
+            if os.path.lexists(path):
+                moved = f"{path}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+                os.rename(path, moved)
+            for stale in (path + "-wal", path + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
+            os.rename(tmp, path)
+            _fsync_dir(directory)
+        finally:
+            # Whatever happened, the writer needs a connection to the jobs.
+            target = path if not os.path.exists(tmp) else tmp
+            conn = sqlite3.connect(
+                target, isolation_level=None, check_same_thread=False, cached_statements=64
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            self._conn = conn
+        self._watch_start()
+        self._relock()
+        return live, moved
+
+    def _relock(self) -> None:
+        """If the lock file went with the database, lock a new one (so a second atomnode
+        still cannot open the same path)."""
+        if self._lock_fd is None:
+            return
+        st = os.fstat(self._lock_fd)
+        if _identity(self.path + ".lock") == (st.st_dev, st.st_ino):
+            return
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            log.error("queue database %s: cannot create a new lock file: %s", self.path, e)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.error("queue database %s: its lock file was replaced and is held by another "
+                      "process", self.path)
+            return
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.close(self._lock_fd)
+        self._lock_fd = fd
+
+    def _apply_one_by_one(
+        self, batch: list[tuple], retried: list, refused: list, purged: list
+    ) -> list:
+        """The batch again, in one transaction, each op in its own savepoint: an op whose
+        values cannot be stored is rolled back alone and refused (inserts and operator
+        commands are answered with the reason; a bad fact is logged and dropped, since
+        retrying it could never succeed). Returns the committed insert tokens."""
+        conn = self._conn
+        assert conn is not None
+        committed: list = []
+        conn.execute("BEGIN IMMEDIATE")
+        for op in batch:
+            conn.execute("SAVEPOINT one_op")
+            try:
+                if op[0] == "insert":
+                    conn.execute(SQL_INSERT, op[1:9])
+                else:
+                    self._apply_run(conn, op[0], [op], retried, refused, purged)
+            except _VALUE_ERRORS as e:
+                conn.execute("ROLLBACK TO one_op")
+                conn.execute("RELEASE one_op")
+                reason = f"queue database {self.path}: a value of this job cannot be " \
+                         f"stored ({type(e).__name__}: {e})".replace("\n", " ")
+                if op[0] == "insert":
+                    refused.append((op[9], reason))
+                elif op[0] in ("retry", "purge"):
+                    refused.append((op[-1], reason))
+                else:
+                    log.error("%s; op %r dropped", reason, op[:2])
+                continue
+            conn.execute("RELEASE one_op")
+            if op[0] == "insert":
+                committed.append(op[9])
+        return committed
 
     def _apply_run(
         self,

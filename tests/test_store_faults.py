@@ -1,0 +1,289 @@
+"""Store faults on the real daemon (issue 10, points 1, 2, 5, 6, 7): every case ends with
+every acknowledged job kept, or with a refusal that names the file, the fault and the way
+forward; one client's bad value never costs another client anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from atomnode.gearman.protocol import T
+from daemon_harness import Client, Daemon
+from test_durability import drain_all
+
+
+def wait_for_log(d: Daemon, text: str, timeout: float = 10.0) -> str:
+    """The daemon's log once it contains ``text`` (a file written by another process:
+    polled, there is no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = d.log()
+        if text in log:
+            return log
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{log}"
+        time.sleep(0.05)
+
+
+def status_doc(d: Daemon) -> dict:
+    with d.client() as c:
+        return json.loads(c.admin("atomnode-status").split(b"\n")[0])
+
+
+def doctor(d: Daemon) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "atomnode", "doctor", "--host", "127.0.0.1", "--port",
+         str(d.port)],
+        capture_output=True, text=True, timeout=60, cwd=d.workdir, env=d.env,
+    )
+    return out.stdout + out.stderr
+
+
+# -- 1. the database deleted or renamed while running -------------------------------------
+
+
+@pytest.mark.parametrize("how", ["rm", "rm-all", "mv"])
+def test_database_removed_while_running_keeps_every_job(tmp_path: Path, how: str) -> None:
+    """200 jobs acknowledged, then the file is deleted (alone or with its -wal and -shm) or
+    renamed: the daemon notices within a second, logs an ERROR, rebuilds the database at
+    its path, reports the incident in status, STATUS= and doctor; after kill -9 and a
+    restart all 200 jobs (and one submitted after the fault) are there."""
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        for i in range(200):
+            c.submit_bg(b"keep", f"u{i}".encode(), b"x")
+    db = str(d.db)
+    if how == "mv":
+        os.rename(db, db + ".moved")
+    else:
+        for suffix in ("", "-wal", "-shm") if how == "rm-all" else ("",):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(db + suffix)
+    t0 = time.monotonic()
+    log = wait_for_log(d, "rebuilt from the open copy: 200 live jobs")
+    assert time.monotonic() - t0 < 3.0  # idle writer checks every second
+    assert "ERROR" in log and "a restart would find the queue missing" in log
+    assert os.path.getsize(db) > 0
+    with d.client() as c:
+        c.submit_bg(b"keep", b"after", b"x")
+    doc = status_doc(d)
+    assert doc["queue"]["store_healthy"] is True
+    assert "deleted or renamed" in doc["queue"]["store_incident"]
+    report = doctor(d)
+    assert "WARN  the queue database had an incident" in report, report
+    d.kill9()
+    d.start()
+    got = drain_all(d, b"keep")
+    assert sorted(u for u, _ in got) == sorted([f"u{i}".encode() for i in range(200)]
+                                               + [b"after"])
+    d.stop()
+
+
+def test_database_that_cannot_be_rebuilt_is_reported_unhealthy(tmp_path: Path) -> None:
+    """The database's directory removed and a file put in its place: the rebuild cannot
+    happen, so the store is unhealthy in status and doctor and new jobs are refused with
+    the fault named; once the place is free again everything is rebuilt and kept."""
+    state = tmp_path / "state"
+    state.mkdir()
+    d = Daemon(tmp_path, db=state / "q.db").start()
+    with d.client() as c:
+        for i in range(50):
+            c.submit_bg(b"keep", f"u{i}".encode(), b"x")
+    shutil.rmtree(state)
+    state.write_text("in the way")
+    with d.client() as c:
+        c.send(T.SUBMIT_JOB_BG, b"keep", b"refused", b"x")
+        p = c.expect(T.ERROR)
+        assert p.args[0] == b"QUEUE_ERROR" and b"deleted or renamed" in p.args[1], p.args
+    doc = status_doc(d)
+    assert doc["queue"]["store_healthy"] is False
+    assert "cannot rebuild" in doc["queue"]["store_error"]
+    assert "FAIL  the queue database is failing" in doctor(d)
+    state.unlink()
+    wait_for_log(d, "rebuilt from the open copy: 50 live jobs")
+    d.kill9()
+    d.start()
+    assert len(drain_all(d, b"keep")) == 50
+    d.stop()
+
+
+# -- 2. an empty file where a queue used to be ---------------------------------------------
+
+
+def test_truncated_database_is_refused(tmp_path: Path) -> None:
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        c.submit_bg(b"keep", b"u", b"x")
+    d.stop()
+    os.truncate(d.db, 0)
+    rc, log = Daemon(tmp_path, db=d.db).run_to_exit()
+    assert rc == 1
+    assert f"queue database {d.db} is an empty file (0 bytes)" in log
+    assert "Restore it from a backup" in log
+    assert os.path.getsize(d.db) == 0
+
+
+def test_missing_database_is_a_new_install(tmp_path: Path) -> None:
+    db = tmp_path / "new" / "q.db"
+    d = Daemon(tmp_path, db=db).start()
+    assert db.stat().st_size > 0
+    assert sorted(p.name for p in db.parent.iterdir() if ".new-" in p.name) == []
+    d.stop()
+
+
+# -- 5. values that cannot be stored ------------------------------------------------------
+
+
+def test_bad_epoch_costs_only_its_own_submission(tmp_path: Path) -> None:
+    """4 clients submit flat out while a fifth sends SUBMIT_JOB_EPOCH with times SQLite
+    cannot hold (2^63, 10^30, negative, garbage): each bad packet gets its own ERROR naming
+    the range; every innocent submission is acknowledged, none gets QUEUE_ERROR."""
+    d = Daemon(tmp_path).start()
+    per_client = 500
+    errors: list[tuple] = []
+    acked = [0]
+    lock = threading.Lock()
+
+    def innocent(k: int) -> None:
+        with d.client() as c:
+            for i in range(per_client):
+                c.send(T.SUBMIT_JOB_BG, b"innocent", f"c{k}-{i}".encode(), b"x")
+            for _ in range(per_client):
+                p = c.expect(T.JOB_CREATED, T.ERROR)
+                with lock:
+                    if p.type == T.ERROR:
+                        errors.append(p.args)
+                    else:
+                        acked[0] += 1
+
+    threads = [threading.Thread(target=innocent, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    bad_values = [str(2**63).encode(), b"1" + b"0" * 30, b"-5", b"soon", b"9" * 400]
+    with d.client() as c:
+        for n in range(200):
+            c.send(T.SUBMIT_JOB_EPOCH, b"innocent", f"bad{n}".encode(),
+                   bad_values[n % len(bad_values)], b"x")
+            p = c.expect(T.ERROR)
+            assert p.args[0] == b"INVALID_PACKET"
+            assert b"SUBMIT_JOB_EPOCH needs a unix time from 0 to 253402300799" in p.args[1]
+        c.send(T.ECHO_REQ, b"alive")
+        assert c.expect(T.ECHO_RES).args[0] == b"alive"
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert acked[0] == 4 * per_client
+    assert status_doc(d)["queue"]["store_healthy"] is True
+    assert "write failed" not in d.log()
+    d.stop()
+
+
+# -- 6. bad values from a worker ----------------------------------------------------------
+
+
+def test_bad_can_do_timeout_is_refused_at_the_packet(tmp_path: Path) -> None:
+    """CAN_DO_TIMEOUT of 2^63 (or negative, or garbage) gets an ERROR and registers
+    nothing; the job is never handed to that worker, never has an attempt counted, and runs
+    once on a good worker."""
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        c.submit_bg(b"timed", b"j1", b"x")
+    with d.worker() as w:
+        for value in (str(2**63).encode(), b"-1", b"1e9", b"9" * 400):
+            w.send(T.CAN_DO_TIMEOUT, b"timed", value)
+            p = w.expect(T.ERROR)
+            assert p.args[0] == b"INVALID_PACKET"
+            assert b"from 0 to 2147483647" in p.args[1]
+        for _ in range(6):
+            w.send(T.GRAB_JOB_UNIQ)
+            assert w.expect(T.NO_JOB, T.JOB_ASSIGN_UNIQ).type == T.NO_JOB
+        with d.client() as c:
+            jobs = c.admin("show jobs")
+        assert jobs.count(b"\t0\t0\t1\n") == 1  # no attempt counted
+        w.send(T.CAN_DO_TIMEOUT, b"timed", b"30")  # a sane value still works
+        w.send(T.GRAB_JOB_UNIQ)
+        p = w.expect(T.JOB_ASSIGN_UNIQ)
+        assert p.args[2] == b"j1"
+        w.complete(p.args[0])
+        w.send(T.ECHO_REQ, b"fence")
+        w.expect(T.ECHO_RES)
+    assert "Traceback" not in d.log()
+    d.stop()
+
+
+# -- 7. no disk access on the event loop ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen_filesystem(tmp_path: Path) -> Iterator[tuple[Path, Callable, Callable]]:
+    """A loop-mounted ext4 at tmp_path/mnt and functions that freeze (fsfreeze) and thaw
+    it; always thawed and unmounted afterwards. Needs root and loop devices."""
+    if os.geteuid() != 0 or not shutil.which("fsfreeze"):
+        pytest.fail("this test needs root and util-linux (fsfreeze, mount)")
+    image = tmp_path / "fs.img"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    frozen = [False]
+
+    def freeze() -> None:
+        subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+        frozen[0] = True
+
+    def thaw() -> None:
+        if frozen[0]:
+            subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+            frozen[0] = False
+
+    try:
+        yield mnt, freeze, thaw
+    finally:
+        thaw()
+        for _ in range(50):
+            if subprocess.run(["umount", str(mnt)], check=False).returncode == 0:
+                break
+            time.sleep(0.1)  # the daemon may still be closing its files
+
+
+def test_status_and_workers_are_served_while_the_disk_is_frozen(tmp_path: Path) -> None:
+    """fsfreeze on the database's filesystem: the writer thread blocks on the disk, but
+    atomnode-status, status and a worker's GRAB_JOB each answer within 0.5 s (they never
+    touch the disk on the event loop)."""
+    with frozen_filesystem(tmp_path) as (mnt, freeze, thaw):
+        d = Daemon(tmp_path, db=mnt / "q.db").start()
+        try:
+            with d.client() as c:
+                for i in range(20):
+                    c.submit_bg(b"frozen", f"u{i}".encode(), b"x")
+            freeze()
+            with d.client() as c:
+                c.send(T.SUBMIT_JOB_BG, b"frozen", b"stuck", b"x")  # the writer blocks
+                for _ in range(5):
+                    t0 = time.monotonic()
+                    doc = json.loads(c.admin("atomnode-status").split(b"\n")[0])
+                    assert time.monotonic() - t0 < 0.5
+                    assert doc["queue"]["queued"] == 20
+                    t0 = time.monotonic()
+                    c.admin("status")
+                    assert time.monotonic() - t0 < 0.5
+                with d.worker(b"frozen") as w:
+                    t0 = time.monotonic()
+                    p = w.grab(timeout=2)
+                    assert p is not None and time.monotonic() - t0 < 0.5
+                    w.complete(p.args[0])
+        finally:
+            thaw()
+            d.stop()
