@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -25,7 +26,13 @@ import trio
 from . import __version__
 from .gearman.admin import Admin
 from .gearman.broker import Broker, Conn, Function
-from .system.config import Config, ConfigError, function_matches, load_config
+from .system.config import (
+    Config,
+    ConfigError,
+    format_address,
+    function_matches,
+    load_config,
+)
 from .gearman.server import Server
 from .queue.store import Store, StoreError, parse_handle
 from .system.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
@@ -92,6 +99,18 @@ class _AdminReply:
         self.count = 0
 
 
+class _WebReply:
+    """Token for a console action: set when the writer has committed (or refused) it."""
+
+    def __init__(self, kind: str, handle: str):
+        self.kind = kind
+        self.handle = handle
+        self.job: Any = None
+        self.ok = False
+        self.message = ""
+        self.done = trio.Event()
+
+
 class Daemon:
     """One running atomnode. ``run()`` returns the process exit code."""
 
@@ -112,7 +131,11 @@ class Daemon:
         self.graceful = True
         self.ready = False
         self._nursery_for_handlers: trio.Nursery | None = None  # where reloads start handlers
-        self._failed_cache: tuple[float, int] | None = None  # (when, count)
+        self._failed_cache: tuple[float, dict[str, int]] | None = None  # (when, per function)
+        self.admin: Admin | None = None
+        self.http_bound: list[tuple[str, int]] = []
+        self.started_at = time.time()
+        self._last_sample: dict[bytes, tuple[int, int, Any]] = {}
 
     # ----------------------------------------------------------------- config
     def max_attempts(self, function: bytes) -> int:
@@ -167,14 +190,22 @@ class Daemon:
     def extra_status(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
         if self.store is not None:
+            failed = self._failed_by_function()
+            last = self.store.last_commit_seconds
             doc["queue"] = {
-                "failed": self._failed_count(),
+                "failed": None if failed is None else sum(failed.values()),
                 "store_healthy": self.store.healthy,
                 "store_error": self.store.last_error,
                 "store_pending": self.store.pending,
                 "store_incident": self.store.incident,
                 "database": self.cfg.database,
+                "database_size": _file_size(self.cfg.database),
+                "wal_size": _file_size(self.cfg.database + "-wal"),
+                "last_commit_ms": None if last is None else round(last * 1000, 3),
             }
+            if failed is not None:
+                doc["failed_by_function"] = failed
+        doc["http"] = [format_address(h, p) for h, p in self.http_bound]
         if self.supervisor is not None:
             doc["pools"] = self.supervisor.snapshot()
         if self.handlers:
@@ -182,36 +213,100 @@ class Daemon:
         doc["ready"] = self.ready
         return doc
 
-    def _failed_count(self) -> int | None:
-        """Jobs in state failed (quarantined until an operator retries them), as last
-        counted by :meth:`_count_failed_task`. Status requests only read this number:
+    def _failed_by_function(self) -> dict[str, int] | None:
+        """Jobs in state failed (quarantined until an operator retries them) per function,
+        as last counted by :meth:`_count_failed_task`. Status requests only read this:
         nothing on the event loop touches the disk (an I/O stall would freeze every
         client and worker with it)."""
         return self._failed_cache[1] if self._failed_cache is not None else None
 
-    def _count_failed(self) -> int | None:
+    def _count_failed(self) -> dict[str, int] | None:
         """In a worker thread: a short read-only query; WAL readers never block the writer."""
-        import sqlite3
-        from urllib.parse import quote
+        from .queue.console_reads import ReadError, counts_by_function
 
         try:
-            uri = f"file:{quote(self.cfg.database)}?mode=ro"
-            con = sqlite3.connect(uri, uri=True, timeout=0.5)
-            try:
-                return con.execute(
-                    "SELECT count(*) FROM jobs WHERE state = 'failed'"
-                ).fetchone()[0]
-            finally:
-                con.close()
-        except sqlite3.Error:
+            counts = counts_by_function(self.cfg.database, ("failed",))
+        except ReadError:
             return None
+        return {fn: c.get("failed", 0) for fn, c in counts.items()}
+
+    async def refresh_failed_count(self) -> None:
+        """Count the failed jobs now (after a retry or cancel from the console)."""
+        n = await trio.to_thread.run_sync(self._count_failed, abandon_on_cancel=True)
+        self._failed_cache = (time.monotonic(), n) if n is not None else None
+
+    # --------------------------------------------------------- console hooks
+    def status_document(self) -> dict[str, Any]:
+        """What ``atomnode status --json`` prints, for the console's /api/status."""
+        assert self.admin is not None and self.server is not None
+        doc = self.admin.status_document(self.server)
+        doc.setdefault("degraded", False)
+        return doc
+
+    async def change_jobs(self, verb: str, handles: list[str]) -> list[dict[str, Any]]:
+        """The console's retry/cancel: one result per handle (``handle``, ``ok``,
+        ``message``), answered once the change is committed (retry) or submitted."""
+        from .queue.console_reads import ReadError, show_job
+
+        broker, server, store = self.broker, self.server, self.store
+        assert broker is not None and server is not None and store is not None
+        results: list[dict[str, Any]] = []
+        waiting: list[_WebReply] = []
+        for text in handles:
+            try:
+                job_id = parse_handle(text)
+            except ValueError as e:
+                results.append({"handle": text, "ok": False, "message": str(e)})
+                continue
+            handle = store.handle(job_id)
+            live = broker.jobs.get(handle.encode())
+            if verb == "cancel" and live is not None:
+                ok = broker.cancel(handle.encode())
+                results.append({"handle": handle, "ok": ok, "message": "cancelled" if ok else
+                                "the job is running; only queued jobs can be cancelled"})
+                continue
+            if live is not None:
+                results.append({"handle": handle, "ok": False,
+                                "message": "the job is still queued or running"})
+                continue
+            if verb == "retry":
+                token = _WebReply("retry", handle)
+                broker.store_ops.append(("retry", job_id, broker._new_seq(), token))
+                waiting.append(token)
+                results.append({"handle": handle, "token": token})
+                continue
+            # cancel a failed job: it leaves the failed list, kept in history as cancelled
+            try:
+                row = await trio.to_thread.run_sync(show_job, self.cfg.database, job_id)
+            except ReadError as e:
+                results.append({"handle": handle, "ok": False, "message": str(e)})
+                continue
+            if row is None or row.state != "failed":
+                why = "does not exist" if row is None else f"is {row.state}"
+                results.append({"handle": handle, "ok": False,
+                                "message": f"job {handle} {why}: only queued or failed jobs "
+                                "can be cancelled"})
+                continue
+            broker.store_ops.append(("cancel", job_id, time.time()))
+            results.append({"handle": handle, "ok": True, "message": "cancelled"})
+        server.flush()
+        with trio.move_on_after(30):
+            for token in waiting:
+                await token.done.wait()
+        for r in results:
+            token = r.pop("token", None)
+            if token is not None:
+                r["ok"] = token.ok
+                r["message"] = token.message or ("queued again" if token.ok else
+                                                 "no answer from the queue writer")
+        await self.refresh_failed_count()
+        return results
 
     async def _count_failed_task(self) -> None:
         """Refresh the failed-job count every few seconds, in a thread. A stalled disk
         stalls only this task (it is abandoned at shutdown)."""
         while True:
-            n = await trio.to_thread.run_sync(self._count_failed, abandon_on_cancel=True)
-            self._failed_cache = (time.monotonic(), n) if n is not None else None
+            await self.refresh_failed_count()
             await trio.sleep(3.0)
 
     def healthy(self) -> tuple[bool, str]:
@@ -267,7 +362,12 @@ class Daemon:
         assert server is not None and broker is not None
         jobs_ok = []
         for tok in committed:
-            if isinstance(tok, _AdminReply):
+            if isinstance(tok, _WebReply):
+                if tok.job is not None:
+                    broker.enqueue_stored(tok.job)
+                tok.ok = True
+                tok.done.set()
+            elif isinstance(tok, _AdminReply):
                 if tok.kind == "retry" and tok.job is not None:
                     job = broker.enqueue_stored(tok.job)
                     broker._send(tok.conn, b"OK " + job.handle + b"\r\n")
@@ -277,7 +377,10 @@ class Daemon:
                 jobs_ok.append(tok)
         jobs_failed = []
         for tok, message in failed:
-            if isinstance(tok, _AdminReply):
+            if isinstance(tok, _WebReply):
+                tok.message = message
+                tok.done.set()
+            elif isinstance(tok, _AdminReply):
                 broker._send(tok.conn, b"ERR FAILED " + message.replace(" ", "+").encode()
                              + b"\r\n")
             else:
@@ -326,7 +429,7 @@ class Daemon:
             log.info("recovered %d queued job(s) from %s in %.2fs", restored, cfg.database,
                      time.monotonic() - t0)
         del recovery
-        admin = Admin(
+        admin = self.admin = Admin(
             extra_status=self.extra_status,
             jobs_command=None,
             on_shutdown=self.request_shutdown,
@@ -357,6 +460,9 @@ class Daemon:
                 return 1
             for host, port in server.bound:
                 log.info("listening on %s:%d", host, port)
+            http_sock = self._open_console_socket()
+            if http_sock is False:
+                return 1
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
                 self._nursery_for_handlers = nursery
@@ -364,6 +470,9 @@ class Daemon:
                 nursery.start_soon(self._signals, sigs)
                 nursery.start_soon(self._gc_task)
                 nursery.start_soon(self._count_failed_task)
+                nursery.start_soon(self._sample_task)
+                if http_sock is not None:
+                    await nursery.start(self._serve_console, http_sock)
                 interval = watchdog_interval()
                 if interval:
                     nursery.start_soon(watchdog_task, self.notifier, interval / 3, self.healthy)
@@ -380,6 +489,41 @@ class Daemon:
             self.notifier.close()
         log.info("stopped")
         return 0
+
+    def _open_console_socket(self) -> Any:
+        """Bind the web console's port (before READY, so a bad address is refused at
+        start). None: the console is off; False: it cannot start (logged)."""
+        listen = self.cfg.http_listen
+        if listen is None:
+            return None
+        from .system.config import DEFAULT_HTTP_LISTEN, parse_address
+
+        host, port = parse_address(listen)
+        try:
+            from .console import open_socket
+
+            sock = open_socket(host, port)
+        except ImportError as e:
+            log.error("the web console needs %s (install atomnode's dependencies), or turn "
+                      "it off with --http none", e.name)
+            return False
+        except OSError as e:
+            if listen == DEFAULT_HTTP_LISTEN:
+                # The default address is taken (another atomnode?): the queue matters more.
+                log.warning("web console not started: %s: %s", listen, e.strerror or e)
+                return None
+            log.error("web console: cannot listen on %s: %s", listen, e.strerror or e)
+            return False
+        name = sock.getsockname()
+        self.http_bound = [(name[0], name[1])]
+        log.info("web console on http://%s/", format_address(name[0], name[1]))
+        return sock
+
+    async def _serve_console(self, sock: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED,
+                             ) -> None:
+        from .console import serve
+
+        await serve(self, sock, task_status=task_status)
 
     async def _start_workers(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
@@ -424,6 +568,39 @@ class Daemon:
             for pool in self.handlers.values():
                 n.start_soon(pool.shutdown, timeout)
         nursery.cancel_scope.cancel()
+
+    #: Seconds between two chart samples (the console's charts; see take_sample).
+    SAMPLE_INTERVAL = 60.0
+
+    def take_sample(self) -> list[tuple]:
+        """One chart sample per function: jobs completed and failed since the last sample,
+        queue depth, running, and the queue wait's p50/p95 over the interval; handed to
+        the store's writer (no disk access here). Returns the rows."""
+        broker, store = self.broker, self.store
+        assert broker is not None and store is not None
+        now = time.time()
+        rows = []
+        last = self._last_sample
+        for name, fn in broker.functions.items():
+            st = fn.stats
+            prev = last.get(name)
+            completed = st.completed - (prev[0] if prev else 0)
+            failed = st.failed - (prev[1] if prev else 0)
+            since = prev[2] if prev else None
+            p50 = st.wait.quantile(0.5, since)
+            p95 = st.wait.quantile(0.95, since)
+            last[name] = (st.completed, st.failed, st.wait.copy())
+            if completed or failed or fn.queued or fn.running or prev is None:
+                rows.append((round(now, 3), name, completed, failed, fn.queued, fn.running,
+                             p50, p95))
+        if rows:
+            store.submit(("samples", rows))
+        return rows
+
+    async def _sample_task(self) -> None:
+        while True:
+            await trio.sleep(self.SAMPLE_INTERVAL)
+            self.take_sample()
 
     #: Above this many live jobs, the garbage collector's view is frozen every second.
     GC_FREEZE_ABOVE = 20000
@@ -497,6 +674,13 @@ class Daemon:
                 await self._start_handler(self._nursery_for_handlers, h)
 
 
+def _file_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 # --------------------------------------------------------------------- CLI
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -511,6 +695,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="address to listen on (repeatable; default 127.0.0.1:4730)")
     p.add_argument("--db", metavar="FILE", help="SQLite database of the durable queue")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="address of the web console and /metrics (default 127.0.0.1:4731; "
+                   "'none' turns it off)")
     p.set_defaults(func=cmd_run)
 
 
@@ -524,6 +711,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["database"] = args.db
     if args.log_level:
         overrides["log_level"] = args.log_level
+    if args.http:
+        overrides["http_listen"] = args.http
     try:
         cfg = load_config(args.config, overrides=overrides)
     except ConfigError as e:

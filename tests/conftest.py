@@ -75,6 +75,7 @@ class ServerProc:
                 sys.executable, "-m", "atomnode", "run",
                 "--listen", f"{self.host}:{self.port}",
                 "--db", str(self.workdir / f"q-{self.port}.db"),
+                "--http", "none",
             ]  # fmt: skip
         raise ValueError(f"unknown server kind {self.kind!r}")
 

@@ -118,8 +118,10 @@ class Daemon:
     """An atomnode daemon process on a free port, with its database in ``workdir``."""
 
     def __init__(self, workdir: Path, *, config: str | None = None, env: dict | None = None,
-                 port: int | None = None, db: Path | None = None, preexec_fn=None):
+                 port: int | None = None, db: Path | None = None, preexec_fn=None,
+                 http: str = "none"):
         self.workdir = workdir
+        self.http = http  # the web console: off unless a test asks for it
         self.port = port or free_port()
         self.db = db or workdir / "queue.db"
         self.log_path = workdir / f"daemon-{self.port}-{time.monotonic_ns()}.log"
@@ -137,7 +139,7 @@ class Daemon:
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "atomnode", "run", "--listen", f"127.0.0.1:{self.port}",
-                "--db", str(self.db)]
+                "--db", str(self.db), "--http", self.http]
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         return argv

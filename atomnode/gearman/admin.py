@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .broker import PENDING, RUNNING, SCHEDULED, Conn
+from ..system.names import strip_atom_prefix
 
 if TYPE_CHECKING:
     from .server import Server
@@ -169,8 +170,12 @@ class Admin:
         for fn in broker.functions.values():
             queued += fn.queued
             running += fn.running
+            name = fn.name.decode("utf-8", "replace")
+            job_class = strip_atom_prefix(name)
             functions.append({
-                "name": fn.name.decode("utf-8", "replace"),
+                "name": name,
+                "job_class": job_class,  # AtoM's class name, without the site prefix
+                "site": name[: -len(job_class) - 1] if job_class != name else None,
                 "queued": fn.queued,
                 "running": fn.running,
                 "workers": len(fn.workers),

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..system.names import function_matches
+from ..system.stats import FunctionStats
 from .protocol import (
     MAX_FUNCTION_SIZE,
     MAX_UNIQUE_SIZE,
@@ -162,7 +163,8 @@ class Job:
 class Function:
     """A function name: its queues (one deque per priority), workers and counters."""
 
-    __slots__ = ("name", "queues", "queued", "running", "total", "workers", "max_queue", "groups")
+    __slots__ = ("name", "queues", "queued", "running", "total", "workers", "max_queue", "groups",
+                 "stats")
 
     def __init__(self, name: bytes):
         self.name = name
@@ -173,6 +175,7 @@ class Function:
         self.workers: dict[Conn, None] = {}
         self.max_queue = 0  # 0 = unlimited (gearmand's maxqueue)
         self.groups: list[ConcurrencyGroup] = []
+        self.stats = FunctionStats()  # counters and histograms for /metrics and charts
 
     def counts_by_priority(self) -> list[int]:
         return [sum(1 for j in q if j.state is QUEUED) for q in self.queues]
@@ -481,6 +484,7 @@ class Broker:
         )
         job.reducer = reducer
         self.stats["submitted"] += 1
+        fn.stats.submitted += 1
         fn.total += 1
         self.jobs[job.handle] = job
         if key is not None:
@@ -566,6 +570,7 @@ class Broker:
                          f"gave up after {job.attempts} attempts")
                     )
                     self.stats["failed"] += 1
+                    fn.stats.failed += 1
                     continue
                 job.seq = self._new_seq()
                 self.store_ops.append(("requeue", job.id, job.attempts, job.seq, requeue_reason))
@@ -671,6 +676,7 @@ class Broker:
             if job.background and self.durable:
                 self.store_ops.append(("fail", job.id, self.clock(), msg))
             self.stats["failed"] += 1
+            fn.stats.failed += 1
             self._forget(job)
             for g in fn.groups:
                 self._wake_group(g)
@@ -678,6 +684,7 @@ class Broker:
         log.info("job %s (%s) requeued: %s (attempt %d)", job.handle.decode(),
                  fn.name.decode("utf-8", "replace"), reason, job.attempts)
         self.stats["requeued"] += 1
+        fn.stats.retried += 1
         job.seq = self._new_seq()
         job.numerator = job.denominator = b"0"
         if job.background and self.durable:
@@ -763,6 +770,8 @@ class Broker:
         job.attempts += 1
         now = self.clock()
         job.started_at = now
+        if job.attempts == 1:
+            fn.stats.wait.observe(now - job.submitted_at)
         conn.held[job.handle] = job
         if t == T.GRAB_JOB_UNIQ:
             pkt = encode(T.JOB_ASSIGN_UNIQ, job.handle, fn.name, job.unique, job.data)
@@ -801,7 +810,10 @@ class Broker:
             return
         del conn.held[handle]
         conn.jobs_done += 1
+        stats = job.function.stats
+        stats.run.observe(self.clock() - job.started_at)
         if t == T.WORK_COMPLETE:
+            stats.completed += 1
             pkt = encode(T.WORK_COMPLETE, handle, data)
             for c in job.clients:
                 self._send(c, pkt)
@@ -819,6 +831,7 @@ class Broker:
                 for c in job.clients:
                     self._send(c, fail)
                 reason = "WORK_FAIL from worker"
+            stats.failed += 1
             self.stats["failed"] += 1
             if job.background and self.durable:
                 self.store_ops.append(("fail", job.id, self.clock(), reason))
@@ -904,6 +917,7 @@ class Broker:
             self._send(c, fail)
         if job.background and self.durable:
             self.store_ops.append(("cancel", job.id, self.clock()))
+        job.function.stats.cancelled += 1
         self._forget(job)
         return True
 

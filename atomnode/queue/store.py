@@ -18,6 +18,7 @@ Ops (the first item is the kind; times are unix floats)::
     ("reserve_ids", upto)                         next start's next_id >= upto
     ("retry", id, seq, token)                     failed/cancelled -> queued; sets token.job
     ("purge", older_than_seconds, token)          delete finished jobs; sets token.count
+    ("samples", rows)                             chart samples (rows as SQL_SAMPLE takes)
 
 A failed batch (disk full, read-only, I/O error, locked) is rolled back: its inserts and
 operator commands (retry, purge) are reported failed, every other op is a fact about work
@@ -44,6 +45,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..system.stats import Histogram
+
 log = logging.getLogger("atomnode.store")  # stable name: operators see it in the journal
 
 PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
@@ -51,7 +54,11 @@ PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 #: ``PRAGMA application_id`` of every atomnode database ("ATOM" in ASCII).
 APPLICATION_ID = 0x41544F4D
 #: ``PRAGMA user_version``: the schema version this code writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+#: Buckets of the commit-latency histogram (seconds): an fsync on an SSD takes ~1 ms,
+#: on a busy disk or a VM tens of ms.
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 ACTIVE_STATES = ("queued", "running")
 FINISHED_STATES = ("done", "failed", "cancelled")
@@ -90,6 +97,22 @@ MIGRATIONS: dict[int, list[str]] = {
         # History pruning walks finished jobs by age.
         "CREATE INDEX jobs_finished ON jobs(finished_at)"
         " WHERE state IN ('done', 'failed', 'cancelled')",
+    ],
+    3: [
+        # The console's charts: one row per function per sampling interval (a minute),
+        # pruned with the history (queue.retention_days).
+        """
+        CREATE TABLE samples (
+            at           REAL NOT NULL,         -- end of the interval (unix time)
+            function     BLOB NOT NULL,
+            completed    INTEGER NOT NULL,      -- jobs completed in the interval
+            failed       INTEGER NOT NULL,      -- jobs failed in the interval
+            queued       INTEGER NOT NULL,      -- queue depth at the end
+            running      INTEGER NOT NULL,
+            wait_p50     REAL,                  -- seconds from submission to start
+            wait_p95     REAL
+        )""",
+        "CREATE INDEX samples_at ON samples(at)",
     ],
 }
 
@@ -133,6 +156,11 @@ SQL_PRUNE = """
         SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ?
         LIMIT ?)
 """
+SQL_SAMPLE = """
+    INSERT INTO samples (at, function, completed, failed, queued, running, wait_p50, wait_p95)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+SQL_PRUNE_SAMPLES = "DELETE FROM samples WHERE at < ?"
 SQL_RESERVE = """
     INSERT INTO meta (key, value) VALUES ('next_id', ?)
     ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)
@@ -311,6 +339,9 @@ class Store:
         self._rebuilds = 0
         #: The last repaired fault, for status and doctor (None if there was none).
         self.incident: str | None = None
+        #: Seconds from BEGIN to COMMIT of each batch (written by the writer thread only).
+        self.commit_seconds = Histogram(COMMIT_BUCKETS)
+        self.last_commit_seconds: float | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -716,6 +747,7 @@ class Store:
         refused: list[tuple[object, str]] = []
         purged: list[tuple[object, int]] = []
         committed: list = []
+        t0 = time.perf_counter()
         try:
             self._path_guard()
             try:
@@ -741,6 +773,9 @@ class Store:
                 committed = self._apply_one_by_one(batch, retried, refused, purged)
             self._path_guard()
             conn.execute("COMMIT")
+            took = time.perf_counter() - t0
+            self.commit_seconds.observe(took)
+            self.last_commit_seconds = took
         except Exception as e:  # sqlite3.Error, but also anything unexpected: never die
             try:
                 if conn.in_transaction:
@@ -982,6 +1017,8 @@ class Store:
             conn.executemany(SQL_FAIL, [(o[2], o[3], o[1]) for o in ops])
         elif kind == "cancel":  # ("cancel", id, at)
             conn.executemany(SQL_CANCEL, [(o[2], o[1]) for o in ops])
+        elif kind == "samples":  # ("samples", rows)
+            conn.executemany(SQL_SAMPLE, [r for o in ops for r in o[1]])
         elif kind == "reserve_ids":  # ("reserve_ids", upto)
             conn.execute(SQL_RESERVE, (max(o[1] for o in ops),))
         elif kind == "retry":  # ("retry", id, seq, token)
@@ -1032,6 +1069,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
             deleted = conn.execute(SQL_PRUNE, (cutoff, self.prune_chunk)).rowcount
+            conn.execute(SQL_PRUNE_SAMPLES, (cutoff,))
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             try:

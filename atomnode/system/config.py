@@ -35,6 +35,8 @@ ENV_CONFIG = "ATOMNODE_CONFIG"
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SYNCHRONOUS_MODES = ("full", "normal", "off")
+#: The web console's address when neither the file nor ``--http`` names one.
+DEFAULT_HTTP_LISTEN = "127.0.0.1:4731"
 
 
 def _empty_map() -> Mapping[str, Any]:
@@ -124,6 +126,14 @@ class Config:
     concurrency: tuple[ConcurrencyGroup, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
     handlers: tuple[HandlerConfig, ...] = ()
+    #: The web console and /metrics (``http.listen``); None = off.
+    http_listen: str | None = DEFAULT_HTTP_LISTEN
+    #: ``http.user`` and ``http.password_hash`` (``atomnode console-password``): the
+    #: credential remote and proxied requests must present (HTTP basic auth).
+    http_user: str | None = None
+    http_password_hash: str | None = None
+    #: ``http.read_only``: the console shows no retry/cancel and refuses them.
+    http_read_only: bool = False
     source: str | None = None
 
 
@@ -491,8 +501,9 @@ def _kind(value: Any) -> str:
 
 _TOP_KEYS = [
     "listen", "database", "log_level", "queue", "max_packet_size", "shutdown_timeout",
-    "status_interval", "functions", "concurrency", "pools", "handlers",
+    "status_interval", "functions", "concurrency", "pools", "handlers", "http",
 ]  # fmt: skip
+_HTTP_KEYS = ["listen", "user", "password_hash", "read_only"]
 _QUEUE_KEYS = ["synchronous", "max_attempts", "retention_days"]
 _FUNCTION_KEYS = ["max_attempts", "max_queue"]
 _GROUP_KEYS = ["name", "functions", "max"]
@@ -617,6 +628,9 @@ def _build(data: Any, doc: _Doc) -> Config:
                 out_p.append(pool)
         kw["pools"] = tuple(out_p)
 
+    if "http" in top:
+        _build_http(v, top["http"], kw)
+
     if "handlers" in top:
         handlers = v.seq(top["handlers"], ("handlers",), "handlers")
         out_h: list[HandlerConfig] = []
@@ -628,6 +642,56 @@ def _build(data: Any, doc: _Doc) -> Config:
         kw["handlers"] = tuple(out_h)
 
     return Config(**kw)
+
+
+def is_off(value: Any) -> bool:
+    """``none``/``off`` (or YAML's null/false) turn the web console off."""
+    return value is None or value is False or (
+        isinstance(value, str) and value.strip().lower() in ("none", "off", ""))
+
+
+def _build_http(v: _Validator, raw: Any, kw: dict[str, Any]) -> None:
+    h = v.mapping(raw, ("http",))
+    if h is None:
+        return
+    v.keys(h, ("http",), _HTTP_KEYS)
+    if "listen" in h:
+        if is_off(h["listen"]):
+            kw["http_listen"] = None
+        else:
+            a = v.address(h["listen"], ("http", "listen"))
+            if a is not None:
+                kw["http_listen"] = a
+    user = v.string(h.get("user"), ("http", "user"), optional=True)
+    pw = v.string(h.get("password_hash"), ("http", "password_hash"), optional=True)
+    if pw is not None and not pw.startswith("scrypt$"):
+        v.err(("http", "password_hash"), "expected a hash made by `atomnode console-password` "
+              "(scrypt$...), not a plain password")
+        pw = None
+    if ("user" in h) != ("password_hash" in h):
+        v.err(("http",), "set both user and password_hash, or neither")
+    kw["http_user"], kw["http_password_hash"] = user, pw
+    if "read_only" in h:
+        if isinstance(h["read_only"], bool):
+            kw["http_read_only"] = h["read_only"]
+        else:
+            v.err(("http", "read_only"), f"expected true or false, got {h['read_only']!r}")
+    listen = kw.get("http_listen", DEFAULT_HTTP_LISTEN)
+    if listen is not None and pw is None and not is_loopback_address(listen):
+        v.err(("http", "listen"), f"{listen} is not a loopback address: set http.user and "
+              "http.password_hash first (`atomnode console-password`), or listen on "
+              "127.0.0.1 and reach the console through a proxy or an SSH tunnel")
+
+
+def is_loopback_address(address: str) -> bool:
+    """``127.0.0.1:4731``, ``[::1]:4731``, ``localhost:4731`` -> True."""
+    host, _port = parse_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _optional_fields(
@@ -822,6 +886,19 @@ def _apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
                     parse_address(a)
                 except ValueError as e:
                     errors.append(f"command line: listen: expected host:port: {e}")
+        elif key == "http_listen":
+            if is_off(value):
+                value = None
+            else:
+                try:
+                    parse_address(value)
+                except ValueError as e:
+                    errors.append(f"command line: --http: expected host:port or none: {e}")
+                else:
+                    if cfg.http_password_hash is None and not is_loopback_address(value):
+                        errors.append(
+                            f"command line: --http {value}: not a loopback address, and the "
+                            "configuration sets no http.user/http.password_hash")
         elif key == "log_level" and str(value).lower() not in LOG_LEVELS:
             errors.append(
                 f"command line: log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}"
@@ -916,6 +993,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         ],
         "pools": [pool(p) for p in cfg.pools],
         "handlers": [handler(h) for h in cfg.handlers],
+        "http": {
+            "listen": cfg.http_listen or "none",
+            "user": cfg.http_user,
+            "password_hash": cfg.http_password_hash and "(set)",
+            "read_only": cfg.http_read_only,
+        },
     }
 
 

@@ -111,6 +111,8 @@ class _Worker:
         self.conns: dict[Any, Any] = {}
         self.jobs_closed = 0  # jobs done on connections of this process that are gone
         self.conn_jobs: dict[Any, int] = {}
+        self.restarts = 0  # processes started after the first
+        self.last_exit: dict[str, Any] | None = None  # code, as, kind, at (unix time)
         self.spawned_once = trio.Event()
         self.wake = trio.Event()
         self.done = trio.Event()
@@ -192,6 +194,10 @@ class Supervisor:
         self.events: collections.deque[tuple[float, str, int, str, int | None, Any]] = (
             collections.deque(maxlen=2000)
         )
+        #: Worker exits since start by (pool, kind); kind is planned (an exit code in
+        #: planned_exit_codes, a recycle or reload), crash (any other code), signal, or
+        #: stopped (the daemon stopped it). For /metrics.
+        self.exits: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # ------------------------------------------------------------------ public API
 
@@ -288,6 +294,8 @@ class Supervisor:
                             else None
                         ),
                         "detail": detail,
+                        "restarts": w.restarts,
+                        "last_exit": w.last_exit,
                     }
                 )
             out.append({"name": pool.cfg.name, "count": pool.cfg.count, "workers": workers})
@@ -431,7 +439,15 @@ class Supervisor:
                 w.stopping = False
                 self._forget_conns(w)
                 self._event(w, "exited", rc)
-                if w.retiring or self._shutting_down:
+                stopped = w.retiring or self._shutting_down
+                kind = ("stopped" if stopped else "planned" if planned
+                        else "signal" if rc < 0 else "crash")
+                self.exits[(cfg.name, kind)] += 1
+                w.last_exit = {"code": rc, "as": procinfo.signal_name(rc), "kind": kind,
+                               "at": round(time.time(), 3)}
+                if not stopped:
+                    w.restarts += 1
+                if stopped:
                     log.info("[%s pid %d] worker stopped (%s)", cfg.name, w.pid,
                              procinfo.signal_name(rc))
                     break
