@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "atomnode.ops.atom_site",
     "atomnode.ops.doctor",
     "atomnode.ops.jobs_cli",
+    "atomnode.console.passwords",
 ]
 
 

@@ -19,7 +19,6 @@ Who may do what (docs/operations.md):
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import importlib.resources
 import ipaddress
@@ -48,6 +47,7 @@ from ..queue.store import STATES, parse_handle
 from ..system.names import strip_atom_prefix
 from . import charts
 from .metrics import render_metrics
+from .passwords import check_password
 
 log = logging.getLogger("atomnode.console")
 
@@ -56,6 +56,10 @@ CSRF_COOKIE = "atomnode_csrf"
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".svg": "image/svg+xml"}
 _PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+#: Everything comes from the console itself: no CDN, no inline script or style.
+_CSP = (b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        b"frame-ancestors 'none'; form-action 'self'")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 RANGES = {"24h": (86400.0, 300.0), "7d": (7 * 86400.0, 3600.0)}
 
 
@@ -65,28 +69,6 @@ class HTTPError(Exception):
         self.status = status
         self.message = message
         self.headers = list(headers)
-
-
-# --------------------------------------------------------------------------- passwords
-
-
-def hash_password(password: str, *, n: int = 2**14, r: int = 8, p: int = 1) -> str:
-    """``scrypt$N$r$p$salt$hash`` (base64) for ``http.password_hash``."""
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
-    b64 = base64.b64encode
-    return f"scrypt${n}${r}${p}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def check_password(password: str, stored: str) -> bool:
-    try:
-        _scheme, n, r, p, salt, digest = stored.split("$")
-        want = base64.b64decode(digest)
-        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n),
-                             r=int(r), p=int(p), dklen=len(want))
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(got, want)
 
 
 # --------------------------------------------------------------------------- requests
@@ -190,6 +172,8 @@ def payload_view(data: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {"size": len(data)}
     try:
         text = data.decode("utf-8")
+        if _CONTROL.search(text):
+            raise UnicodeDecodeError("utf-8", data, 0, 1, "control characters")
     except UnicodeDecodeError:
         out["kind"] = "binary"
         head = data[:64]
@@ -325,9 +309,7 @@ class ConsoleApp:
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
             (b"referrer-policy", b"same-origin"),
-            (b"content-security-policy",
-             b"default-src 'self'; img-src 'self' data:; style-src 'self'; "
-             b"script-src 'self'; frame-ancestors 'none'; form-action 'self'"),
+            (b"content-security-policy", _CSP),
             *headers,
         ]
         await send({"type": "http.response.start", "status": status, "headers": hdrs})

@@ -53,8 +53,8 @@ def line_chart(title: str, unit: str, t0: float, t1: float,
     total = sum(len(p) for p in series.values())
     label = f"{title} ({unit}), {len(series)} series"
     parts = [
-        f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
-        f'class="chart" preserveAspectRatio="xMidYMid meet">',
+        (f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(label)}" '
+         f'class="chart" preserveAspectRatio="xMidYMid meet">'),
         f"<title>{escape(label)}</title>",
     ]
     for i in range(5):  # horizontal grid and value labels

@@ -66,7 +66,7 @@ class Histogram:
 class FunctionStats:
     """What happened to one function's jobs since the daemon started."""
 
-    __slots__ = ("submitted", "completed", "failed", "retried", "cancelled", "wait", "run")
+    __slots__ = ("cancelled", "completed", "failed", "retried", "run", "submitted", "wait")
 
     def __init__(self) -> None:
         self.submitted = 0  # new jobs (a coalesced submission is not a new job)

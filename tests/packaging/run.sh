@@ -12,7 +12,7 @@
 # Runs unattended as root. It installs what it needs (debootstrap,
 # systemd-container) and caches the root filesystem in $ATOMNODE_TEST_CACHE
 # (default /var/cache/atomnode-test), so reruns take about a minute.
-# The container shares the host network: port 4730 must be free on the host.
+# The container shares the host network: ports 4730 and 4731 must be free on the host.
 #
 # Environment:
 #   ATOMNODE_TEST_DEB=FILE     test this .deb instead of building one
@@ -316,6 +316,23 @@ c_jobs_done() {
     echo "jobs list shows pkgtest-roundtrip done"
 }
 
+c_console() {
+    # The web console and /metrics are on by default on 127.0.0.1:4731 (no config edit).
+    local out
+    out=$(inside python3 -c '
+import sys, urllib.request
+for path in ("/metrics", "/"):
+    body = urllib.request.urlopen("http://127.0.0.1:4731" + path, timeout=10).read().decode()
+    print("==", path, len(body), "bytes")
+    sys.stdout.write(body)
+') || { echo "$out"; inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    echo "$out" | grep -q '^atomnode_jobs_completed_total{function="pkgtest-roundtrip"' ||
+        { echo "/metrics has no completed count for pkgtest-roundtrip:"; echo "$out" | head -40; return 1; }
+    echo "$out" | grep -q '<tr data-function="pkgtest-roundtrip">' ||
+        { echo "the overview page does not list pkgtest-roundtrip:"; echo "$out" | tail -60; return 1; }
+    echo "/metrics and the overview page answer on 127.0.0.1:4731"
+}
+
 c_watchdog_stable() {
     local pid1 pid2 restarts
     pid1=$(prop MainPID)
@@ -512,6 +529,10 @@ main() {
     command -v apt-get >/dev/null || skip "no apt-get: this test needs a Debian host"
     ensure_tools
 
+    if ss -Hltn "sport = :4731" | grep -q .; then
+        ss -ltnp "sport = :4731" >&2
+        abort "port 4731 (the web console's default) is in use on the host; the container shares the host network. Stop whatever listens there first"
+    fi
     if ss -Hltn "sport = :$PORT" | grep -q .; then
         ss -ltnp "sport = :$PORT" >&2
         abort "port $PORT is inside use on the host; the container shares the host network, so the packaged daemon could not bind it. Stop whatever listens there first (gearman-job-server? systemctl disable --now gearman-job-server)"
@@ -536,6 +557,7 @@ main() {
     check "active+notify+watchdog" c_active
     check "job round trip" c_roundtrip
     check "jobs list shows done" c_jobs_done
+    check "web console and /metrics" c_console
     check "up past WatchdogSec" c_watchdog_stable
     check "restart keeps queue" c_restart_keeps_queue
     check "upgrade keeps queue" c_upgrade_keeps_queue
