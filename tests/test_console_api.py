@@ -118,6 +118,9 @@ async def test_failed_history_and_job_pages(tmp_path):
         j = failed["jobs"][0]
         assert j["reason"].startswith("WORK_EXCEPTION from worker: PHP Fatal error")
         assert j["attempts"] == 1 and j["job_class"] == "arFindingAidJob"
+        previews = {x["handle"]: x["preview"] for x in failed["jobs"]}
+        assert previews[handles["failed"][0]] == '{"objectId": 7}'
+        assert previews[handles["failed"][1]].startswith("00 01 02")
 
         hist = (await arequest(d, "GET", "/api/history?state=done")).json()
         assert [x["handle"] for x in hist["jobs"]] == [handles["done"]]
@@ -225,6 +228,11 @@ async def test_proxied_or_remote_requests_need_the_credential(tmp_path):
         r = await arequest(d, "GET", "/", headers=dict(proxied, Authorization=f"Basic {good}"))
         assert r.status == 200 and "Overview" in r.text
         assert (await arequest(d, "GET", "/")).status == 200  # loopback, not proxied
+        # nginx under a path prefix: every link, form and script carries it.
+        r = await arequest(d, "GET", "/failed", headers=dict(
+            proxied, Authorization=f"Basic {good}", **{"X-Forwarded-Prefix": "/atomnode"}))
+        links = re.findall(r'(?:href|src|action)="(/[^"]*)"', r.text)
+        assert links and all(x.startswith("/atomnode/") for x in links)
 
 
 async def test_read_only_mode_hides_and_refuses_changes(tmp_path):

@@ -52,6 +52,8 @@ from .passwords import check_password
 log = logging.getLogger("atomnode.console")
 
 PAGE_SIZE = 50
+PREVIEW_BYTES = 400  # of each payload read for a listing
+PREVIEW_CHARS = 120  # shown
 CSRF_COOKIE = "atomnode_csrf"
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".svg": "image/svg+xml"}
@@ -59,6 +61,7 @@ _PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 #: Everything comes from the console itself: no CDN, no inline script or style.
 _CSP = (b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
         b"frame-ancestors 'none'; form-action 'self'")
+_PREFIX = re.compile(r"(/[A-Za-z0-9._~-]+)*")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 RANGES = {"24h": (86400.0, 300.0), "7d": (7 * 86400.0, 3600.0)}
 
@@ -92,6 +95,9 @@ class Request:
         self.local = False
         self.set_cookies: list[bytes] = []
         self.csrf = ""
+        # Behind a proxy under a path (nginx: location /atomnode/), links need the prefix.
+        prefix = self.headers.get(b"x-forwarded-prefix", b"").decode("latin-1").rstrip("/")
+        self.base = prefix if _PREFIX.fullmatch(prefix) else ""
 
     def arg(self, name: str, default: str = "") -> str:
         return self.query.get(name, [default])[0]
@@ -189,6 +195,26 @@ def payload_view(data: bytes) -> dict[str, Any]:
     out["json"] = doc
     out["text"] = json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=True)
     return out
+
+
+def payload_preview(head: bytes, size: int) -> str:
+    """One line for a listing: AtoM's JSON compacted, text as is, binary as hex; cut."""
+    if size > len(head):  # cut mid-payload: JSON will not parse, show it as text
+        try:
+            text = head.decode("utf-8", "ignore")
+        except UnicodeDecodeError:  # pragma: no cover - "ignore" never raises
+            text = ""
+        if text and not _CONTROL.search(text):
+            return " ".join(text.split())[:PREVIEW_CHARS] + " …"
+        return " ".join(f"{b:02x}" for b in head[:24]) + " …"
+    view = payload_view(head)
+    if view["kind"] == "json":
+        text = json.dumps(view["json"], ensure_ascii=False, separators=(", ", ": "))
+    elif view["kind"] == "text":
+        text = " ".join(view["text"].split())
+    else:
+        return " ".join(f"{b:02x}" for b in head[:24]) + (" …" if size > 24 else "")
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + " …"
 
 
 def job_dict(job: Any, hostname: str, *, with_data: bool = False) -> dict[str, Any]:
@@ -410,6 +436,7 @@ class ConsoleApp:
         ctx.setdefault("read_only", cfg.http_read_only)
         ctx["csrf"] = self.csrf_token(req)
         ctx["path"] = req.path
+        ctx["base"] = req.base
         ctx["now"] = time.time()
         ctx["fragment"] = req.arg("fragment") == "1"
         args = {k: v[-1] for k, v in req.query.items() if k not in ("fragment", "done")}
@@ -512,15 +539,20 @@ class ConsoleApp:
 
     async def history(self, req: Request, *, state: str | None = None) -> dict[str, Any]:
         f = self._filters(req, state=state)
-        jobs, total = await self._read(
+        jobs, total, previews = await self._read(
             list_jobs, self._db(), state=f["state"], function=f["function"],
             since=f["since"], until=f["until"], search=f["search"], limit=PAGE_SIZE,
-            offset=(f["page"] - 1) * PAGE_SIZE)
+            offset=(f["page"] - 1) * PAGE_SIZE, preview=PREVIEW_BYTES)
         host = self._hostname()
+        out = []
+        for j, head in zip(jobs, previews):
+            d = job_dict(j, host)
+            d["preview"] = payload_preview(head, d["size"])
+            out.append(d)
         return {
             "filters": {k: v for k, v in f.items() if k != "page"},
             "page": f["page"], "pages": max(math.ceil(total / PAGE_SIZE), 1), "total": total,
-            "jobs": [job_dict(j, host) for j in jobs],
+            "jobs": out,
         }
 
     async def job(self, handle: str) -> dict[str, Any]:
@@ -606,7 +638,7 @@ class ConsoleApp:
         if not isinstance(nxt, str) or not nxt.startswith("/") or nxt.startswith("//"):
             nxt = "/failed"
         sep = "&" if "?" in nxt else "?"
-        location = nxt + sep + urllib.parse.urlencode({"done": message})
+        location = req.base + nxt + sep + urllib.parse.urlencode({"done": message})
         return 303, b"", "text/plain", [(b"location", location.encode())]
 
     # -------------------------------------------------------------- API

@@ -74,23 +74,23 @@ def _filters(state: str | None, function: str | None, since: float | None,
 def list_jobs(path: str, *, state: str | None = None, function: str | None = None,
               since: float | None = None, until: float | None = None,
               search: str | None = None, limit: int = 50, offset: int = 0,
-              ) -> tuple[list[StoredJob], int]:
+              preview: int = 0) -> tuple[list[StoredJob], int, list[bytes]]:
     """Jobs matching the filters, newest first, without payloads (``data`` holds its size
-    as an int); and how many match in all."""
+    as an int); how many match in all; and the first ``preview`` bytes of each payload."""
     where, params = _filters(state, function, since, until, search)
     con = connect_ro(path)
     try:
         total = con.execute(f"SELECT count(*) FROM jobs{where}", params).fetchone()[0]
         rows = con.execute(
-            f"SELECT {_LIST_COLUMNS} FROM jobs{where}"
+            f"SELECT {_LIST_COLUMNS}, substr(data, 1, ?) FROM jobs{where}"
             " ORDER BY coalesce(finished_at, submitted_at) DESC, id DESC LIMIT ? OFFSET ?",
-            params + [limit, offset],
+            [preview] + params + [limit, offset],
         ).fetchall()
     except sqlite3.Error as e:
         raise ReadError(f"cannot read the queue database {path}: {e}") from None
     finally:
         con.close()
-    return [StoredJob(*r) for r in rows], total
+    return [StoredJob(*r[:-1]) for r in rows], total, [bytes(r[-1]) for r in rows]
 
 
 def show_job(path: str, job_id: int) -> StoredJob | None:

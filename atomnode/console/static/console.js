@@ -9,6 +9,7 @@
   if (!main) return;
   var every = parseFloat(main.getAttribute("data-refresh") || "0");
   var statusEvery = 2;
+  var base = document.body.getAttribute("data-base") || "";
 
   function set(field, text) {
     var el = document.querySelector('[data-field="' + field + '"]');
@@ -24,7 +25,7 @@
   }
 
   function refreshStatus() {
-    return fetch("/api/status", {headers: {"Accept": "application/json"}, credentials: "same-origin"})
+    return fetch(base + "/api/status", {headers: {"Accept": "application/json"}, credentials: "same-origin"})
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (doc) {
         if (!doc) return;
