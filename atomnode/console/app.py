@@ -162,6 +162,16 @@ def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def short_when(ts: float | None) -> str:
+    """Today's times as HH:MM:SS, others with their date."""
+    if not ts:
+        return "-"
+    t = time.localtime(ts)
+    if time.strftime("%Y-%m-%d", t) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M:%S", t)
+    return time.strftime("%Y-%m-%d %H:%M", t)
+
+
 def size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -261,6 +271,7 @@ class ConsoleApp:
             autoescape=True, trim_blocks=True, lstrip_blocks=True,
         )
         self.env.filters.update(ago=ago, duration=duration, when=when, size=size,
+                                 short_when=short_when,
                                  class_name=strip_atom_prefix)
         self.env.globals["version"] = __version__
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
