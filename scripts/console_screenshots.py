@@ -87,7 +87,7 @@ async def main() -> None:
             await trio.to_thread.run_sync(populate, gearman_port(d))
             while d.store.pending:
                 await trio.sleep(0.01)
-            d.invalidate_failed_count()
+            await d.refresh_failed_count()
             await trio.to_thread.run_sync(
                 shoot, f"http://127.0.0.1:{http_port(d)}", ROOT / "docs" / "images")
 

@@ -53,7 +53,7 @@ async def _settle(daemon) -> None:
     """Wait until the writer has committed everything the broker handed it."""
     while daemon.store.pending:
         await trio.sleep(0.01)
-    daemon.invalidate_failed_count()
+    await daemon.refresh_failed_count()
 
 
 async def test_status_api_counts_functions_by_class_and_site(tmp_path):
