@@ -353,7 +353,8 @@ def test_atomnode_status_json_shape():
     assert q["store_pending"] == 3 and q["store_healthy"] is True  # merged, not replaced
     assert doc["connections"] == 3
     assert doc["functions"] == [
-        {"name": "F", "queued": 1, "running": 1, "workers": 1, "max_queue": 0}]
+        {"name": "F", "job_class": "F", "site": None, "queued": 1, "running": 1, "workers": 1,
+         "max_queue": 0}]
     assert doc["concurrency"] == [
         {"name": "moves", "max": 1, "running": 0, "functions": ["arObjectMoveJob"]}]
     assert doc["pools"] == [{"name": "atom"}]
