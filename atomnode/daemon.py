@@ -26,9 +26,11 @@ import trio
 from . import __version__
 from .gearman.admin import Admin
 from .gearman.broker import Broker, Conn, Function
+from .system.access import listen_problem, loopback_only, parse_networks
 from .system.config import (
     Config,
     ConfigError,
+    control_socket_path,
     format_address,
     function_matches,
     load_config,
@@ -136,6 +138,9 @@ class Daemon:
         self.http_bound: list[tuple[str, int]] = []
         self.started_at = time.time()
         self._last_sample: dict[bytes, tuple[int, int, Any]] = {}
+        #: Why the daemon serves loopback only although configured otherwise (issue 14).
+        self.access_error: str | None = None
+        self.remote_registry: Any = None  # a worker host's RemoteRegistry
 
     # ----------------------------------------------------------------- config
     def max_attempts(self, function: bytes) -> int:
@@ -181,6 +186,8 @@ class Daemon:
         elif self.store is not None and self.store.incident:
             parts.append(f"QUEUE INCIDENT: {self.store.incident}")
         text = ", ".join(parts)
+        if self.access_error:
+            text = "LOOPBACK ONLY (no allow: list); " + text
         if self.supervisor is not None:
             summary = self.supervisor.summary()
             if summary:
@@ -211,6 +218,9 @@ class Daemon:
         if self.handlers:
             doc["handlers"] = [h.snapshot() for h in self.handlers.values()]
         doc["ready"] = self.ready
+        doc["access"] = {"error": self.access_error}
+        if self.remote_registry is not None:
+            doc["worker_host"] = {"servers": self.remote_registry.status()}
         return doc
 
     def _failed_by_function(self) -> dict[str, int] | None:
@@ -435,7 +445,8 @@ class Daemon:
             on_shutdown=self.request_shutdown,
         )
         server = self.server = Server(broker, store=self.store, admin=admin,
-                                      max_packet_size=cfg.max_packet_size)
+                                      max_packet_size=cfg.max_packet_size,
+                                      allow=parse_networks(cfg.allow))
         admin.jobs_command = lambda conn, args: self.jobs_command(server, conn, args)
         token = trio.lowlevel.current_trio_token()
 
@@ -454,12 +465,29 @@ class Daemon:
                     # Socket activation: systemd's sockets replace the configured ones.
                     log.info("using %d socket(s) passed by systemd (LISTEN_FDS)",
                              len(activated))
-                await server.open_listeners([] if activated else list(cfg.listen), activated)
+                listen = list(cfg.listen)
+                self.access_error = listen_problem(listen, cfg.allow)
+                if self.access_error and not activated:
+                    # An upgrade must never take a site's job server down: serve loopback
+                    # (AtoM on this host keeps working), say loudly what to add.
+                    listen = list(loopback_only(listen))
+                await server.open_listeners([] if activated else listen, activated)
+                if activated and not cfg.allow:
+                    open_ = [f"{h}:{p}" for h, p in server.bound]
+                    self.access_error = listen_problem(open_, cfg.allow)
+                if not cfg.listen and not activated:
+                    await server.open_control_socket(control_socket_path(cfg))
             except OSError as e:
                 log.error("%s", e.strerror or e)
                 return 1
             for host, port in server.bound:
                 log.info("listening on %s:%d", host, port)
+            if server.control_path:
+                log.info("admin commands (atomnode status) on the control socket %s",
+                         server.control_path)
+            if self.access_error:
+                log.error("%s\nUntil then only loopback peers are served; `atomnode doctor` "
+                          "and `atomnode status` say so.", self.access_error)
             http_sock = self._open_console_socket()
             if http_sock is False:
                 return 1
@@ -533,9 +561,23 @@ class Daemon:
         if cfg.pools:
             from .workers.supervisor import Supervisor
 
-            registry = WorkerRegistry(self.server) if self.server and self.server.bound else None
+            registry: Any = None
+            if self.server and self.server.bound:
+                registry = WorkerRegistry(self.server)
+            else:
+                # A worker host: job awareness comes over the network from the servers
+                # its pools talk to (workers/remote.py).
+                servers = [a for p in cfg.pools for a in p.servers]
+                if servers:
+                    from .workers.remote import RemoteRegistry
+
+                    registry = self.remote_registry = RemoteRegistry(
+                        servers, hostname=self.hostname)
+                    await nursery.start(registry.run)
             self.supervisor = Supervisor(cfg.pools, registry,
                                          default_servers=self._pool_servers())
+            if self.remote_registry is not None:
+                self.remote_registry.snapshot = self.supervisor.snapshot
             await nursery.start(self.supervisor.run)
 
     async def _start_handler(self, nursery: trio.Nursery, h: Any) -> None:
@@ -648,6 +690,13 @@ class Daemon:
                 log.warning("listen and database changes take effect only after a restart")
                 new = dataclasses.replace(new, listen=old.listen, database=old.database)
             self.cfg = new
+            if new.allow != old.allow and self.server is not None:
+                # New connections are checked against the new list; open ones stay.
+                self.server.allow = parse_networks(new.allow)
+                log.info("allow: now %s", ", ".join(new.allow) or "loopback only")
+                if self.access_error and new.allow:
+                    log.warning("allow: is set now; restart atomnode to listen on %s",
+                                ", ".join(old.listen))
             logging.getLogger().setLevel(new.log_level.upper())
             self._apply_runtime_config()
             if self.supervisor is not None or new.pools:

@@ -15,6 +15,7 @@ from atomnode import __version__
 from atomnode.gearman.admin import Admin
 from atomnode.gearman.broker import Broker, Conn
 from atomnode.gearman.protocol import Decoder, Packet, T
+from atomnode.system.access import RefusalLog
 
 FN = b"reverse"
 
@@ -27,7 +28,7 @@ class Env:
         self.b = Broker(hostname="test", durable=durable, clock=lambda: self.now)
         self.server = SimpleNamespace(
             broker=self.b, peers={}, bound=[("127.0.0.1", 4730), ("::1", 4730)],
-            started_at=time.time() - 60,
+            started_at=time.time() - 60, allow=(), refusals=RefusalLog(),
         )
         self.admin = admin or Admin()
         self.n = 0

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from . import hosts
 from .broker import PENDING, RUNNING, SCHEDULED, Conn
 from ..system.names import strip_atom_prefix
 
@@ -142,6 +143,8 @@ class Admin:
             return json.dumps(self.status_document(server), separators=(",", ":")).encode() + (
                 b"\n.\n"
             )
+        if verb == b"atomnode-host":
+            return hosts.command(server, conn, words[1:])
         if verb == b"atomnode-jobs":
             if argc >= 2 and words[1].lower() == b"list":
                 return self.jobs_listing(server, words[2:])
@@ -205,6 +208,11 @@ class Admin:
             ],
             "pools": [],
             "handlers": [],
+            "access": {
+                "allow": [str(n) for n in server.allow],
+                **server.refusals.snapshot(),
+            },
+            "remote_hosts": hosts.remote_hosts(server),
         }
         if self.extra_status is not None:
             extra = self.extra_status()

@@ -243,6 +243,9 @@ class Broker:
         self.became_idle: list[Conn] = []  # workers whose last held job just ended
         self.timers_changed = False  # a new timer may be earlier than the one armed
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "requeued": 0}
+        #: What worker hosts reported about their pools (``atomnode-host report``), by
+        #: address: {"host", "pools", "aware", "reported_at"}. For status and the console.
+        self.remote_hosts: dict[str, dict[str, Any]] = {}
         self._reserve_ids()
 
     # ------------------------------------------------------------------ helpers
@@ -924,6 +927,17 @@ class Broker:
     def drain(self, conn: Conn) -> None:
         """From now on this worker's GRAB_JOB gets NO_JOB."""
         conn.draining = True
+
+    def wake_worker(self, conn: Conn) -> None:
+        """A sleeping worker that may take jobs again (released from a drain) gets a
+        NOOP if one of its functions has work."""
+        if conn.sleeping and not conn.noop_sent and not conn.draining and self._peek(conn):
+            conn.noop_sent = True
+            self._send(conn, NOOP)
+
+    def report_host(self, address: str, report: dict[str, Any], now: float) -> None:
+        """A worker host at ``address`` reported its pools (see gearman/hosts.py)."""
+        self.remote_hosts[address] = {**report, "reported_at": now}
 
     def drop_function(self, name: bytes) -> str | None:
         """gearmand's `drop function`: None on success, else the error text."""

@@ -27,6 +27,7 @@ import trio
 
 from . import protocol
 from .broker import Broker, Conn
+from ..system.access import Network, RefusalLog, is_loopback, peer_allowed
 from ..system.config import parse_address
 from .protocol import AdminLine, Decoder, ProtocolError, error_packet
 
@@ -72,8 +73,12 @@ class Server:
         store: Any = None,
         admin: Callable[[Server, Conn, bytes], bytes] | None = None,
         max_packet_size: int = protocol.DEFAULT_MAX_PACKET_SIZE,
+        allow: tuple[Network, ...] = (),
     ):
         self.broker = broker
+        #: Networks allowed to connect besides loopback (``allow:``); see system/access.py.
+        self.allow = allow
+        self.refusals = RefusalLog()
         self.store = store
         self.admin = admin
         self.max_packet_size = max_packet_size
@@ -87,6 +92,7 @@ class Server:
         self.bound: list[tuple[str, int]] = []
         self.idle_events: dict[Conn, trio.Event] = {}
         self.started_at = time.time()
+        self.control_path: str | None = None
 
     # ------------------------------------------------------------- listening
     async def open_listeners(
@@ -113,7 +119,30 @@ class Server:
             self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(s)))
         for lst in self.listeners:
             name = lst.socket.getsockname()
-            self.bound.append((name[0], name[1]))
+            if isinstance(name, tuple):
+                self.bound.append((name[0], name[1]))
+
+    async def open_control_socket(self, path: str) -> None:
+        """Also serve admin commands on a unix socket (a worker host's ``atomnode
+        status``); mode 0660, a stale file from an earlier run is replaced."""
+        import stat
+
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, 0o660)
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"cannot open the control socket {path}: "
+                          f"{e.strerror}") from None
+        self.listeners.append(trio.SocketListener(sock))
+        self.control_path = path
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -165,14 +194,21 @@ class Server:
         except OSError:
             sock.close()
             return
-        fd = sock.fileno()
         peer_ip = peername[0] if isinstance(peername, tuple) else "unix"
+        if not peer_allowed(peer_ip, self.allow):
+            # Closed at accept, before a byte is read: Gearman has no authentication.
+            sock.close()
+            msg = self.refusals.note(peer_ip, time.monotonic())
+            if msg:
+                log.warning("%s", msg)
+            return
+        fd = sock.fileno()
         conn = Conn(self._next_id, peer=peer_ip, fd=fd,
                     local=(local[0], local[1]) if isinstance(local, tuple) else ("unix", 0))
         conn.peer_port = peername[1] if isinstance(peername, tuple) else 0
         self._next_id += 1
         peer = _Peer(conn, fd, sock, Decoder(max_packet_size=self.max_packet_size),
-                     _is_loopback(peer_ip))
+                     is_loopback(peer_ip))
         self.peers[conn] = peer
         self._by_fd[fd] = peer
         self.broker.connect(conn)
@@ -382,6 +418,3 @@ class Server:
                     "after the restart", left, timeout)
         return False
 
-
-def _is_loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip in ("::1", "unix") or ip.startswith("::ffff:127.")

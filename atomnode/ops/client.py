@@ -28,7 +28,10 @@ class DaemonUnreachable(ClientError):
 
     def __init__(self, host: str, port: int, reason: str = ""):
         self.host, self.port, self.reason = host, port, reason
-        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if host.startswith("/"):
+            addr = f"the control socket {host}"
+        else:
+            addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         why = f" ({reason})" if reason else ""
         super().__init__(
             f"nothing answers at {addr}{why}: the atomnode daemon is not running there; "
@@ -57,6 +60,17 @@ class JobException(ClientError):
 
 
 def _connect(host: str, port: int, timeout: float | None) -> socket.socket:
+    """A TCP connection, or a unix socket when ``host`` is a path (a worker host's
+    control socket)."""
+    if host.startswith("/"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(host)
+        except OSError as e:
+            s.close()
+            raise DaemonUnreachable(host, 0, e.strerror or str(e)) from None
+        return s
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
@@ -152,7 +166,9 @@ class AdminClient(_Connection):
         self._sendall(line.encode() + b"\n")
         words = line.split()
         first = self._readline()
-        if not words or words[0].lower() not in LISTING_COMMANDS:
+        listing = bool(words) and (words[0].lower() in LISTING_COMMANDS or (
+            words[0].lower() == "atomnode-host" and words[1:2] == ["conns"]))
+        if not listing:
             return [first]
         if first.startswith("ERR"):
             return [first]

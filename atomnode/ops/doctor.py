@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..system.access import listen_problem
 from ..system.config import Config, ConfigError, format_address, parse_address, strip_atom_prefix
 from .atom_site import (
     ATOM_CHECK_PORT,
@@ -76,7 +78,7 @@ def run_doctor(
 ) -> list[Check]:
     """Every check of ``atomnode doctor``, in order."""
     checks: list[Check] = []
-    addr = format_address(host, port)
+    addr = f"the control socket {host}" if host.startswith("/") else format_address(host, port)
     data: dict[str, Any] | None = None
     try:
         with AdminClient(host, port, timeout) as client:
@@ -122,6 +124,9 @@ def run_doctor(
                     )
                 )
         checks.extend(_pool_checks(data))
+        access_error = (data.get("access") or {}).get("error")
+        if access_error:
+            checks.append(Check("FAIL", "the daemon serves loopback only: " + access_error))
         q = data.get("queue") or {}
         if q.get("store_healthy") is False:
             checks.append(
@@ -150,12 +155,56 @@ def run_doctor(
                 )
             )
 
+    if cfg is not None and not cfg.listen:
+        checks.extend(worker_host_checks(cfg, timeout))
+    elif cfg is not None:
+        problem = listen_problem(cfg.listen, cfg.allow)
+        if problem and not any("loopback only" in c.message for c in checks):
+            checks.append(Check("FAIL", "the configuration is refused: " + problem))
+
     # Prefer the database the daemon says it uses (when it is an absolute path).
     database = ((data or {}).get("queue") or {}).get("database")
     if not (isinstance(database, str) and os.path.isabs(database)):
         database = cfg.database if cfg is not None else None
     if database:
         checks.append(_disk_check(database))
+    return checks
+
+
+def worker_host_checks(cfg: Config, timeout: float) -> list[Check]:
+    """On a worker host (no listener): can this host reach each server its pools use,
+    and does the server let it in and give it job awareness?"""
+    checks: list[Check] = []
+    servers = list(dict.fromkeys(a for p in cfg.pools for a in p.servers))
+    for address in servers:
+        try:
+            host, port = parse_address(address)
+        except ValueError:
+            continue
+        try:
+            with AdminClient(host, port, timeout) as c:
+                lines = c.command("atomnode-host conns")
+        except DaemonUnreachable as e:
+            checks.append(Check("FAIL", f"this worker host cannot reach the server {address}: "
+                                f"{e.reason or e}; check the address, the network and the "
+                                f"firewall (TCP port {port} on the server)"))
+            continue
+        except ClientError as e:
+            checks.append(Check("FAIL", f"the server {address} closed the connection ({e}): "
+                                "add this host's address to allow: in the server's "
+                                "configuration"))
+            continue
+        if lines and lines[0].startswith("ERR"):
+            checks.append(Check("WARN", f"the server {address} is not an atomnode ({lines[0]}): "
+                                "workers run there without job awareness (no drain before "
+                                "stop, no recycle limits); see docs/scaling.md"))
+            continue
+        try:
+            mine = len(json.loads(lines[0])) if lines else 0
+        except ValueError:
+            mine = 0
+        checks.append(Check("OK", f"the server {address} is reachable and allows this host "
+                            f"({mine} connection(s) of this host there)"))
     return checks
 
 

@@ -22,9 +22,11 @@ from .client import (
     JobException,
     JobFailed,
 )
+from ..system.access import listen_problem
 from ..system.config import (
     Config,
     ConfigError,
+    control_socket_path,
     format_config,
     load_config,
     parse_address,
@@ -45,6 +47,9 @@ def _daemon_address(args: argparse.Namespace, err: TextIO) -> tuple[str, int, Co
             raise
         print(f"atomnode: warning: ignoring the invalid configuration:\n{e}", file=err)
     host, port = DEFAULT_HOST, DEFAULT_PORT
+    if cfg is not None and not cfg.listen:
+        # A worker host: no Gearman listener, admin commands on the control socket.
+        host, port = control_socket_path(cfg), 0
     if cfg is not None and cfg.listen:
         host, port = parse_address(cfg.listen[0])
         if host in ("0.0.0.0", ""):
@@ -177,6 +182,18 @@ def render_status(data: dict[str, Any]) -> str:
         store += f" (INCIDENT: {q['store_incident']})"
     failed = "" if q.get("failed") is None else f", {q.get('failed')} failed"
     out.append(f"queue: {q.get('queued', 0)} queued, {q.get('running', 0)} running{failed}{store}")
+    access = data.get("access") or {}
+    if access.get("error"):
+        out.append("ERROR: serving loopback only: " + str(access["error"]))
+    if access.get("refused"):
+        out.append(f"refused {access['refused']} connection(s) from hosts not in allow:")
+    for link in (data.get("worker_host") or {}).get("servers") or []:
+        if link.get("error"):
+            out.append(f"server {link.get('server')}: {link.get('error')}")
+        else:
+            out.append(f"server {link.get('server')}: connected, job awareness "
+                       f"{'on' if link.get('aware') else 'off'}, "
+                       f"{link.get('connections')} connection(s) of this host")
     out.append("")
     funcs = data.get("functions") or []
     if funcs:
@@ -232,6 +249,24 @@ def render_status(data: dict[str, Any]) -> str:
         out.append(
             _table(["POOL", "PID", "STATE", "JOB", "DONE", "RSS MB", "UPTIME", "DETAIL"], rows)
         )
+    hosts = data.get("remote_hosts") or []
+    if hosts:
+        out.append("")
+        rows = []
+        for h in hosts:
+            name = h.get("host") or h.get("address")
+            where = f"{name} ({h.get('address')})" if h.get("host") else name
+            pools_ = h.get("pools") or []
+            if not pools_:
+                rows.append([where, "-", "-", f"{h.get('workers')} worker connection(s)",
+                             "-", "-", "not reported (not an atomnode worker host)"])
+            for p in pools_:
+                for w in p.get("workers") or []:
+                    rows.append([where, p.get("name"), w.get("pid"), w.get("state"),
+                                 w.get("job") or "-", w.get("jobs_done"),
+                                 w.get("detail") or ""])
+        out.append(_table(["REMOTE HOST", "POOL", "PID", "STATE", "JOB", "DONE", "DETAIL"],
+                          rows))
     handlers = data.get("handlers") or []
     if handlers:
         out.append("")
@@ -345,6 +380,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         cfg = load_config(args.file)
     except ConfigError as e:
         print(f"atomnode: the configuration is invalid:\n{e}", file=sys.stderr)
+        return 1
+    problem = listen_problem(cfg.listen, cfg.allow)
+    if problem:
+        print(f"atomnode: the configuration is refused:\n{problem}", file=sys.stderr)
         return 1
     sys.stdout.write(format_config(cfg))
     print(f"configuration OK ({cfg.source or 'embedded defaults'})", file=sys.stderr)

@@ -27,6 +27,7 @@ import yaml
 
 # Re-exported: defined in atomnode.system.names, which the broker uses too.
 from .names import function_matches, strip_atom_prefix  # noqa: F401
+from .access import parse_network
 
 log = logging.getLogger("atomnode.config")  # stable name: operators see it in the journal
 
@@ -114,6 +115,11 @@ class Config:
     """The daemon's whole configuration. Field names are the internal interface."""
 
     listen: tuple[str, ...] = ("127.0.0.1:4730",)
+    #: Networks (CIDR strings, normalised) allowed to connect besides loopback.
+    allow: tuple[str, ...] = ()
+    #: Unix socket answering admin commands on a worker host (listen: []); "" = next to
+    #: the database (see :func:`control_socket_path`).
+    control_socket: str = ""
     database: str = "var/atomnode.db"
     log_level: str = "info"
     synchronous: str = "full"
@@ -432,6 +438,22 @@ class _Validator:
         out = [self.address(v, path + (i,)) for i, v in enumerate(items)]
         return tuple(a for a in out if a) if all(out) else None
 
+    def networks(self, value: Any, path: Path) -> tuple[str, ...] | None:
+        if isinstance(value, str):  # a single network is fine too
+            value = [value]
+        items = self.seq(value, path, "networks (10.0.0.0/24, fd00::/64)")
+        if items is None:
+            return None
+        out: list[str] = []
+        ok = True
+        for i, item in enumerate(items):
+            try:
+                out.append(str(parse_network(item)))
+            except ValueError as e:
+                self.err(path + (i,), str(e))
+                ok = False
+        return tuple(out) if ok else None
+
     def environment(self, value: Any, path: Path) -> Mapping[str, str]:
         data = self.mapping(value, path)
         if data is None:
@@ -501,7 +523,8 @@ def _kind(value: Any) -> str:
 
 _TOP_KEYS = [
     "listen", "database", "log_level", "queue", "max_packet_size", "shutdown_timeout",
-    "status_interval", "functions", "concurrency", "pools", "handlers", "http",
+    "status_interval", "functions", "concurrency", "pools", "handlers", "http", "allow",
+    "control_socket",
 ]  # fmt: skip
 _HTTP_KEYS = ["listen", "user", "password_hash", "read_only"]
 _QUEUE_KEYS = ["synchronous", "max_attempts", "retention_days"]
@@ -527,6 +550,11 @@ def _build(data: Any, doc: _Doc) -> Config:
     if "listen" in top:
         listen = top["listen"]
         put("listen", () if listen == [] else v.addresses(listen, ("listen",)))
+    if "allow" in top:
+        put("allow", v.networks(top["allow"], ("allow",)))
+    if "control_socket" in top:
+        cs = top["control_socket"]
+        put("control_socket", "" if cs in ("", None) else v.string(cs, ("control_socket",)))
     if "database" in top:
         put("database", v.string(top["database"], ("database",)))
     if "log_level" in top:
@@ -974,6 +1002,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
     return {
         "listen": list(cfg.listen),
+        "allow": list(cfg.allow),
+        "control_socket": cfg.control_socket,
         "database": cfg.database,
         "log_level": cfg.log_level,
         "queue": {
@@ -1000,6 +1030,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "read_only": cfg.http_read_only,
         },
     }
+
+
+def control_socket_path(cfg: Config) -> str:
+    """Where a worker host's daemon answers admin commands (``atomnode status``): the
+    ``control_socket`` setting, else ``atomnode.sock`` beside the queue database."""
+    if cfg.control_socket:
+        return cfg.control_socket
+    return os.path.join(os.path.dirname(cfg.database) or ".", "atomnode.sock")
 
 
 def format_config(cfg: Config) -> str:

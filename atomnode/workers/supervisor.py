@@ -367,7 +367,7 @@ class Supervisor:
             return "starting", w.detail
         if w.stopping:
             return "draining", w.detail
-        if self.registry is None:
+        if self.registry is None or not getattr(self.registry, "aware", True):
             return "running", w.detail
         if w.job is not None:
             return "busy", w.detail

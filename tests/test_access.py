@@ -1,0 +1,165 @@
+"""The allow: list and the atomnode-host admin extension (issue 14), without sockets.
+
+The same rules across real hosts (network namespaces) are in tests/test_multihost.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atomnode.gearman.broker import NO_JOB, NOOP
+from atomnode.gearman.protocol import Packet, T
+from atomnode.system.access import (
+    RefusalLog,
+    is_loopback,
+    listen_problem,
+    loopback_only,
+    parse_networks,
+    peer_allowed,
+)
+from atomnode.system.config import ConfigError, parse_config
+from tests.test_admin import Env
+
+
+# ------------------------------------------------------------------ allow: list
+
+
+def test_loopback_is_always_allowed():
+    for ip in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "unix"):
+        assert peer_allowed(ip, ())
+        assert is_loopback(ip)
+
+
+def test_other_peers_only_inside_allow():
+    allow = parse_networks(["10.1.0.0/16", "fd00:1::/64", "192.0.2.7"])
+    assert peer_allowed("10.1.200.3", allow)
+    assert peer_allowed("::ffff:10.1.0.1", allow)  # IPv4-mapped on a dual-stack socket
+    assert peer_allowed("fd00:1::5", allow)
+    assert peer_allowed("192.0.2.7", allow)
+    assert not peer_allowed("192.0.2.8", allow)
+    assert not peer_allowed("10.2.0.1", allow)
+    assert not peer_allowed("fd00:2::5", allow)
+    assert not peer_allowed("10.1.0.1", ())
+    assert not peer_allowed("garbage", allow)
+
+
+def test_config_allow_normalised_and_bad_entries_reported():
+    cfg = parse_config("allow: [10.0.0.7/24, 'fd00::1']\n")
+    assert cfg.allow == ("10.0.0.0/24", "fd00::1/128")
+    assert parse_config("allow: 10.0.0.0/8\n").allow == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError) as e:
+        parse_config("allow: [10.0.0.0/8, nonsense, 10.0.0.0/33]\n", "f.yml")
+    text = str(e.value)
+    assert "allow[1]" in text and "'nonsense' is not an IP network" in text
+    assert "allow[2]" in text
+
+
+def test_listen_problem_names_the_line_to_add():
+    assert listen_problem(["127.0.0.1:4730", "[::1]:4730", "localhost:4730"], ()) is None
+    assert listen_problem(["0.0.0.0:4730"], ("10.0.0.0/8",)) is None
+    p = listen_problem(["0.0.0.0:4730"], ())
+    assert p is not None and "0.0.0.0:4730" in p and "allow: [192.0.2.0/24]" in p
+    p = listen_problem(["127.0.0.1:4730", "10.20.30.40:4730"], ())
+    assert p is not None and "allow: [10.20.30.0/24]" in p
+
+
+def test_loopback_only_keeps_the_ports():
+    assert loopback_only(["0.0.0.0:4730", "127.0.0.1:4730", "[::]:4731", "10.0.0.1:4732"]) == (
+        "127.0.0.1:4730", "[::1]:4731", "127.0.0.1:4732")
+
+
+def test_refusals_are_counted_and_logged_at_most_once_per_interval():
+    r = RefusalLog(interval=10.0)
+    first = r.note("10.9.9.9", 100.0)
+    assert first is not None and "10.9.9.9" in first
+    assert all(r.note(f"10.9.9.{i}", 100.0 + i / 1000) is None for i in range(500))
+    later = r.note("10.9.9.9", 111.0)
+    assert later is not None and "refused 501 connection(s)" in later and "more" in later
+    assert r.total == 502
+    snap = r.snapshot()
+    assert snap["refused"] == 502 and len(snap["refused_from"]) <= 10
+
+
+# ----------------------------------------------------------- atomnode-host
+
+
+def _listing(reply: bytes) -> list[dict]:
+    body, _, rest = reply.partition(b"\n")
+    assert rest == b".\n"
+    return json.loads(body)
+
+
+def test_host_conns_lists_only_the_callers_own_connections():
+    e = Env()
+    mine = e.conn(loopback=False, peer="10.0.0.2")
+    other = e.conn(loopback=False, peer="10.0.0.3")
+    client = e.conn()
+    e.send(mine, T.CAN_DO, b"F")
+    e.send(other, T.CAN_DO, b"F")
+    e.bg(client, b"F")
+    e.send(mine, T.GRAB_JOB)
+    admin = e.conn(loopback=False, peer="10.0.0.2")
+    rows = _listing(e.cmd(b"atomnode-host conns", admin))
+    assert [r["id"] for r in rows] == [mine.id]
+    assert rows[0]["jobs"] == ["H:test:1"] and rows[0]["abilities"] == ["F"]
+    assert rows[0]["peer"][0] == "10.0.0.2" and rows[0]["draining"] is False
+
+
+def test_host_may_drain_and_release_its_own_connections_only():
+    e = Env()
+    mine = e.conn(loopback=False, peer="10.0.0.2")
+    other = e.conn(loopback=False, peer="10.0.0.3")
+    admin = e.conn(loopback=False, peer="10.0.0.2")
+    assert e.cmd(b"atomnode-host drain %d" % mine.id, admin) == b"OK\r\n"
+    assert mine.draining
+    denied = e.cmd(b"atomnode-host drain %d" % other.id, admin)
+    assert denied.startswith(b"ERR PERMISSION_DENIED") and not other.draining
+    assert e.cmd(b"atomnode-host release %d" % mine.id, admin) == b"OK\r\n"
+    assert not mine.draining
+    # A gone connection: nothing runs there, the drain is trivially done.
+    assert e.cmd(b"atomnode-host drain 999", admin) == b"OK\r\n"
+    assert e.cmd(b"atomnode-host drain x", admin).startswith(b"ERR INVALID_ARGUMENTS")
+    # An operator (loopback) may drain any connection.
+    assert e.cmd(b"atomnode-host drain %d" % other.id) == b"OK\r\n" and other.draining
+
+
+def test_drained_connection_gets_no_job_and_release_wakes_it():
+    e = Env()
+    w = e.conn(loopback=False, peer="10.0.0.2")
+    client = e.conn()
+    admin = e.conn(loopback=False, peer="10.0.0.2")
+    e.send(w, T.CAN_DO, b"F")
+    e.cmd(b"atomnode-host drain %d" % w.id, admin)
+    e.bg(client, b"F")
+    e.b.handle(w, Packet(T.GRAB_JOB, ()))
+    assert w.out[-1] == NO_JOB
+    w.out.clear()
+    e.send(w, T.PRE_SLEEP)
+    e.cmd(b"atomnode-host release %d" % w.id, admin)
+    assert w.out[-1] == NOOP
+
+
+def test_host_report_shows_in_status_with_plain_remote_workers():
+    e = Env()
+    w = e.conn(loopback=False, peer="10.0.0.2")
+    e.send(w, T.CAN_DO, b"F")
+    plain = e.conn(loopback=False, peer="10.0.0.9")
+    e.send(plain, T.CAN_DO, b"F")
+    admin = e.conn(loopback=False, peer="10.0.0.2")
+    report = {"host": "wh1", "pools": [{"name": "atom", "count": 1, "workers": [
+        {"pid": 42, "state": "idle", "job": None, "jobs_done": 3}]}]}
+    assert e.cmd(b"atomnode-host report " + json.dumps(report).encode(), admin) == b"OK\r\n"
+    assert e.cmd(b"atomnode-host report {nope", admin).startswith(b"ERR INVALID_ARGUMENTS")
+    doc = json.loads(e.cmd(b"atomnode-status").split(b"\n")[0])
+    hosts = {h["address"]: h for h in doc["remote_hosts"]}
+    assert hosts["10.0.0.2"]["host"] == "wh1" and hosts["10.0.0.2"]["workers"] == 1
+    assert hosts["10.0.0.2"]["pools"][0]["workers"][0]["pid"] == 42
+    assert hosts["10.0.0.9"]["host"] is None and hosts["10.0.0.9"]["pools"] == []
+    assert doc["access"]["allow"] == [] and doc["access"]["refused"] == 0
+
+
+def test_unknown_host_subcommand():
+    e = Env()
+    assert e.cmd(b"atomnode-host").startswith(b"ERR INVALID_ARGUMENTS")
+    assert e.cmd(b"atomnode-host frobnicate").startswith(b"ERR UNKNOWN_COMMAND")
