@@ -20,11 +20,14 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def require_netns() -> None:
@@ -113,11 +116,11 @@ class Hosts:
             pre += ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
         return pre + argv
 
-    def connect(self, name: str, host: str, port: int, timeout: float = 10.0
-                ) -> socket.socket:
-        """A TCP connection made from inside host ``name``'s network namespace."""
+    def in_ns(self, name: str, fn: Callable[[], T]) -> T:
+        """``fn()`` called inside host ``name``'s network namespace (sockets it creates
+        stay there)."""
         ns = self.server_ns if name == "server" else self.ns[name]
-        out: dict[str, object] = {}
+        out: dict[str, Any] = {}
 
         def inside() -> None:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -129,8 +132,8 @@ class Hosts:
             finally:
                 os.close(fd)
             try:
-                out["sock"] = socket.create_connection((host, port), timeout=timeout)
-            except OSError as e:
+                out["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                 out["error"] = e
 
         # setns() changes the calling thread only: a throwaway thread, so the test's
@@ -139,8 +142,14 @@ class Hosts:
         t.start()
         t.join()
         if "error" in out:
-            raise out["error"]  # type: ignore[misc]
-        return out["sock"]  # type: ignore[return-value]
+            raise out["error"]
+        return out["value"]
+
+    def connect(self, name: str, host: str, port: int, timeout: float = 10.0
+                ) -> socket.socket:
+        """A TCP connection made from inside host ``name``'s network namespace."""
+        return self.in_ns(name, lambda: socket.create_connection((host, port),
+                                                                 timeout=timeout))
 
 
 def child_pid(pid: int) -> int | None:

@@ -5,6 +5,11 @@ The same rules across real hosts (network namespaces) are in tests/test_multihos
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +24,7 @@ from atomnode.system.access import (
     peer_allowed,
 )
 from atomnode.system.config import ConfigError, parse_config
+from tests.daemon_harness import free_port
 from tests.test_admin import Env
 
 
@@ -163,3 +169,93 @@ def test_unknown_host_subcommand():
     e = Env()
     assert e.cmd(b"atomnode-host").startswith(b"ERR INVALID_ARGUMENTS")
     assert e.cmd(b"atomnode-host frobnicate").startswith(b"ERR UNKNOWN_COMMAND")
+
+
+# ------------------------------------------------------- the daemon and the CLI
+
+
+def _atomnode(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATOMNODE_CONFIG", "NOTIFY_SOCKET")}
+    return subprocess.run([sys.executable, "-m", "atomnode", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_check_config_refuses_an_open_listen_without_allow(tmp_path: Path) -> None:
+    f = tmp_path / "a.yml"
+    f.write_text("listen: ['0.0.0.0:4730']\n")
+    r = _atomnode("check-config", str(f))
+    assert r.returncode == 1
+    assert "0.0.0.0:4730 accepts connections from other hosts" in r.stderr
+    assert "  allow: [192.0.2.0/24]" in r.stderr
+    f.write_text("listen: ['0.0.0.0:4730']\nallow: [10.0.0.0/8]\n")
+    r = _atomnode("check-config", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "allow:\n- 10.0.0.0/8" in r.stdout
+
+
+def test_daemon_without_allow_serves_loopback_only_and_says_so(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = tmp_path / "a.yml"
+    cfg.write_text(f"listen: ['0.0.0.0:{port}']\ndatabase: {tmp_path / 'q.db'}\n")
+    log = tmp_path / "daemon.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "atomnode", "run", "--config", str(cfg)],
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while "ready" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        text = log.read_text()
+        assert f"ERROR atomnode: listen: 0.0.0.0:{port} accepts connections" in text
+        assert "allow: [192.0.2.0/24]" in text
+        status = _atomnode("status", "--config", str(cfg))
+        assert status.returncode == 0, status.stderr
+        assert "ERROR: serving loopback only" in status.stdout
+        js = json.loads(_atomnode("status", "--json", "--config", str(cfg)).stdout)
+        assert js["listen"] == [f"127.0.0.1:{port}"]
+        doctor = _atomnode("doctor", "--config", str(cfg))
+        assert doctor.returncode == 1
+        assert "FAIL  the daemon serves loopback only" in doctor.stdout
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_worker_host_status_on_its_control_socket(tmp_path: Path) -> None:
+    """listen: [] opens the control socket; `atomnode status` finds it from the config.
+    The server its pool names is down: status and doctor say so, the pool still runs."""
+    dead = free_port()
+    sock = tmp_path / "ctl.sock"
+    cfg = tmp_path / "w.yml"
+    cfg.write_text(
+        "listen: []\n"
+        f"database: {tmp_path / 'q.db'}\n"
+        f"control_socket: {sock}\n"
+        "pools:\n"
+        "  - name: p\n"
+        f"    servers: ['127.0.0.1:{dead}']\n"
+        "    command: [sleep, '3600']\n"
+    )
+    log = tmp_path / "daemon.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "atomnode", "run", "--config", str(cfg)],
+                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while "cannot reach" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        st = _atomnode("status", "--config", str(cfg))
+        assert st.returncode == 0, st.stderr
+        assert f"server 127.0.0.1:{dead}: cannot reach 127.0.0.1:{dead}" in st.stdout
+        assert "running" in st.stdout  # no job awareness yet: state "running"
+        doc = _atomnode("doctor", "--config", str(cfg))
+        assert f"the daemon answers at the control socket {sock}" in doc.stdout
+        assert f"FAIL  this worker host cannot reach the server 127.0.0.1:{dead}" in doc.stdout
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not proc.returncode, log.read_text()

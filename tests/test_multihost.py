@@ -326,3 +326,51 @@ def test_recycling_by_max_jobs_waits_until_the_worker_is_idle(site: Site) -> Non
                                       "requeued": 0}
     # Past the limit after a, recycled only after b, once idle.
     assert "recycling worker: 2 jobs done (max_jobs 1)" in site.log("worker")
+
+
+def test_socket_activated_listener_obeys_allow(site: Site, tmp_path: Path) -> None:
+    """A socket systemd passes (LISTEN_FDS) is filtered like a configured one."""
+    def bind() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("0.0.0.0", PORT + 1))
+        s.listen(16)
+        return s
+
+    listener = site.hosts.in_ns("server", bind)
+    cfg = tmp_path / "activated.yml"
+    cfg.write_text(f"allow: ['{site.hosts.addr['worker']}']\n"
+                   f"database: {tmp_path / 'activated.db'}\n")
+    fd = listener.fileno()
+    launcher = (
+        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'atomnode', 'run', '--config', "
+        "sys.argv[2]])"
+    )
+    with open(tmp_path / "activated.log", "ab") as log:
+        proc = subprocess.Popen(
+            site.hosts.exec_argv("server", [sys.executable, "-c", launcher, str(fd),
+                                            str(cfg)]),
+            pass_fds=(fd,), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    site.procs.append(proc)
+    listener.close()
+    worker_side = site.hosts.server_addr["worker"]
+
+    def answers() -> bytes | None:
+        try:
+            with NsClient(site.hosts.connect("worker", worker_side, PORT + 1)) as c:
+                return c.admin("version")
+        except OSError:
+            return None
+
+    assert b"atomnode" in wait_for(answers, "the activated daemon to answer the worker host")
+    s = site.hosts.connect("outsider", site.hosts.server_addr["outsider"], PORT + 1)
+    s.settimeout(5)
+    try:
+        s.sendall(b"version\n")
+        assert s.recv(100) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    s.close()
+    assert "using 1 socket(s) passed by systemd" in site.log("activated")
+    wait_for(lambda: "not in allow:" in site.log("activated"), "the refusal in the log")

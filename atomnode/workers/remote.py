@@ -189,7 +189,9 @@ class RemoteRegistry:
 
     async def wait_idle(self, conn_id: Any) -> None:
         """Return once the server confirmed the drain and the connection holds no job
-        (or has gone). Without job awareness (gearmand) returns at once."""
+        (or has gone). Without job awareness (gearmand, or a server never reached)
+        returns at once; a link lost after it was up keeps waiting (the supervisor bounds
+        the wait with ``drain_timeout``)."""
         address, cid = conn_id
         link = self.links.get(address)
         if link is None:
@@ -198,8 +200,8 @@ class RemoteRegistry:
         link.kick.set()
         try:
             while True:
-                if link.aware is False:
-                    return
+                if link.aware is not True:
+                    return  # never reached, or not an atomnode: nothing to wait for
                 acked = link.acked.get(cid)
                 if acked is not None and link.generation > acked:
                     c = link.conns.get(cid)
