@@ -209,8 +209,8 @@ class Admin:
             "pools": [],
             "handlers": [],
             "access": {
-                "allow": [str(n) for n in server.allow],
-                **server.refusals.snapshot(),
+                "allow": [str(n) for n in getattr(server, "allow", ())],
+                **(server.refusals.snapshot() if hasattr(server, "refusals") else {}),
             },
             "remote_hosts": hosts.remote_hosts(server),
         }

@@ -13,6 +13,8 @@ to every server the pools name, speaking the ``atomnode-host`` extension
 * ``drain`` sends ``atomnode-host drain ID`` (queued while the link is down);
 * ``wait_idle`` returns once a listing read *after* the server acknowledged the drain
   shows the connection holding no job (or gone);
+* ``refresh`` waits for a listing taken now (the supervisor calls it before it drains a
+  worker, so a connection made since the last poll is not missed);
 * every ``report_interval`` seconds it sends ``atomnode-host report`` with the pools'
   snapshot, so the central ``atomnode status`` lists this host's workers.
 
@@ -210,6 +212,24 @@ class RemoteRegistry:
                 await link.updated.wait()
         finally:
             link.waiters -= 1
+
+    async def refresh(self, timeout: float = 5.0) -> None:
+        """Return once every connected link has read a listing that started after this
+        call (bounded by ``timeout``): the supervisor calls it before draining a worker."""
+        targets = [(link, link.generation) for link in self.links.values()
+                   if link.connected and link.aware]
+        for link, _ in targets:
+            link.waiters += 1
+            link.kick.set()
+        try:
+            with trio.move_on_after(timeout):
+                for link, gen in targets:
+                    # gen + 1 may be a listing already under way; gen + 2 started after.
+                    while link.connected and link.generation < gen + 2:
+                        await link.updated.wait()
+        finally:
+            for link, _ in targets:
+                link.waiters -= 1
 
     def status(self) -> list[dict[str, Any]]:
         """Per server: address, connected, aware, this host's connections, last error."""

@@ -57,7 +57,9 @@ class ConnInfoLike(Protocol):
 
 
 class WorkerRegistry(Protocol):
-    """What the supervisor needs from the daemon (implemented in daemon.py)."""
+    """What the supervisor needs from the daemon (implemented in daemon.py; on a worker
+    host by workers/remote.py, which also has ``async refresh()``: called, when present,
+    before a worker is drained, to get a view taken now rather than at the last poll)."""
 
     def connections(self) -> list[Any]: ...
 
@@ -566,6 +568,11 @@ class Supervisor:
         w.stopping = True
         self._event(w, "draining")
         if self.registry is not None:
+            refresh = getattr(self.registry, "refresh", None)
+            if refresh is not None:
+                # A worker host's view of the server is polled: take one now, so a
+                # connection made since the last poll is drained too.
+                await refresh()
             self._refresh()
             conns = list(w.conns)
             for c in conns:
