@@ -374,3 +374,19 @@ def test_socket_activated_listener_obeys_allow(site: Site, tmp_path: Path) -> No
     s.close()
     assert "using 1 socket(s) passed by systemd" in site.log("activated")
     wait_for(lambda: "not in allow:" in site.log("activated"), "the refusal in the log")
+
+
+def test_exit_111_on_a_worker_host_is_a_planned_restart(site: Site) -> None:
+    """AtoM's worker exits 111 after --max-job-count: restarted at once, as on one box."""
+    argv = ["sh", "-c", f"gearman -w -c 1 -h {site.server_ip} -p {PORT} -f once -- tee -a "
+            f"{site.runs}; exit 111"]
+    site.start_worker_host(
+        f"  - name: once\n    count: 1\n    servers: ['{site.server_ip}:{PORT}']\n"
+        f"    command: {json.dumps(argv)}\n")
+    for i in range(3):
+        site.submit("once", f"o{i} ")
+    wait_for(lambda: site.status()["stats"]["completed"] == 3, "3 jobs, one per process")
+    log = site.log("worker")
+    assert log.count("worker exited with code 111 (planned); restarting") >= 2, log
+    assert "restarting in" not in log  # no crash backoff
+    assert sorted(site.runs.read_text().split()) == ["o0", "o1", "o2"]
