@@ -106,7 +106,8 @@ def main() -> int:
     with Hosts(names, net=232) as hosts:
         cfg = tmp / "server.yml"
         cfg.write_text(f"listen: ['0.0.0.0:{PORT}']\nallow: ['10.232.0.0/16']\n"
-                       f"database: {tmp / 'server.db'}\nlog_level: warning\n")
+                       f"database: {tmp / 'server.db'}\nlog_level: warning\n"
+                       "http: {listen: none}\n")
         logf = open(tmp / "server.log", "ab")
         server = subprocess.Popen(
             hosts.exec_argv("server", [sys.executable, "-m", "atomnode", "run", "--config",
@@ -167,6 +168,7 @@ def main() -> int:
                 wcfg.write_text(
                     f"listen: []\ndatabase: {tmp / (n + '.db')}\n"
                     f"control_socket: {tmp / (n + '.sock')}\nlog_level: warning\n"
+                    "http: {listen: none}\n"
                     f"pools:\n  - name: real\n    count: {POOL}\n"
                     f"    servers: ['{hosts.server_addr[n]}:{PORT}']\n"
                     f"    command: {json.dumps(argv)}\n")

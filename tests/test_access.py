@@ -196,7 +196,8 @@ def test_check_config_refuses_an_open_listen_without_allow(tmp_path: Path) -> No
 def test_daemon_without_allow_serves_loopback_only_and_says_so(tmp_path: Path) -> None:
     port = free_port()
     cfg = tmp_path / "a.yml"
-    cfg.write_text(f"listen: ['0.0.0.0:{port}']\ndatabase: {tmp_path / 'q.db'}\n")
+    cfg.write_text(f"listen: ['0.0.0.0:{port}']\ndatabase: {tmp_path / 'q.db'}\n"
+                   "http: {listen: none}\n")
     log = tmp_path / "daemon.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "atomnode", "run", "--config", str(cfg)],
@@ -233,6 +234,7 @@ def test_worker_host_status_on_its_control_socket(tmp_path: Path) -> None:
         "listen: []\n"
         f"database: {tmp_path / 'q.db'}\n"
         f"control_socket: {sock}\n"
+        "http: {listen: none}\n"
         "pools:\n"
         "  - name: p\n"
         f"    servers: ['127.0.0.1:{dead}']\n"

@@ -79,6 +79,7 @@ class Site:
             f"listen: ['0.0.0.0:{PORT}']\n"
             f"allow: ['{self.hosts.addr['worker']}/32']\n"
             f"database: {tmp / 'server.db'}\n"
+            "http: {listen: none}\n"
         )
         self.server = self._spawn("server", srv_cfg, tmp / "server.log")
         wait_for(self._server_up, "the server's atomnode to listen")
@@ -136,6 +137,7 @@ class Site:
             f"database: {self.tmp / 'worker.db'}\n"
             f"control_socket: {self.control}\n"
             "shutdown_timeout: 60\n"
+            "http: {listen: none}\n"
             f"pools:\n{pools}"
         )
         self.worker = self._spawn("worker", self.worker_cfg, self.tmp / "worker.log",
@@ -339,7 +341,7 @@ def test_socket_activated_listener_obeys_allow(site: Site, tmp_path: Path) -> No
     listener = site.hosts.in_ns("server", bind)
     cfg = tmp_path / "activated.yml"
     cfg.write_text(f"allow: ['{site.hosts.addr['worker']}']\n"
-                   f"database: {tmp_path / 'activated.db'}\n")
+                   f"database: {tmp_path / 'activated.db'}\nhttp: {{listen: none}}\n")
     fd = listener.fileno()
     launcher = (
         "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "

@@ -42,6 +42,7 @@ def test_worker_host_against_gearmand_runs_jobs_without_job_awareness(tmp_path: 
             "listen: []\n"
             f"database: {tmp_path / 'q.db'}\n"
             f"control_socket: {sock}\n"
+            "http: {listen: none}\n"
             "pools:\n"
             "  - name: gm\n"
             "    count: 2\n"
