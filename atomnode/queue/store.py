@@ -38,6 +38,7 @@ import fcntl
 import gc
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import threading
@@ -46,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..system.stats import Histogram
+from .walcheck import check_wal_file
 
 log = logging.getLogger("atomnode.store")  # stable name: operators see it in the journal
 
@@ -455,6 +457,7 @@ class Store:
                 f"queue database {path} is not an SQLite database (corrupt or another kind "
                 "of file); refusing to start. Move it aside or point 'database' elsewhere."
             )
+        self._check_wal()
         try:
             conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, cached_statements=64
@@ -467,6 +470,44 @@ class Store:
             conn.close()
             raise
         return conn
+
+    def _check_wal(self) -> None:
+        """Before SQLite replays a write-ahead log left by a crash: refuse one damaged in
+        the middle (SQLite would stop at the damage and drop every later commit without
+        a word), after keeping a copy for the operator. A torn tail is normal."""
+        path = self.path
+        wal = path + "-wal"
+        t0 = time.monotonic()
+        try:
+            scan = check_wal_file(wal)
+        except OSError as e:
+            raise StoreOpenError(f"queue database {path}: cannot read {wal}: {e.strerror}") from e
+        if scan is None:
+            return
+        log.debug("queue database %s: write-ahead log checked in %.3fs (%d frames)",
+                  path, time.monotonic() - t0, scan.frames)
+        if not scan.damaged:
+            return
+        assert scan.first_bad is not None
+        keep = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            os.makedirs(keep, exist_ok=True)
+            for src in (path, wal):
+                shutil.copy2(src, os.path.join(keep, os.path.basename(src)))
+            kept = f"A copy of both files is in {keep}/ (open only a copy of that copy: " \
+                   "SQLite rewrites a database it opens)."
+        except OSError as e:
+            kept = f"Could not keep a copy ({e.strerror}): copy {path} and {wal} first."
+        bad_at = scan.offset(scan.first_bad)
+        raise StoreOpenError(
+            f"queue database {path}: its write-ahead log {wal} is damaged: frame "
+            f"{scan.first_bad + 1} (byte {bad_at}) fails its checksum, yet {scan.intact_after}"
+            f" later frames holding {scan.commits_after} committed transactions are intact. "
+            "SQLite would stop at the damage and silently drop those transactions (jobs "
+            f"already acknowledged among them), so atomnode refuses to start. {kept} "
+            "Restore the queue from a backup, or, to start with what precedes the damage "
+            f"and lose the transactions after it: truncate -s {bad_at} {wal}"
+        )
 
     def _create_new(self) -> None:
         """Create the database at a temporary name beside ``path``, complete (schema,
