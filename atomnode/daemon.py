@@ -183,6 +183,8 @@ class Daemon:
                  f"workers {workers}"]
         if self.store is not None and not self.store.healthy:
             parts.append(f"QUEUE ERROR: {self.store.last_error}")
+        elif self.store is not None and self.store.damage:
+            parts.append(f"QUEUE DAMAGED: {self.store.damage}")
         elif self.store is not None and self.store.incident:
             parts.append(f"QUEUE INCIDENT: {self.store.incident}")
         text = ", ".join(parts)
@@ -205,6 +207,7 @@ class Daemon:
                 "store_error": self.store.last_error,
                 "store_pending": self.store.pending,
                 "store_incident": self.store.incident,
+                "store_damage": self.store.damage,
                 "database": self.cfg.database,
                 "database_size": _file_size(self.cfg.database),
                 "wal_size": _file_size(self.cfg.database + "-wal"),
@@ -311,6 +314,30 @@ class Daemon:
                                                  "no answer from the queue writer")
         await self.refresh_failed_count()
         return results
+
+    async def _integrity_task(self) -> None:
+        """After an unclean shutdown: SQLite's full integrity check (indexes against the
+        table), in a thread, once the daemon serves. Recovery itself reads the table and
+        checks the queue's index (within the restart budget); this reads everything."""
+        store = self.store
+        assert store is not None
+        t0 = time.monotonic()
+        log.info("queue database %s: integrity check after an unclean shutdown (in the "
+                 "background)", store.path)
+        try:
+            problems = await trio.to_thread.run_sync(store.integrity_check,
+                                                     abandon_on_cancel=True)
+        except Exception as e:  # noqa: BLE001 - a check that cannot run must say so
+            log.error("queue database %s: the integrity check could not run: %s",
+                      store.path, e)
+            return
+        if problems:
+            log.error("queue database %s: integrity_check found damage: %s. The jobs in "
+                      "memory are served and written on; stop atomnode, restore the file "
+                      "or rebuild it (docs/durability.md).", store.path, "; ".join(problems))
+        else:
+            log.info("queue database %s: integrity check passed in %.1fs", store.path,
+                     time.monotonic() - t0)
 
     async def _count_failed_task(self) -> None:
         """Refresh the failed-job count every few seconds, in a thread. A stalled disk
@@ -501,6 +528,8 @@ class Daemon:
                 nursery.start_soon(self._sample_task)
                 if http_sock is not None:
                     await nursery.start(self._serve_console, http_sock)
+                if self.store.unclean_shutdown:
+                    nursery.start_soon(self._integrity_task)
                 interval = watchdog_interval()
                 if interval:
                     nursery.start_soon(watchdog_task, self.notifier, interval / 3, self.healthy)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -350,3 +351,119 @@ def test_torn_wal_tail_after_a_crash_is_normal(tmp_path: Path) -> None:
     d2 = Daemon(tmp_path, db=d.db).start()
     assert d2.status()["walfn"][0] == 2000
     d2.stop()
+
+
+# -- 3. a lost write in an index page ------------------------------------------------------
+
+
+def _pages(db: Path, name: str) -> set[int]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in con.execute("SELECT pageno FROM dbstat WHERE name = ?", (name,))}
+    finally:
+        con.close()
+
+
+def lose_an_index_write(db: Path, jobs: int = 20000, lost: int = 47) -> None:
+    """Build a queue of ``jobs`` live jobs whose jobs_active index misses ``lost`` of them,
+    the way a lost write leaves it: those jobs became live in a later transaction, and the
+    index page that recorded it is put back to its earlier content (the table's pages keep
+    the later one). quick_check still passes; only integrity_check sees it."""
+    from atomnode.queue.store import Store
+
+    s = Store(str(db))
+    s.open()
+    s.close()
+    fn = b"0123456789abcdef0123456789abcdef-arObjectMoveJob"
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("BEGIN")
+    con.executemany(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
+        "submitted_at, state) VALUES (?, ?, '', ?, 1, 0, ?, 1.7e9, ?)",
+        [(i, fn, b'{"objectId":%d}' % i, i, "queued") for i in range(1, jobs + 1)],
+    )
+    con.execute("COMMIT")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    index_pages = _pages(db, "jobs_active")
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    # Try ranges until one fits in its leaf without a split (deterministic per SQLite).
+    for first in range(jobs // 4, jobs, 97):
+        ids = (first, first + lost)
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("UPDATE jobs SET state = 'done', finished_at = 1.7e9 "
+                    "WHERE id >= ? AND id < ?", ids)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        before = db.read_bytes()
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("UPDATE jobs SET state = 'queued', finished_at = NULL "
+                    "WHERE id >= ? AND id < ?", ids)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        after = bytearray(db.read_bytes())
+        if _pages(db, "jobs_active") != index_pages or len(after) != len(before):
+            continue  # the index split: try another place
+        changed = [p for p in index_pages
+                   if before[(p - 1) * page_size:p * page_size]
+                   != after[(p - 1) * page_size:p * page_size]]
+        for p in changed:
+            after[(p - 1) * page_size:p * page_size] = before[(p - 1) * page_size:p * page_size]
+        db.write_bytes(after)
+        return
+    raise AssertionError("no place found to lose an index write")
+
+
+def test_lost_index_write_costs_no_job(tmp_path: Path) -> None:
+    """The issue's case: quick_check passes and a read through jobs_active returns 19,953
+    of 20,000 jobs. The daemon reads the table, notices the index disagrees (ERROR), rebuilds
+    it, and serves all 20,000; the incident shows in status and doctor."""
+    db = tmp_path / "queue.db"
+    lose_an_index_write(db)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    through_index = con.execute(
+        "SELECT count(*) FROM jobs INDEXED BY jobs_active WHERE state IN ('queued', 'running')"
+    ).fetchone()[0]
+    assert con.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
+    con.close()
+    assert through_index == 20000 - 47
+    d = Daemon(tmp_path, db=db).start()
+    assert d.status()["0123456789abcdef0123456789abcdef-arObjectMoveJob"][0] == 20000
+    log = d.log()
+    assert "ERROR" in log and "the index jobs_active disagrees with the table (it lists " \
+        "19953 live jobs, the table holds 20000)" in log
+    assert "index jobs_active was damaged" in status_doc(d)["queue"]["store_incident"]
+    assert "WARN  the queue database had an incident" in doctor(d)
+    d.stop()
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    con.close()
+
+
+def test_unclean_shutdown_runs_a_full_integrity_check_in_the_background(tmp_path: Path) -> None:
+    """After kill -9 the restart serves first and then runs integrity_check in a thread;
+    damage it finds (here: a stale index page of the finished-jobs index, which recovery
+    does not read) is reported as FAIL in doctor and in status. A clean stop skips it."""
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        c.submit_bg(b"ic", b"u", b"x")
+    d.stop()
+    d2 = Daemon(tmp_path, db=d.db).start()
+    d2.kill9()
+    assert "integrity check" not in d2.log()
+    d3 = Daemon(tmp_path, db=d.db).start()
+    wait_for_log(d3, "integrity check passed")
+    assert status_doc(d3)["queue"]["store_damage"] is None
+    d3.kill9()
+    # Damage the finished-jobs index behind SQLite's back: mark its rows as another state.
+    con = sqlite3.connect(d.db, isolation_level=None)
+    con.execute("PRAGMA writable_schema = ON")
+    con.execute("UPDATE sqlite_master SET sql = replace(sql, \"'cancelled')\", "
+                "\"'cancelled', 'queued')\") WHERE name = 'jobs_finished'")
+    con.close()
+    d4 = Daemon(tmp_path, db=d.db).start()
+    wait_for_log(d4, "integrity_check found damage")
+    assert status_doc(d4)["queue"]["store_damage"].startswith("integrity_check:")
+    assert "FAIL  the queue database file is damaged" in doctor(d4)
+    d4.stop()

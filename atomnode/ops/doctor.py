@@ -138,13 +138,18 @@ def run_doctor(
             )
         elif q.get("store_healthy"):
             checks.append(Check("OK", "the queue database is healthy"))
-        if q.get("store_incident"):
+        if q.get("store_damage"):
             checks.append(
                 Check(
-                    "WARN",
-                    f"the queue database had an incident: {q['store_incident']}; "
-                    "find out what removed or replaced it",
+                    "FAIL",
+                    f"the queue database file is damaged ({q['store_damage']}): the jobs in "
+                    "memory are served, but a restart may not find them all; see "
+                    "'Faults' in docs/durability.md",
                 )
+            )
+        if q.get("store_incident"):
+            checks.append(
+                Check("WARN", f"the queue database had an incident: {q['store_incident']}")
             )
         if q.get("failed"):
             checks.append(

@@ -178,6 +178,8 @@ def render_status(data: dict[str, Any]) -> str:
         store = f", STORE FAILING: {q.get('store_error') or 'unknown error'}"
     elif q.get("store_healthy"):
         store = ", store healthy"
+    if q.get("store_damage"):
+        store += f", FILE DAMAGED: {q['store_damage']}"
     if q.get("store_incident"):
         store += f" (INCIDENT: {q['store_incident']})"
     failed = "" if q.get("failed") is None else f", {q.get('failed')} failed"
