@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import operator
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -74,6 +75,9 @@ def _parse_count(raw: bytes, limit: int) -> int | None:
     value = int(raw)
     return value if value <= limit else None
 
+
+_ID = operator.attrgetter("id")
+_SEQ = operator.attrgetter("seq")
 
 NOOP = encode(T.NOOP)
 NO_JOB = encode(T.NO_JOB)
@@ -550,22 +554,29 @@ class Broker:
         or fail if that was their last attempt. Returns the number restored."""
         n = 0
         stored = list(stored)
+        if stored:
+            # Every stored number first: a running job requeued below gets a fresh seq.
+            self.next_id = max(self.next_id, max(map(_ID, stored)) + 1)
+            self.next_seq = max(self.next_seq, max(map(_SEQ, stored)) + 1)
+        # A million jobs come through here before the daemon serves (the restart budget):
+        # the function lookup is cached across rows and queueing is inlined.
+        now = self.clock()
+        prefix = self.handle_prefix
+        jobs, uniques = self.jobs, self.uniques
+        fn_name: bytes | None = None
+        fn: Function | None = None
         for s in stored:
-            self.next_id = max(self.next_id, s.id + 1)
-            self.next_seq = max(self.next_seq, s.seq + 1)
-        for s in stored:
-            fn = self.function(s.function)
+            if s.function != fn_name:
+                fn_name = s.function
+                fn = self.function(fn_name)
+            assert fn is not None
             unique = s.unique
             key = (s.data or None) if unique == b"-" else (unique or None)
             job = Job(
-                s.id, self.handle_prefix + str(s.id).encode(), fn, unique, key, s.data,
+                s.id, prefix + str(s.id).encode(), fn, unique, key, s.data,
                 s.priority, True, s.when_to_run, s.seq, s.submitted_at,
             )
             job.attempts = s.attempts
-            if s.id >= self.next_id:
-                self.next_id = s.id + 1
-            if s.seq >= self.next_seq:
-                self.next_seq = s.seq + 1
             if s.state == RUNNING:
                 if job.attempts >= self.max_attempts(fn.name):
                     self.store_ops.append(
@@ -578,10 +589,15 @@ class Broker:
                 job.seq = self._new_seq()
                 self.store_ops.append(("requeue", job.id, job.attempts, job.seq, requeue_reason))
             fn.total += 1
-            self.jobs[job.handle] = job
-            if key is not None and (fn.name, key) not in self.uniques:
-                self.uniques[(fn.name, key)] = job
-            self._enqueue(job, wake=False)
+            jobs[job.handle] = job
+            if key is not None and (fn_name, key) not in uniques:
+                uniques[(fn_name, key)] = job
+            if job.when and job.when > now:
+                self._enqueue(job, wake=False)  # scheduled
+            else:
+                job.state = QUEUED
+                fn.queues[job.priority].append(job)
+                fn.queued += 1
             n += 1
         self._reserve_ids()
         return n
