@@ -134,6 +134,7 @@ class Daemon:
         self.ready = False
         self._nursery_for_handlers: trio.Nursery | None = None  # where reloads start handlers
         self._failed_cache: tuple[float, dict[str, int]] | None = None  # (when, per function)
+        self._file_sizes: tuple[int | None, int | None] = (None, None)  # database, -wal
         self.admin: Admin | None = None
         self.http_bound: list[tuple[str, int]] = []
         self.started_at = time.time()
@@ -209,8 +210,8 @@ class Daemon:
                 "store_incident": self.store.incident,
                 "store_damage": self.store.damage,
                 "database": self.cfg.database,
-                "database_size": _file_size(self.cfg.database),
-                "wal_size": _file_size(self.cfg.database + "-wal"),
+                "database_size": self._file_sizes[0],
+                "wal_size": self._file_sizes[1],
                 "last_commit_ms": None if last is None else round(last * 1000, 3),
             }
             if failed is not None:
@@ -247,6 +248,10 @@ class Daemon:
         """Count the failed jobs now (after a retry or cancel from the console)."""
         n = await trio.to_thread.run_sync(self._count_failed, abandon_on_cancel=True)
         self._failed_cache = (time.monotonic(), n) if n is not None else None
+        db = self.cfg.database
+        self._file_sizes = await trio.to_thread.run_sync(
+            lambda: (_file_size(db), _file_size(db + "-wal")), abandon_on_cancel=True
+        )  # a stat() too can hang on a stalled disk (NFS): never on the event loop
 
     # --------------------------------------------------------- console hooks
     def status_document(self) -> dict[str, Any]:
