@@ -6,7 +6,7 @@ LISTEN ?= 127.0.0.1:4730
 DB     ?= var/atomnode.db
 PYTEST_ARGS ?=
 
-.PHONY: all venv run test test-fast sysdeps-run sysdeps-test lint bench deb test-deb clean
+.PHONY: all venv run test test-fast sysdeps-run sysdeps-test lint bench bench-quick deb test-deb clean
 
 all: venv
 
@@ -53,3 +53,9 @@ test-deb:
 bench: venv
 	@sh scripts/sysdeps.sh bench
 	bash bench/run.sh
+
+# The primary rows of issue 12 (CPU per job, round trips, serial latency, durable background
+# latency, idle RSS), medians of 3, in under a minute.
+bench-quick: venv
+	@sh scripts/sysdeps.sh bench
+	SCALE=0.15 REPS=3 RSS_SETTLE=1 SECTIONS="roundtrip serial bglat rss" bash bench/run.sh

@@ -13,6 +13,8 @@
  *   grab-latency   idle pollers and busy workers time GRAB_JOB -> reply,
  *                  optionally while C clients submit (background or foreground) flat out
  *   depth          submit rate on an empty queue, then after it holds D jobs
+ *   bg-latency     background jobs paced at --rate to idle AtoM-like workers:
+ *                  submit sent -> JOB_ASSIGN received by a worker
  *   status         admin `status` (optionally waiting for the server to come up)
  *   freeport       print a free TCP port on 127.0.0.1 (never 4730)
  */
@@ -99,7 +101,7 @@ static struct {
     int clients, workers, idle_workers, window, size, grab_uniq, priority;
     int no_prefill, wait, foreground;
     uint64_t jobs, depth;
-    double timeout, duration, idle_interval;
+    double timeout, duration, idle_interval, rate, poll;
     long long since_ns;
     long server_pid;
 } opt = {
@@ -118,7 +120,9 @@ static struct {
     uint64_t acked, completed, done;
     int record;          /* record submit latencies */
     int measure_grabs;   /* record GRAB_JOB latencies */
-    vec_t lat, grab_idle, grab_busy;
+    vec_t lat, grab_idle, grab_busy, assign;
+    uint64_t pace_t0;    /* --rate: job i is released at pace_t0 + i / rate */
+    uint64_t *sent_ns;   /* bg-latency: when each job's submit was sent, by seq */
     uint8_t *seen;
     uint64_t seen_cap;
     uint64_t *hset;
@@ -513,12 +517,31 @@ static uint32_t submit_type(int background)
     return t[background][opt.priority];
 }
 
+/* --rate: how many jobs (from seq 0) may have been submitted by time t. */
+static uint64_t paced_released(uint64_t t)
+{
+    if (t < g.pace_t0)
+        return 0;
+    return (uint64_t)((double)(t - g.pace_t0) * opt.rate / 1e9) + 1;
+}
+
+static uint64_t paced_time(uint64_t seq)
+{
+    return g.pace_t0 + (uint64_t)((double)seq * 1e9 / opt.rate);
+}
+
 static void client_refill(conn_t *c)
 {
     static char *data;
     if (!data)
         data = xcalloc((size_t)opt.size, 1);
-    while (c->inflight < opt.window && g.next_seq < g.submit_limit) {
+    uint64_t limit = g.submit_limit;
+    if (opt.rate > 0) {
+        uint64_t released = paced_released(now_ns());
+        if (released < limit)
+            limit = released;
+    }
+    while (c->inflight < opt.window && g.next_seq < limit) {
         uint64_t seq = g.next_seq++;
         char uniq[96];
         int ulen = unique_of(seq, uniq, sizeof uniq);
@@ -531,6 +554,8 @@ static void client_refill(conn_t *c)
         int tail = (c->q_head + c->q_count) % opt.window;
         c->q_seq[tail] = seq;
         c->q_t0[tail] = now_ns();
+        if (g.sent_ns)
+            g.sent_ns[seq] = c->q_t0[tail];
         c->q_count++;
         c->inflight++;
     }
@@ -692,6 +717,8 @@ static void on_worker_packet(conn_t *c, uint32_t type, const char *body, size_t 
             check_job(arg[1], len[1], arg[2], len[2], arg[3], len[3], &seq);
         else
             check_job(arg[1], len[1], NULL, 0, arg[2], len[2], &seq);
+        if (g.sent_ns)
+            vec_push(&g.assign, t - g.sent_ns[seq]);
         char tag[TAG_LEN];
         tag_of(seq, tag);
         const char *a[2] = {arg[0], tag};
@@ -712,6 +739,8 @@ static void on_worker_packet(conn_t *c, uint32_t type, const char *body, size_t 
         } else {
             c->wstate = W_SLEEPING;
             c->sleeps++;
+            if (opt.poll > 0) /* AtoM's worker grabs again after ~1 s without a NOOP */
+                c->next_grab = t + (uint64_t)(opt.poll * 1e9);
         }
         return;
     case P_NOOP:
@@ -782,6 +811,8 @@ static void on_readable(conn_t *c)
     flush_out(c);
 }
 
+static void kick_clients(void);
+
 /* Run the loop until done() is true; timers drive idle pollers; stop at *until if given. */
 static void run_until(int (*done)(void), uint64_t until)
 {
@@ -799,9 +830,17 @@ static void run_until(int (*done)(void), uint64_t until)
         uint64_t wake = g.deadline;
         if (until && until < wake)
             wake = until;
+        if (opt.rate > 0 && g.next_seq < g.submit_limit) {
+            uint64_t r = paced_time(g.next_seq);
+            if (r <= t)
+                kick_clients();
+            else if (r < wake)
+                wake = r;
+        }
         for (int i = 0; i < g.nconns; i++) {
             conn_t *c = g.conns[i];
-            if (c->role != R_WORKER || c->wstate != W_TIMER)
+            if (c->role != R_WORKER ||
+                !(c->wstate == W_TIMER || (c->wstate == W_SLEEPING && opt.poll > 0)))
                 continue;
             if (c->next_grab <= t) {
                 worker_grab(c, t);
@@ -1023,6 +1062,7 @@ static int wl_grab_latency(void)
     g.measure_grabs = 1;
     g.record = 1;
     g.next_seq = 0;
+    double c0 = cpu_us();
     uint64_t t0 = now_ns();
     kick_clients();
     run_until(NULL, t0 + (uint64_t)(opt.duration * 1e9));
@@ -1041,7 +1081,9 @@ static int wl_grab_latency(void)
     print_lat("idle_", &g.grab_idle);
     print_lat("busy_", &g.grab_busy);
     print_lat("submit_", &g.lat);
-    printf(" worker_sleeps=%llu\n", (unsigned long long)worker_sleeps());
+    printf(" worker_sleeps=%llu", (unsigned long long)worker_sleeps());
+    print_cpu(c0, submitted);
+    printf("\n");
     if (!all.n)
         fail(1, "no GRAB_JOB was answered during the run");
     return 0;
@@ -1076,6 +1118,46 @@ static int wl_depth(void)
                (double)(rss1 - rss0) * 1024.0 / (double)(d + n));
     if (c0 >= 0 && c1 >= 0)
         printf(" server_cpu_s=%.2f cpu_us_per_job=%.1f", (c1 - c0) / 1e6, (c1 - c0) / (double)n);
+    printf("\n");
+    return 0;
+}
+
+/* Background jobs released at --rate (total submits/s, spread over the clients) to K
+ * AtoM-like workers: plain GRAB_JOB, PRE_SLEEP when told NO_JOB, wake on NOOP (and, with
+ * --poll S, grab again after S seconds without one). Measures submit sent -> JOB_ASSIGN
+ * at a worker (assign_), and submit -> JOB_CREATED (submit_); ends at the drain fence. */
+static int wl_bg_latency(void)
+{
+    if (opt.rate <= 0)
+        fail(3, "bg-latency needs --rate R (> 0)");
+    g.sent_ns = xcalloc(opt.jobs, sizeof *g.sent_ns);
+    g.submit_limit = opt.jobs;
+    for (int i = 0; i < opt.workers; i++) {
+        conn_t *w = conn_new(R_WORKER);
+        worker_start(w, opt.func);
+        flush_out(w);
+    }
+    /* Every worker has been told NO_JOB and sleeps: the jobs meet idle workers. */
+    run_until(workers_answered, 0);
+    open_clients(R_BG_CLIENT, opt.clients);
+    g.record = 1;
+    g.next_seq = 0;
+    want = opt.jobs;
+    double c0 = cpu_us();
+    uint64_t t0 = now_ns();
+    g.pace_t0 = t0;
+    kick_clients();
+    run_until(drained, 0);
+    double s = secs_since(t0);
+    if (g.acked != opt.jobs)
+        fail(1, "%llu of %llu submits acknowledged", (unsigned long long)g.acked,
+             (unsigned long long)opt.jobs);
+    result_head("bg-latency", opt.jobs, opt.clients, opt.workers, s, (double)opt.jobs / s);
+    printf(" rate=%.0f", opt.rate);
+    print_lat("assign_", &g.assign);
+    print_lat("submit_", &g.lat);
+    printf(" worker_sleeps=%llu", (unsigned long long)worker_sleeps());
+    print_cpu(c0, opt.jobs);
     printf("\n");
     return 0;
 }
@@ -1194,7 +1276,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: loadgen WORKLOAD [options]\n"
-            "  workloads: submit-bg drain roundtrip grab-latency depth status freeport\n"
+            "  workloads: submit-bg drain roundtrip grab-latency depth bg-latency\n"
+            "             status freeport\n"
             "  -H/--host H (127.0.0.1)  -p/--port P (required)  -c/--clients C (4)\n"
             "  -k/--workers K (4)  -n/--jobs N (100000)  -w/--window W (16)\n"
             "  -s/--size BYTES (100, >= 16)  -f/--func NAME (loadgen)  -t/--timeout S (120)\n"
@@ -1203,6 +1286,7 @@ static void usage(void)
             "  grab-latency: --duration S (5) --idle-workers I (2) --idle-interval S (0.001)\n"
             "                --foreground (clients submit SUBMIT_JOB instead of SUBMIT_JOB_BG)\n"
             "  depth: --depth D (jobs queued before the measured batch of N)\n"
+            "  bg-latency: --rate R (total submits/s, required) --poll S (0: wait for NOOP)\n"
             "  status: --wait (retry until the server answers) --since-ns REALTIME_NS\n");
     exit(3);
 }
@@ -1226,6 +1310,7 @@ int main(int argc, char **argv)
         {"no-prefill", 0, 0, 4},     {"unique-prefix", 1, 0, 5},  {"pid", 1, 0, 6},
         {"duration", 1, 0, 7},       {"idle-workers", 1, 0, 8},   {"idle-interval", 1, 0, 9},
         {"depth", 1, 0, 10},         {"wait", 0, 0, 11},          {"since-ns", 1, 0, 12},      {"foreground", 0, 0, 13},
+        {"rate", 1, 0, 14},          {"poll", 1, 0, 15},
         {"help", 0, 0, 'h'},         {0, 0, 0, 0},
     };
     if (argc < 2 || argv[1][0] == '-')
@@ -1266,6 +1351,8 @@ int main(int argc, char **argv)
         case 11: opt.wait = 1; break;
         case 12: opt.since_ns = (long long)parse_double(optarg, "since-ns"); break;
         case 13: opt.foreground = 1; break;
+        case 14: opt.rate = parse_double(optarg, "rate"); break;
+        case 15: opt.poll = parse_double(optarg, "poll"); break;
         default: usage();
         }
     }
@@ -1305,5 +1392,7 @@ int main(int argc, char **argv)
         return wl_grab_latency();
     if (!strcmp(opt.workload, "depth") && opt.clients > 0)
         return wl_depth();
+    if (!strcmp(opt.workload, "bg-latency") && opt.clients > 0 && opt.workers > 0)
+        return wl_bg_latency();
     usage();
 }

@@ -228,6 +228,28 @@ async def test_grab_latency_counts_idle_and_busy_grabs(mode: tuple[str, ...]) ->
     assert int(fields["jobs"]) > 0  # acknowledged (background) or completed (foreground)
 
 
+async def test_bg_latency_paces_submits_and_times_each_job_to_its_assignment() -> None:
+    proc = await with_fake(
+        "", "bg-latency", "-n", "40", "--rate", "400", "-c", "1", "-k", "1", "--grab", "plain",
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    fields = result_fields(proc.stdout.decode())
+    assert fields["workload"] == "bg-latency"
+    assert int(fields["assign_samples"]) == 40
+    assert int(fields["submit_samples"]) == 40
+    # Job i is released at i/400 s: 40 jobs cannot take less than 39/400 s.
+    assert float(fields["seconds"]) >= 39 / 400
+    assert int(fields["assign_p50_us"]) <= int(fields["assign_p99_us"])
+    # The worker slept between jobs (PRE_SLEEP, woken by NOOP): an idle worker each time.
+    assert int(fields["worker_sleeps"]) >= 2
+
+
+async def test_bg_latency_needs_a_rate() -> None:
+    proc = await with_fake("", "bg-latency", "-n", "10", "-c", "1", "-k", "1")
+    assert proc.returncode == 3
+    assert b"--rate" in proc.stderr
+
+
 async def test_status_waits_for_a_server_that_starts_later() -> None:
     port = free_port()
     server = FakeServer()
@@ -324,10 +346,17 @@ def test_drain_refuses_jobs_of_another_run_and_accepts_its_own(gearmand_port) ->
 
 @pytest.mark.interop
 @pytest.mark.parametrize(
-    "args", [("roundtrip", "-n", "3000"), ("grab-latency", "--duration", "0.5", "--grab", "plain")]
+    "args", [
+        ("roundtrip", "-n", "3000"),
+        ("grab-latency", "--duration", "0.5", "--grab", "plain"),
+        ("bg-latency", "-n", "100", "--rate", "500", "-c", "1", "-k", "1", "--grab", "plain",
+         "--poll", "1"),
+    ],
 )
 def test_roundtrip_and_grab_latency_against_gearmand(gearmand_port, args: tuple[str, ...]) -> None:
-    port, _ = gearmand_port
-    out = lg(port, *args, "-f", "rt")
+    port, pid = gearmand_port
+    out = lg(port, *args, "-f", "rt", "--pid", str(pid))
     assert out.returncode == 0, out.stderr.decode()
-    assert result_fields(out.stdout.decode())["workload"] == args[0]
+    fields = result_fields(out.stdout.decode())
+    assert fields["workload"] == args[0]
+    assert float(fields["cpu_us_per_job"]) >= 0
