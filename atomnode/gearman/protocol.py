@@ -231,6 +231,13 @@ def _has_data(type_: int) -> bool:
     return type_ in _DATA_TYPES
 
 
+#: Argument counts of the types each side may receive, for the decoder's fast path.
+_REQUEST_NARGS: dict[int, int] = {int(t): ARG_COUNT[t] for t in REQUEST_TYPES}
+_RESPONSE_NARGS: dict[int, int] = {int(t): ARG_COUNT[t] for t in RESPONSE_TYPES}
+_unpack_header = HEADER.unpack_from
+_new_tuple = tuple.__new__
+
+
 class Decoder:
     """Incremental decoder for one connection.
 
@@ -239,7 +246,7 @@ class Decoder:
     False. Text lines are only recognised on the server side.
     """
 
-    __slots__ = ("_buf", "_pos", "max_packet_size", "expect_requests")
+    __slots__ = ("_buf", "_pos", "max_packet_size", "expect_requests", "_magic", "_nargs")
 
     def __init__(
         self, *, expect_requests: bool = True, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
@@ -248,6 +255,9 @@ class Decoder:
         self._pos = 0
         self.max_packet_size = max_packet_size
         self.expect_requests = expect_requests
+        # The fast path: the magic and the types this side accepts, with argument counts.
+        self._magic = REQ if expect_requests else RES
+        self._nargs = _REQUEST_NARGS if expect_requests else _RESPONSE_NARGS
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -262,6 +272,38 @@ class Decoder:
         return len(self._buf) - self._pos
 
     def next_event(self) -> Packet | AdminLine | None:
+        # Fast path, one call per packet: a complete, well-formed packet of an expected
+        # type whose arguments split as they should. Anything else (text, a partial
+        # header, a bad magic or type, a wrong argument count) takes _next_event_checked,
+        # which decides and explains.
+        buf = self._buf
+        pos = self._pos
+        start = pos + HEADER_SIZE
+        if len(buf) >= start and buf[pos] == 0:
+            magic, type_, size = _unpack_header(buf, pos)
+            if magic == self._magic and size <= self.max_packet_size:
+                nargs = self._nargs.get(type_)
+                if nargs is not None:
+                    end = start + size
+                    if len(buf) < end:
+                        return None
+                    if nargs == 1:
+                        self._pos = end
+                        return _new_tuple(Packet, (type_, (bytes(buf[start:end]),),
+                                                   self.expect_requests))
+                    if nargs == 0:
+                        if not size:
+                            self._pos = end
+                            return _new_tuple(Packet, (type_, (), self.expect_requests))
+                    else:
+                        args = bytes(buf[start:end]).split(b"\0", nargs - 1)
+                        if len(args) == nargs:
+                            self._pos = end
+                            return _new_tuple(Packet, (type_, tuple(args),
+                                                       self.expect_requests))
+        return self._next_event_checked()
+
+    def _next_event_checked(self) -> Packet | AdminLine | None:
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
