@@ -27,6 +27,8 @@
 #   CONSOLE_ARGS    arguments that turn the web console on, for the idle-RSS row (default:
 #                   `--http 127.0.0.1:PORT` when `atomnode run --help` offers --http; else the
 #                   console-on figure is n/a)
+#   BASE_REF        a git ref of this repository: its atomnode/ package runs too, as server
+#                   `ab` beside `an` in every atomnode row (same venv), to measure a change
 #   GEARLOAD_SRC    gearload.c of the independent generator (default ../shared/bench/gearload.c
 #                   beside this checkout); the `gearload` section builds it into bench/out/
 # Exit status: 0 if every row passes, 1 if a row fails or a run errors, 3 on setup problems.
@@ -99,6 +101,12 @@ read -r -a AN_EXTRA <<<"$AN_ARGS"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/atomnode-bench.XXXXXX")
 RES=$TMP/results
 : >"$RES"
+if [ -n "${BASE_REF:-}" ] && has "$SERVERS" an; then
+  mkdir -p "$TMP/base"
+  git -C "$ROOT" archive "$BASE_REF" atomnode | tar -x -C "$TMP/base" || die "cannot export $BASE_REF"
+  BASE_DESC="$BASE_REF ($(git -C "$ROOT" rev-parse --short "$BASE_REF"))"
+  SERVERS="$SERVERS ab"
+fi
 SRV_PID=
 cleanup() {
   # Only the server this script started and has not reaped yet, by its PID.
@@ -126,8 +134,10 @@ start_server() {
       gs) [ -n "$db" ] || db=$TMP/$kind-$RUN_ID.db
           "${PIN_SRV[@]}" "$GEARMAND" -L 127.0.0.1 -p "$SRV_PORT" -t 1 -l "$logf" -q libsqlite3 \
             --libsqlite3-db="$db" >"$logf.out" 2>&1 & ;;
-      an) [ -n "$db" ] || { mkdir -p "$TMP/an-$RUN_ID"; db=$TMP/an-$RUN_ID/q.db; }
-          "${PIN_SRV[@]}" "$ATOMNODE" run --listen "127.0.0.1:$SRV_PORT" --db "$db" \
+      an|ab) [ -n "$db" ] || { mkdir -p "$TMP/an-$RUN_ID"; db=$TMP/an-$RUN_ID/q.db; }
+          local pypath=${PYTHONPATH:-}
+          [ "$kind" = ab ] && pypath=$TMP/base
+          "${PIN_SRV[@]}" env PYTHONPATH="$pypath" "$ATOMNODE" run --listen "127.0.0.1:$SRV_PORT" --db "$db" \
             "${an_args[@]//@FREEPORT@/$("$LOADGEN" freeport)}" >"$logf" 2>&1 & ;;
     esac
     SRV_PID=$! SRV_DB=$db
@@ -216,6 +226,7 @@ GRAB_SECS=${GRAB_SECS:-$(calc 'v = 5 * '"$SCALE"'; if (v < 1) v = 1; print v')}
 runs_of() { # runs_of SECTION KINDS WORKLOAD ARGS...: REPS rounds, servers interleaved
   local section=$1 kinds=$2 rep kind
   shift 2
+  has "$kinds" an && kinds="$kinds ab"
   for rep in $(seq 1 "$REPS"); do
     for kind in $kinds; do
       has "$SERVERS" "$kind" || continue
@@ -228,6 +239,7 @@ runs_of() { # runs_of SECTION KINDS WORKLOAD ARGS...: REPS rounds, servers inter
 sized_runs() { # like runs_of, but the job count differs per server: N_GS / N_AN
   local section=$1 kinds=$2 ngs=$3 nan=$4 rep kind
   shift 4
+  has "$kinds" an && kinds="$kinds ab"
   for rep in $(seq 1 "$REPS"); do
     for kind in $kinds; do
       has "$SERVERS" "$kind" || continue
@@ -249,7 +261,7 @@ server_cpu_us() {
 gearload_runs() {
   local rep kind label out c0 c1 jobs
   for rep in $(seq 1 "$REPS"); do
-    for kind in gm an; do
+    for kind in gm an ab; do
       has "$SERVERS" "$kind" || continue
       label=$kind/gearload-rt
       log "gearload: $kind, run $rep/$REPS"
@@ -285,7 +297,7 @@ rss_runs() {
     case $AN_HELP in *--http*) console=(--http "127.0.0.1:@FREEPORT@") ;; esac
   fi
   for rep in $(seq 1 "$REPS"); do
-    for kind in gm an an-console; do
+    for kind in gm an ab an-console; do
       case $kind in
         an-console) has "$SERVERS" an && [ ${#console[@]} -gt 0 ] || continue
                     start_server an "" "${console[@]}" || { echo "ERROR label=an-console/rss-idle rc=start" >>"$RES"; continue; } ;;
@@ -401,6 +413,7 @@ echo
 echo "Machine: ${cpu_model:-unknown CPU}, $NCPU CPUs, $(awk '/^MemTotal:/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM;" \
   "Linux $(uname -r) $(uname -m); ${py:-Python n/a}; $("$GEARMAND" --version 2>/dev/null | grep -m 1 gearmand);" \
   "$PINNING; load average $LOAD0 at the start, $LOAD1 at the end."
+[ -n "${BASE_DESC:-}" ] && echo "Server ab: atomnode's package at $BASE_DESC, for comparison (raw table)."
 [ "$REPS" -ge 3 ] || echo "(REPS=$REPS: fewer than 3 runs per cell, a smoke run, not a measurement.)"
 echo
 echo "| issue | measure | gearmand | atomnode | measured | target | result | server CPU µs/job (gearmand / atomnode) |"
