@@ -26,7 +26,7 @@ import trio
 from . import __version__
 from .gearman.admin import Admin
 from .gearman.broker import Broker, Conn, Function
-from .system.access import listen_problem, loopback_only, parse_networks
+from .system.access import listen_problem, loopback_only, parse_networks, peer_allowed
 from .system.config import (
     Config,
     ConfigError,
@@ -350,6 +350,12 @@ class Daemon:
         while True:
             await self.refresh_failed_count()
             await trio.sleep(3.0)
+
+    def peer_allowed(self, ip: str) -> bool:
+        """May a peer at ``ip`` use this daemon's ports (Gearman and the web console)?
+        Loopback always, others when ``allow:`` lists them (system/access.py)."""
+        allow = self.server.allow if self.server is not None else parse_networks(self.cfg.allow)
+        return peer_allowed(ip, allow)
 
     def healthy(self) -> tuple[bool, str]:
         store = self.store

@@ -261,3 +261,11 @@ def test_worker_host_status_on_its_control_socket(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(30)
     assert not proc.returncode, log.read_text()
+
+
+def test_daemon_peer_allowed_is_the_check_the_console_uses():
+    from atomnode.daemon import Daemon
+
+    d = Daemon(parse_config("allow: [10.0.0.0/8]\n"))
+    assert d.peer_allowed("127.0.0.1") and d.peer_allowed("10.1.2.3")
+    assert not d.peer_allowed("192.168.1.1")

@@ -351,3 +351,23 @@ def test_http_config(tmp_path):
     assert load_config(None, overrides={"http_listen": "none"}).http_listen is None
     with pytest.raises(ConfigError, match="--http"):
         load_config(None, overrides={"http_listen": "192.0.2.1:4731"})
+
+
+async def test_workers_page_lists_worker_hosts_pools(tmp_path):
+    """A worker host's report (atomnode-host report) shows on the central console."""
+    async with console_daemon(tmp_path) as d:
+        port = gearman_port(d)
+        report = {"host": "work1", "pools": [{"name": "atom", "count": 1, "workers": [
+            {"pid": 4242, "state": "busy", "job": "H:x:9", "jobs_done": 12, "uptime": 30,
+             "detail": ""}]}]}
+
+        def send() -> bytes:
+            with Client(port) as c:
+                return c.admin("atomnode-host report " + json.dumps(report))
+
+        assert await trio.to_thread.run_sync(send) == b"OK\r\n"
+        data = (await arequest(d, "GET", "/api/workers")).json()
+        (host,) = data["remote_hosts"]
+        assert host["host"] == "work1" and host["pools"][0]["workers"][0]["pid"] == 4242
+        page = (await arequest(d, "GET", "/workers")).text
+        assert "Worker host work1" in page and "4242" in page and "H:x:9" in page

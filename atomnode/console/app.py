@@ -525,7 +525,8 @@ class ConsoleApp:
                 "connected_at": conn.connected_at or None,
                 "draining": conn.draining,
             })
-        return {"pools": pools, "handlers": doc.get("handlers") or [], "connections": others}
+        return {"pools": pools, "handlers": doc.get("handlers") or [], "connections": others,
+                "remote_hosts": doc.get("remote_hosts") or []}
 
     async def _read(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
