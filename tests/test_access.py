@@ -269,3 +269,11 @@ def test_daemon_peer_allowed_is_the_check_the_console_uses():
     d = Daemon(parse_config("allow: [10.0.0.0/8]\n"))
     assert d.peer_allowed("127.0.0.1") and d.peer_allowed("10.1.2.3")
     assert not d.peer_allowed("192.168.1.1")
+
+
+def test_worker_host_pools_must_name_their_server():
+    with pytest.raises(ConfigError) as e:
+        parse_config("listen: []\npools:\n  - {name: a, command: [x]}\n"
+                     "  - {name: b, command: [x], servers: ['10.0.0.1:4730']}\n", "w.yml")
+    assert "pools[0].servers" in str(e.value) and "pools[1]" not in str(e.value)
+    assert "servers: [jobs1:4730]" in str(e.value)

@@ -656,6 +656,16 @@ def _build(data: Any, doc: _Doc) -> Config:
                 out_p.append(pool)
         kw["pools"] = tuple(out_p)
 
+    if kw.get("listen") == ():
+        # A worker host: nothing local to connect to, so every pool and handler must
+        # name its server (and that is where job awareness comes from).
+        for key in ("pools", "handlers"):
+            for i, item in enumerate(kw.get(key, ())):
+                if not item.servers:
+                    v.err((key, i, "servers"), "required with listen: [] (a worker host has "
+                          "no listener of its own): name the job server, e.g. "
+                          "servers: [jobs1:4730]")
+
     if "http" in top:
         _build_http(v, top["http"], kw)
 
