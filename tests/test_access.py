@@ -277,3 +277,19 @@ def test_worker_host_pools_must_name_their_server():
                      "  - {name: b, command: [x], servers: ['10.0.0.1:4730']}\n", "w.yml")
     assert "pools[0].servers" in str(e.value) and "pools[1]" not in str(e.value)
     assert "servers: [jobs1:4730]" in str(e.value)
+
+
+def test_host_report_is_reduced_to_known_fields():
+    e = Env()
+    admin = e.conn(loopback=False, peer="10.0.0.2")
+    bad = [{"pools": [1, 2]}, {"pools": [{"name": "a", "workers": "x"}]}, {"pools": "x"}]
+    for doc in bad:
+        reply = e.cmd(b"atomnode-host report " + json.dumps(doc).encode(), admin)
+        assert reply.startswith(b"ERR INVALID_ARGUMENTS"), doc
+    odd = {"host": "h", "pools": [{"name": "a", "count": "2", "evil": "<script>", "workers": [
+        {"pid": "1", "state": "idle", "jobs_done": 3, "uptime": 5, "x": 1}, 7]}]}
+    assert e.cmd(b"atomnode-host report " + json.dumps(odd).encode(), admin) == b"OK\r\n"
+    (pool,) = e.b.remote_hosts["10.0.0.2"]["pools"]
+    assert pool == {"name": "a", "count": None, "workers": [
+        {"pid": None, "state": "idle", "job": None, "jobs_done": 3, "rss_mb": None,
+         "uptime": 5.0, "detail": None}]}

@@ -106,15 +106,54 @@ def command(server: Server, conn: Conn, args: list[bytes]) -> bytes:
             doc = json.loads(raw)
         except ValueError:
             return _err("INVALID_ARGUMENTS", "report is not JSON")
-        if not isinstance(doc, dict) or not isinstance(doc.get("pools", []), list):
+        pools = _clean_pools(doc.get("pools", []) if isinstance(doc, dict) else None)
+        if pools is None:
             return _err("INVALID_ARGUMENTS", "report must be an object with a pools list")
         server.broker.report_host(conn.peer, {
             "host": str(doc.get("host") or conn.peer)[:200],
-            "pools": doc.get("pools") or [],
+            "pools": pools,
             "aware": bool(doc.get("aware", True)),
         }, time.time())
         return b"OK\r\n"
     return _err("UNKNOWN_COMMAND", "unknown atomnode-host command")
+
+
+_POOL_FIELDS = {"name": str, "count": int}
+_WORKER_FIELDS = {"pid": int, "state": str, "job": str, "jobs_done": int, "rss_mb": float,
+                  "uptime": float, "detail": str}
+
+
+def _clean_pools(raw: Any) -> list[dict[str, Any]] | None:
+    """A report's pools reduced to the known fields with the expected types (a peer's
+    JSON is shown by status, the CLI and the console: no surprises in it). None if the
+    shape is wrong."""
+    if not isinstance(raw, list):
+        return None
+
+    def pick(d: Any, fields: dict[str, type]) -> dict[str, Any] | None:
+        if not isinstance(d, dict):
+            return None
+        out: dict[str, Any] = {}
+        for k, t in fields.items():
+            v = d.get(k)
+            if t is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            out[k] = v if isinstance(v, t) and not isinstance(v, bool) else None
+            if isinstance(out[k], str):
+                out[k] = out[k][:300]
+        return out
+
+    pools = []
+    for p in raw[:100]:
+        pool = pick(p, _POOL_FIELDS)
+        if pool is None:
+            return None
+        workers = p.get("workers", [])
+        if not isinstance(workers, list):
+            return None
+        pool["workers"] = [w for w in (pick(x, _WORKER_FIELDS) for x in workers[:1000]) if w]
+        pools.append(pool)
+    return pools
 
 
 def remote_hosts(server: Server) -> list[dict[str, Any]]:
