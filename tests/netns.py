@@ -57,8 +57,8 @@ def _run(*argv: str) -> None:
 class Hosts:
     """A server namespace plus one namespace per other host, each on its own veth link.
 
-    ``net`` picks the 10.<net>.<i>.0/24 subnets; the server is .1 and host i is .2 on
-    link i (1-based)."""
+    ``net`` picks the 10.<net>.<i>.0/24 and fd00:<net>:<i>::/64 subnets; the server is
+    .1 (::1) and host i is .2 (::2) on link i (1-based)."""
 
     def __init__(self, names: list[str], *, net: int = 231):
         require_netns()
@@ -68,6 +68,8 @@ class Hosts:
         self.ns: dict[str, str] = {}
         self.addr: dict[str, str] = {}
         self.server_addr: dict[str, str] = {}
+        self.addr6: dict[str, str] = {}  # the same links also carry IPv6 (fd00:NET:i::/64)
+        self.server_addr6: dict[str, str] = {}
         self._created: list[str] = []
         try:
             self._add_ns(self.server_ns)
@@ -80,11 +82,17 @@ class Hosts:
                 srv, host = f"10.{net}.{i}.1", f"10.{net}.{i}.2"
                 _run("ip", "-n", self.server_ns, "addr", "add", f"{srv}/24", "dev", a)
                 _run("ip", "-n", ns, "addr", "add", f"{host}/24", "dev", b)
+                srv6, host6 = f"fd00:{net}:{i}::1", f"fd00:{net}:{i}::2"
+                _run("ip", "-n", self.server_ns, "addr", "add", f"{srv6}/64", "dev", a,
+                     "nodad")
+                _run("ip", "-n", ns, "addr", "add", f"{host6}/64", "dev", b, "nodad")
                 _run("ip", "-n", self.server_ns, "link", "set", a, "up")
                 _run("ip", "-n", ns, "link", "set", b, "up")
                 self.ns[name] = ns
                 self.addr[name] = host
                 self.server_addr[name] = srv
+                self.addr6[name] = host6
+                self.server_addr6[name] = srv6
         except BaseException:
             self.close()
             raise

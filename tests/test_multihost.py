@@ -76,8 +76,8 @@ class Site:
         self.procs: list[subprocess.Popen] = []
         srv_cfg = tmp / "server.yml"
         srv_cfg.write_text(
-            f"listen: ['0.0.0.0:{PORT}']\n"
-            f"allow: ['{self.hosts.addr['worker']}/32']\n"
+            f"listen: ['0.0.0.0:{PORT}', '[::]:{PORT}']\n"
+            f"allow: ['{self.hosts.addr['worker']}/32', '{self.hosts.addr6['worker']}/128']\n"
             f"database: {tmp / 'server.db'}\n"
             "http: {listen: none}\n"
         )
@@ -207,8 +207,20 @@ def test_outsider_refused_and_worker_host_runs_the_servers_jobs(site: Site) -> N
     except (ConnectionResetError, BrokenPipeError):
         pass
     s.close()
-    wait_for(lambda: site.status()["access"]["refused"] >= 1, "the refusal to be counted")
-    assert "10.231.2.2" in site.status()["access"]["refused_from"]
+    # Over IPv6 too: the outsider is refused, the worker host (allowed by its /128) is in.
+    s6 = site.hosts.connect("outsider", site.hosts.server_addr6["outsider"], PORT)
+    s6.settimeout(5)
+    try:
+        s6.sendall(b"version\n")
+        assert s6.recv(100) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    s6.close()
+    with NsClient(site.hosts.connect("worker", site.hosts.server_addr6["worker"], PORT)) as c:
+        assert c.admin("version").startswith(b"OK ")
+    wait_for(lambda: site.status()["access"]["refused"] >= 2, "the refusals to be counted")
+    refused = site.status()["access"]["refused_from"]
+    assert "10.231.2.2" in refused and site.hosts.addr6["outsider"] in refused
     assert "not in allow:" in site.log("server")
 
     for i in range(5):
