@@ -21,8 +21,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+# Runtime dependencies at the versions the .deb ships (packaging/requirements.txt), so the
+# tests run what users get.
+$(VENV)/.installed: pyproject.toml packaging/requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -c packaging/requirements.txt -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -31,11 +33,17 @@ run: venv
 	@mkdir -p $(dir $(DB))
 	exec $(BIN)/atomnode run --listen $(LISTEN) --db $(DB)
 
-test: sysdeps-test venv
+test: sysdeps-test venv lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The in-process tests: no third-party peers, no daemon processes (seconds).
+test-fast: venv
+	$(BIN)/python -m pytest -m "not interop and not slow" --ignore=tests/interop \
+		--ignore=tests/packaging $(PYTEST_ARGS)
+
+# Fails on any finding (rules in pyproject.toml, [tool.ruff]).
 lint: venv
-	$(BIN)/python -m ruff check atomnode tests || true
+	$(BIN)/python -m ruff check atomnode tests bench
 
 clean:
 	rm -rf $(VENV) var dist build *.egg-info .pytest_cache .hypothesis

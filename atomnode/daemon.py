@@ -31,12 +31,14 @@ from .system.config import (
     Config,
     ConfigError,
     control_socket_path,
-    format_address,
     function_matches,
     load_config,
 )
 from .gearman.server import Server
+from .queue import commands
 from .queue.store import Store, StoreError, parse_handle
+from .system.values import connectable, format_address
+from .workers.supervisor import ConnInfo
 from .system.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
 
 log = logging.getLogger("atomnode")
@@ -45,22 +47,9 @@ log = logging.getLogger("atomnode")
 WRITER_STALL_LIMIT = 20.0
 
 
-@dataclasses.dataclass(frozen=True)
-class ConnInfo:
-    """A connection as the supervisor sees it (docs/dev/interfaces.md)."""
-
-    conn_id: int
-    peer: tuple[str, int]
-    local: tuple[str, int]
-    client_id: str
-    abilities: tuple[str, ...]
-    jobs: tuple[str, ...]
-    jobs_done: int
-    draining: bool
-
-
-class WorkerRegistry:
-    """The supervisor's view of the broker: which connection holds which job."""
+class BrokerRegistry:
+    """The supervisor's :class:`~atomnode.workers.supervisor.WorkerRegistry`, served by the
+    broker and the server: which connection holds which job."""
 
     def __init__(self, server: Server):
         self.server = server
@@ -91,26 +80,22 @@ class WorkerRegistry:
             await self.server.wait_idle(conn)
 
 
-class _AdminReply:
-    """Token for an operator change that must be committed before it is answered."""
-
-    def __init__(self, conn: Conn, kind: str):
-        self.conn = conn
-        self.kind = kind
-        self.job: Any = None
-        self.count = 0
-
-
 class _WebReply:
-    """Token for a console action: set when the writer has committed (or refused) it."""
+    """A console action waiting for the store: set when the writer has committed (or
+    refused) it, through :meth:`resolve` (the broker calls it)."""
 
     def __init__(self, kind: str, handle: str):
         self.kind = kind
         self.handle = handle
-        self.job: Any = None
         self.ok = False
         self.message = ""
         self.done = trio.Event()
+
+    def resolve(self, ok: bool, detail: str) -> None:
+        self.ok = ok
+        if not ok:
+            self.message = detail
+        self.done.set()
 
 
 class Daemon:
@@ -168,11 +153,7 @@ class Daemon:
         if not self.server or not self.server.bound:
             return ()
         host, port = self.server.bound[0]
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
+        return (format_address(connectable(host), port),)
 
     # ----------------------------------------------------------------- status
     def status_line(self) -> str:
@@ -289,7 +270,7 @@ class Daemon:
                 continue
             if verb == "retry":
                 token = _WebReply("retry", handle)
-                broker.store_ops.append(("retry", job_id, broker._new_seq(), token))
+                broker.request_retry(token.resolve, job_id)
                 waiting.append(token)
                 results.append({"handle": handle, "token": token})
                 continue
@@ -305,7 +286,7 @@ class Daemon:
                                 "message": f"job {handle} {why}: only queued or failed jobs "
                                 "can be cancelled"})
                 continue
-            broker.store_ops.append(("cancel", job_id, time.time()))
+            broker.cancel_stored(job_id)
             results.append({"handle": handle, "ok": True, "message": "cancelled"})
         server.flush()
         with trio.move_on_after(30):
@@ -370,7 +351,8 @@ class Daemon:
     def jobs_command(self, server: Server, conn: Conn, args: list[bytes]) -> bytes:
         """``atomnode-jobs retry|cancel HANDLE`` and ``atomnode-jobs purge SECONDS``."""
         if len(args) != 2:
-            return b"ERR INVALID_ARGUMENTS usage:+atomnode-jobs+retry|cancel+HANDLE|purge+SECONDS\r\n"
+            return (b"ERR INVALID_ARGUMENTS "
+                    b"usage:+atomnode-jobs+retry|cancel+HANDLE|purge+SECONDS\r\n")
         verb, arg = args[0].lower(), args[1].decode("utf-8", "replace")
         assert self.broker is not None and self.store is not None
         if verb == b"cancel":
@@ -391,49 +373,16 @@ class Daemon:
                 return f"ERR INVALID_ARGUMENTS {e}\r\n".encode()
             if self.broker.jobs.get(self.store.handle(job_id).encode()) is not None:
                 return b"ERR JOB_ACTIVE the+job+is+still+queued+or+running\r\n"
-            token = _AdminReply(conn, "retry")
-            self.broker.store_ops.append(("retry", job_id, self.broker._new_seq(), token))
+            self.broker.request_retry(conn, job_id)
             return b""  # answered when the writer has committed it
         if verb == b"purge":
             try:
                 seconds = float(arg)
             except ValueError:
                 return b"ERR INVALID_ARGUMENTS purge+needs+a+number+of+seconds\r\n"
-            token = _AdminReply(conn, "purge")
-            self.broker.store_ops.append(("purge", seconds, token))
+            self.broker.request_purge(conn, seconds)
             return b""
         return b"ERR UNKNOWN_COMMAND Unknown+atomnode-jobs+command\r\n"
-
-    def on_store_result(self, committed: list, failed: list) -> None:
-        """In the trio thread after each store batch."""
-        server, broker = self.server, self.broker
-        assert server is not None and broker is not None
-        jobs_ok = []
-        for tok in committed:
-            if isinstance(tok, _WebReply):
-                if tok.job is not None:
-                    broker.enqueue_stored(tok.job)
-                tok.ok = True
-                tok.done.set()
-            elif isinstance(tok, _AdminReply):
-                if tok.kind == "retry" and tok.job is not None:
-                    job = broker.enqueue_stored(tok.job)
-                    broker._send(tok.conn, b"OK " + job.handle + b"\r\n")
-                else:
-                    broker._send(tok.conn, b"OK %d\r\n" % tok.count)
-            else:
-                jobs_ok.append(tok)
-        jobs_failed = []
-        for tok, message in failed:
-            if isinstance(tok, _WebReply):
-                tok.message = message
-                tok.done.set()
-            elif isinstance(tok, _AdminReply):
-                broker._send(tok.conn, b"ERR FAILED " + message.replace(" ", "+").encode()
-                             + b"\r\n")
-            else:
-                jobs_failed.append((tok, message))
-        server.on_store_result(jobs_ok, jobs_failed)
 
     def request_shutdown(self, graceful: bool = True) -> None:
         self.graceful = graceful
@@ -463,6 +412,7 @@ class Daemon:
                 log.error("%s", e)
                 return 1
             broker = self.broker = Broker(
+                clock=time.time,
                 hostname=self.hostname, durable=True, max_attempts=self.max_attempts,
                 first_id=recovery.next_id, first_seq=recovery.next_seq,
             )
@@ -486,15 +436,8 @@ class Daemon:
                                       max_packet_size=cfg.max_packet_size,
                                       allow=parse_networks(cfg.allow))
         admin.jobs_command = lambda conn, args: self.jobs_command(server, conn, args)
-        token = trio.lowlevel.current_trio_token()
-
-        def on_result(committed: list, failed: list) -> None:
-            try:
-                token.run_sync_soon(self.on_store_result, committed, failed)
-            except trio.RunFinishedError:
-                pass
-
-        self.store.start(on_result)
+        # Durable acknowledgements go store -> server -> broker.
+        self.store.start(server.store_listener())
         server.flush()  # restore's requeue/fail ops
         try:
             try:
@@ -603,7 +546,7 @@ class Daemon:
 
             registry: Any = None
             if self.server and self.server.bound:
-                registry = WorkerRegistry(self.server)
+                registry = BrokerRegistry(self.server)
             else:
                 # A worker host: job awareness comes over the network from the servers
                 # its pools talk to (workers/remote.py).
@@ -676,7 +619,7 @@ class Daemon:
                 rows.append((round(now, 3), name, completed, failed, fn.queued, fn.running,
                              p50, p95))
         if rows:
-            store.submit(("samples", rows))
+            store.submit(commands.samples(rows))
         return rows
 
     async def _sample_task(self) -> None:

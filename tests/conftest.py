@@ -17,26 +17,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-GEARMAND = os.environ.get("ATOMNODE_TEST_GEARMAND", "/usr/sbin/gearmand")
+from daemon_harness import GEARMAND, NotifySocket, free_port, wait_listening
+
 SERVER_KINDS = ("gearmand", "atomnode")
 START_TIMEOUT = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free on ``host`` a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class ServerProc:
@@ -49,12 +41,19 @@ class ServerProc:
         self.workdir = workdir
         self._stderr_path = workdir / f"{kind}-{self.port}.stderr"
         self._stderr = open(self._stderr_path, "wb")  # noqa: SIM115 -- lives as long as the server
+        # atomnode says READY=1 when it serves, as to systemd; gearmand says nothing.
+        self.notify = NotifySocket() if kind == "atomnode" else None
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        if self.notify is not None:
+            env["NOTIFY_SOCKET"] = self.notify.path
         self.proc = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,
             stdout=self._stderr,
             stderr=self._stderr,
             cwd=workdir,
+            env=env,
             start_new_session=True,
         )
 
@@ -93,28 +92,17 @@ class ServerProc:
             return ""
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Poll until the port accepts connections; fail with the server's output if not."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"{self.kind} exited with {self.proc.returncode} before serving "
-                    f"{self.address}:\n{self.stderr_text()}",
-                    pytrace=False,
-                )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(
-                    f"{self.kind} did not serve {self.address} within {timeout}s:\n"
-                    f"{self.stderr_text()}",
-                    pytrace=False,
-                )
-            time.sleep(0.02)  # polling a port: there is no event to wait on
+        """Until atomnode's READY=1 (gearmand: until its port accepts); fail with the
+        server's output if it does not come."""
+        try:
+            if self.notify is not None:
+                self.notify.wait_for("READY", timeout, proc=self.proc)
+            else:
+                wait_listening(self.port, self.proc, timeout)
+        except AssertionError as e:
+            self.stop()
+            pytest.fail(f"{self.kind} did not serve {self.address}: {e}\n{self.stderr_text()}",
+                        pytrace=False)
 
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after 5 s) and close its log."""
@@ -132,6 +120,8 @@ class ServerProc:
                     pass
                 self.proc.wait(5)
         self._stderr.close()
+        if self.notify is not None:
+            self.notify.close()
 
     def __repr__(self) -> str:
         return f"<ServerProc {self.kind} {self.address} pid={self.proc.pid}>"

@@ -1,6 +1,9 @@
 """Start the real atomnode daemon as a process and talk to it with a minimal client.
 
-Used by the daemon-level tests (durability, lifecycle, systemd notify). The client is
+The one place tests start servers and find free ports: the daemon-level tests (durability,
+lifecycle, systemd notify) use :class:`Daemon`, conftest's ``server`` fixtures and the
+interop tests use :func:`start_gearmand` for the reference server. A daemon is waited for
+the way systemd waits for it: its ``READY=1`` on a notify socket of our own. The client is
 built on atomnode.gearman.protocol's codec; compatibility with independent clients is proven
 separately in tests/interop.
 """
@@ -12,18 +15,115 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from atomnode.gearman.protocol import Decoder, Packet, T, encode
 
+GEARMAND = os.environ.get("ATOMNODE_TEST_GEARMAND", "/usr/sbin/gearmand")
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (bind to port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET. Its path is
+    short (a sun_path holds 108 bytes): a fresh temporary directory."""
+
+    def __init__(self, path: str | None = None):
+        self._dir = None if path else tempfile.mkdtemp(prefix="an-notify-")
+        self.path = path or os.path.join(self._dir, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+
+    def recv(self, timeout: float) -> dict[str, str] | None:
+        """The next message as fields, None if none came within ``timeout`` (0: only what
+        is already there)."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            return None
+        fields = {}
+        for line in data.decode().splitlines():
+            k, _, v = line.partition("=")
+            fields[k] = v
+        return fields
+
+    def wait_for(self, key: str, timeout: float = 15.0,
+                 proc: subprocess.Popen | None = None) -> tuple[dict[str, str], list[dict]]:
+        """Messages until one has ``key``; returns it and everything seen before. With
+        ``proc``, fails as soon as that process has exited instead."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {key} within {timeout}s; saw {seen}"
+            # Short slices only to notice a process that died before saying anything.
+            msg = self.recv(min(left, 0.25) if proc is not None else left)
+            if msg is None:
+                if proc is not None and proc.poll() is not None:
+                    raise AssertionError(f"exited with {proc.returncode} before {key}")
+                continue
+            if key in msg:
+                return msg, seen
+            seen.append(msg)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+            if self._dir:
+                os.rmdir(self._dir)
+        except OSError:
+            pass
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Until 127.0.0.1:``port`` accepts connections; fails if ``proc`` exits first. The one
+    place that polls a port: for gearmand (it sends no readiness event) and for a daemon
+    started without a notify socket on purpose."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing listening on {port} after {timeout}s")
+        time.sleep(0.02)  # polling a port: there is no event to wait on
+
+
+def start_gearmand(port: int, *args: str, log: Path | None = None,
+                   timeout: float = 10.0) -> subprocess.Popen:
+    """The reference gearmand 1.1.20 on 127.0.0.1:``port`` (extra ``args`` appended), in
+    its own session, once it accepts connections."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            [GEARMAND, "-L", "127.0.0.1", "-p", str(port), "-t", "1", *args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+        )
+    finally:
+        if log:
+            out.close()
+    try:
+        wait_listening(port, proc, timeout)
+    except AssertionError as e:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        raise AssertionError(f"gearmand: {e}") from None
+    return proc
 
 
 class Client:
@@ -119,7 +219,9 @@ class Daemon:
 
     def __init__(self, workdir: Path, *, config: str | None = None, env: dict | None = None,
                  port: int | None = None, db: Path | None = None, preexec_fn=None,
-                 http: str = "none"):
+                 http: str = "none", notify: bool = True):
+        """``notify``: give the daemon a NOTIFY_SOCKET of ours and wait for its READY=1
+        (unless ``env`` names another NOTIFY_SOCKET: then the test reads it itself)."""
         self.workdir = workdir
         self.http = http  # the web console: off unless a test asks for it
         self.port = port or free_port()
@@ -134,6 +236,8 @@ class Daemon:
                     "LISTEN_PID", "ATOMNODE_CONFIG"):
             self.env.pop(var, None)
         self.env.update(env or {})
+        self.notify: NotifySocket | None = None
+        self._own_notify = notify and "NOTIFY_SOCKET" not in self.env
         self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen | None = None
 
@@ -145,6 +249,12 @@ class Daemon:
         return argv
 
     def start(self, wait: bool = True) -> Daemon:
+        if self._own_notify:
+            if self.notify is None:
+                self.notify = NotifySocket()
+                self.env["NOTIFY_SOCKET"] = self.notify.path
+            while self.notify.recv(0) is not None:  # what an earlier run said
+                pass
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
@@ -156,19 +266,17 @@ class Daemon:
         return self
 
     def wait_serving(self, timeout: float = 15.0) -> None:
+        """Until the daemon says READY=1 (it serves its port by then)."""
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon not serving after {timeout}s:\n{self.log()}")
-            time.sleep(0.02)  # polling a port: no event to wait on from outside
+        if self.notify is None:
+            assert "NOTIFY_SOCKET" not in self.env, "the test reads its own NOTIFY_SOCKET"
+            # Without a notify socket (notify=False) the port is the only sign.
+            wait_listening(self.port, self.proc, timeout)
+            return
+        try:
+            self.notify.wait_for("READY", timeout, proc=self.proc)
+        except AssertionError as e:
+            raise AssertionError(f"daemon not ready: {e}:\n{self.log()}") from None
 
     def log(self) -> str:
         try:
@@ -190,6 +298,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
         return self.proc.returncode
 
     def run_to_exit(self, timeout: float = 15.0) -> tuple[int, str]:

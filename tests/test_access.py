@@ -98,14 +98,14 @@ def _listing(reply: bytes) -> list[dict]:
 
 def test_host_conns_lists_only_the_callers_own_connections():
     e = Env()
-    mine = e.conn(loopback=False, peer="10.0.0.2")
-    other = e.conn(loopback=False, peer="10.0.0.3")
+    mine = e.conn(peer="10.0.0.2")
+    other = e.conn(peer="10.0.0.3")
     client = e.conn()
     e.send(mine, T.CAN_DO, b"F")
     e.send(other, T.CAN_DO, b"F")
     e.bg(client, b"F")
     e.send(mine, T.GRAB_JOB)
-    admin = e.conn(loopback=False, peer="10.0.0.2")
+    admin = e.conn(peer="10.0.0.2")
     rows = _listing(e.cmd(b"atomnode-host conns", admin))
     assert [r["id"] for r in rows] == [mine.id]
     assert rows[0]["jobs"] == ["H:test:1"] and rows[0]["abilities"] == ["F"]
@@ -114,9 +114,9 @@ def test_host_conns_lists_only_the_callers_own_connections():
 
 def test_host_may_drain_and_release_its_own_connections_only():
     e = Env()
-    mine = e.conn(loopback=False, peer="10.0.0.2")
-    other = e.conn(loopback=False, peer="10.0.0.3")
-    admin = e.conn(loopback=False, peer="10.0.0.2")
+    mine = e.conn(peer="10.0.0.2")
+    other = e.conn(peer="10.0.0.3")
+    admin = e.conn(peer="10.0.0.2")
     assert e.cmd(b"atomnode-host drain %d" % mine.id, admin) == b"OK\r\n"
     assert mine.draining
     denied = e.cmd(b"atomnode-host drain %d" % other.id, admin)
@@ -132,27 +132,26 @@ def test_host_may_drain_and_release_its_own_connections_only():
 
 def test_drained_connection_gets_no_job_and_release_wakes_it():
     e = Env()
-    w = e.conn(loopback=False, peer="10.0.0.2")
+    w = e.conn(peer="10.0.0.2")
     client = e.conn()
-    admin = e.conn(loopback=False, peer="10.0.0.2")
+    admin = e.conn(peer="10.0.0.2")
     e.send(w, T.CAN_DO, b"F")
     e.cmd(b"atomnode-host drain %d" % w.id, admin)
     e.bg(client, b"F")
     e.b.handle(w, Packet(T.GRAB_JOB, ()))
-    assert w.out[-1] == NO_JOB
-    w.out.clear()
+    assert e.take(w) == NO_JOB
     e.send(w, T.PRE_SLEEP)
     e.cmd(b"atomnode-host release %d" % w.id, admin)
-    assert w.out[-1] == NOOP
+    assert e.take(w) == NOOP
 
 
 def test_host_report_shows_in_status_with_plain_remote_workers():
     e = Env()
-    w = e.conn(loopback=False, peer="10.0.0.2")
+    w = e.conn(peer="10.0.0.2")
     e.send(w, T.CAN_DO, b"F")
-    plain = e.conn(loopback=False, peer="10.0.0.9")
+    plain = e.conn(peer="10.0.0.9")
     e.send(plain, T.CAN_DO, b"F")
-    admin = e.conn(loopback=False, peer="10.0.0.2")
+    admin = e.conn(peer="10.0.0.2")
     report = {"host": "wh1", "pools": [{"name": "atom", "count": 1, "workers": [
         {"pid": 42, "state": "idle", "job": None, "jobs_done": 3}]}]}
     assert e.cmd(b"atomnode-host report " + json.dumps(report).encode(), admin) == b"OK\r\n"

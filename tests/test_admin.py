@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from types import SimpleNamespace
 
 from atomnode import __version__
@@ -27,21 +26,23 @@ class Env:
         self.now = 1000.0
         self.b = Broker(hostname="test", durable=durable, clock=lambda: self.now)
         self.server = SimpleNamespace(
-            broker=self.b, peers={}, bound=[("127.0.0.1", 4730), ("::1", 4730)],
-            started_at=time.time() - 60, allow=(), refusals=RefusalLog(),
+            broker=self.b, bound=[("127.0.0.1", 4730), ("::1", 4730)],
+            started_at=self.now - 60, allow=(), refusals=RefusalLog(),
         )
         self.admin = admin or Admin()
         self.n = 0
 
-    def conn(self, *, loopback: bool = True, peer: str = "127.0.0.1") -> Conn:
+    def conn(self, *, peer: str = "127.0.0.1") -> Conn:
         self.n += 1
-        c = self.b.connect(Conn(self.n, peer=peer, fd=20 + self.n))
-        self.server.peers[c] = SimpleNamespace(is_loopback=loopback)
-        return c
+        return self.b.connect(Conn(self.n, peer=peer, fd=20 + self.n))
+
+    def take(self, c: Conn) -> bytes:
+        """What the broker's outbox owes ``c`` (the rest of the outbox is dropped)."""
+        return b"".join(self.b.take_outbox().sends.get(c, []))
 
     def send(self, c: Conn, t: int, *args: bytes) -> None:
         self.b.handle(c, Packet(t, tuple(args)))
-        c.out.clear()
+        self.b.take_outbox()
 
     def cmd(self, line: bytes, conn: Conn | None = None) -> bytes:
         if conn is None:
@@ -49,12 +50,9 @@ class Env:
         return self.admin(self.server, conn, line)
 
     def bg(self, c: Conn, fn: bytes = FN, unique: bytes = b"", t: int = T.SUBMIT_JOB_BG) -> None:
-        self.send(c, t, fn, unique, b"x")
-        for op in self.b.store_ops:
-            if op[0] == "insert":
-                self.b.committed([op[-1]])
-        self.b.store_ops.clear()
-        c.out.clear()
+        self.b.handle(c, Packet(t, (fn, unique, b"x")))
+        self.b.committed([op[-1] for op in self.b.take_outbox().store if op[0] == "insert"])
+        self.b.take_outbox()
 
 
 def h(n: int) -> bytes:
@@ -164,7 +162,7 @@ def test_show_jobs():
     e.send(c, T.SUBMIT_JOB, FN, b"", b"x")  # H:test:2, foreground: not in the store
     # A pending (uncommitted) job is not shown.
     e.send(c, T.SUBMIT_JOB_BG, FN, b"", b"x")
-    e.b.store_ops.clear()
+    e.b.take_outbox()
     assert e.cmd(b"show jobs") == b"H:test:1\t0\t0\t1\nH:test:2\t0\t0\t0\n.\n"
     # A job whose worker died counts a retry.
     e.send(w, T.GRAB_JOB)
@@ -200,7 +198,7 @@ def test_cancel_job():
     e.send(c, T.SUBMIT_JOB, FN, b"", b"x")
     e.bg(c)
     assert e.cmd(b"cancel job " + h(1)) == b"OK\r\n"
-    assert list(Decoder(expect_requests=False).events(b"".join(c.out))) == [
+    assert list(Decoder(expect_requests=False).events(e.take(c))) == [
         Packet(T.WORK_FAIL, (h(1),), False)]
     assert e.cmd(b"cancel job " + h(1)) == b"ERR UNKNOWN_JOB\r\n"
     assert e.cmd(b"cancel job H:test:999") == b"ERR UNKNOWN_JOB\r\n"
@@ -250,8 +248,7 @@ def test_maxqueue():
     assert e.b.functions[b"F"].max_queue == 1
     e.bg(c, b"F")
     e.b.handle(c, Packet(T.SUBMIT_JOB_BG, (b"F", b"", b"x")))
-    assert b"Job queue is full" in b"".join(c.out)
-    c.out.clear()
+    assert b"Job queue is full" in e.take(c)
     # Missing, zero or negative N: unlimited.
     assert e.cmd(b"maxqueue F") == b"OK\r\n"
     assert e.b.functions[b"F"].max_queue == 0
@@ -311,13 +308,12 @@ def test_empty_line():
 def test_shutdown_only_from_loopback():
     calls: list[bool] = []
     e = Env(admin=Admin(on_shutdown=calls.append))
-    remote = e.conn(loopback=False, peer="10.0.0.9")
+    remote = e.conn(peer="10.0.0.9")
     reply = e.cmd(b"shutdown", remote)
     assert reply.startswith(b"ERR ") and reply.endswith(b"\r\n")
     assert calls == []
-    # A connection the server does not know is not trusted either.
-    stray = e.b.connect(Conn(99, peer="127.0.0.1"))
-    assert e.cmd(b"shutdown", stray).startswith(b"ERR ")
+    # IPv4-mapped non-loopback addresses are remote too.
+    assert e.cmd(b"shutdown", e.conn(peer="::ffff:10.0.0.9")).startswith(b"ERR ")
     assert calls == []
     local = e.conn()
     assert e.cmd(b"shutdown graceful", local) == b"OK\r\n"

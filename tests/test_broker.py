@@ -1,8 +1,9 @@
 """Tests of the job broker (atomnode.gearman.broker) with plain calls: no sockets, no threads.
 
 Each test builds a :class:`World` (a Broker with an injected clock), opens fake
-connections, hands the broker request packets and reads what it appended to each
-connection's ``out`` through a client-side Decoder. Expected behaviour follows gearmand
+connections, hands the broker request packets and reads what the broker's outbox owes each
+connection through a client-side Decoder (``recv``) and the store commands it produced
+(``World.ops``). Expected behaviour follows gearmand
 1.1.20 (libgearman-server/server.cc, job.cc) and docs in ../shared/docs/gearman-compat-notes.md.
 """
 
@@ -30,15 +31,44 @@ class Clock:
         return self.t
 
 
+#: Which World each test connection belongs to (for ``recv``).
+_WORLD: dict[Conn, World] = {}
+
+
 class World:
     def __init__(self, *, durable: bool = False, **kw) -> None:
         self.clock = Clock()
         self.b = Broker(hostname="test", durable=durable, clock=self.clock, **kw)
         self.n = 0
+        self.inbox: dict[Conn, list[bytes]] = {}
+        self._ops: list[tuple] = []
+        self._idle: list[Conn] = []
+
+    def pump(self) -> None:
+        """Take the broker's outbox, as the server does, into per-connection inboxes and
+        the list of store commands."""
+        out = self.b.take_outbox()
+        for c, data in out.sends.items():
+            self.inbox.setdefault(c, []).extend(data)
+        self._ops.extend(out.store)
+        self._idle.extend(out.idle)
+
+    @property
+    def ops(self) -> list[tuple]:
+        """Store commands produced so far and not cleared by the test."""
+        self.pump()
+        return self._ops
+
+    def take_idle(self) -> list[Conn]:
+        """Workers the broker reported idle since the last call."""
+        self.pump()
+        idle, self._idle = self._idle, []
+        return idle
 
     def conn(self, client_id: bytes | None = None) -> Conn:
         self.n += 1
         c = self.b.connect(Conn(self.n, peer="127.0.0.1", fd=100 + self.n))
+        _WORLD[c] = self
         if client_id:
             self.send(c, T.SET_CLIENT_ID, client_id)
         return c
@@ -77,8 +107,9 @@ class World:
 
 def recv(c: Conn) -> list[tuple[int, tuple[bytes, ...]]]:
     """Decode and consume what the broker queued for ``c``: [(type, args), ...]."""
-    data = b"".join(c.out)
-    c.out.clear()
+    w = _WORLD[c]
+    w.pump()
+    data = b"".join(w.inbox.pop(c, []))
     events = list(Decoder(expect_requests=False).events(data))
     assert all(isinstance(e, Packet) and not e.request for e in events)
     return [(e.type, e.args) for e in events]
@@ -380,9 +411,9 @@ def test_background_submission_joining_a_foreground_job_is_durable():
     fg, bg = w.conn(), w.conn()
     wk = w.worker(FN)
     hf = w.submit(fg, unique=b"u")
-    w.b.store_ops.clear()
+    w.ops.clear()
     w.send(bg, T.SUBMIT_JOB_BG, FN, b"u", b"x")
-    inserts = [op for op in w.b.store_ops if op[0] == "insert"]
+    inserts = [op for op in w.ops if op[0] == "insert"]
     assert inserts, "background submission coalesced onto a foreground job was never stored"
     assert recv(bg) == [], "JOB_CREATED before the commit"
     w.b.committed([op[-1] for op in inserts])
@@ -398,7 +429,7 @@ def test_second_background_submission_waits_for_the_same_commit():
     fg, bg1, bg2 = w.conn(), w.conn(), w.conn()
     hf = w.submit(fg, unique=b"u")
     w.send(bg1, T.SUBMIT_JOB_BG, FN, b"u", b"x")
-    inserts = [op for op in w.b.store_ops if op[0] == "insert"]
+    inserts = [op for op in w.ops if op[0] == "insert"]
     w.send(bg2, T.SUBMIT_JOB_BG, FN, b"u", b"x")
     assert recv(bg1) == [] and recv(bg2) == [], "JOB_CREATED before the insert committed"
     w.b.committed([op[-1] for op in inserts])
@@ -411,14 +442,14 @@ def test_promoted_job_finishing_before_its_commit():
     wk = w.worker(FN)
     hf = w.submit(fg, unique=b"u")
     assert w.grab(wk)[1][0] == hf
-    w.b.store_ops.clear()
+    w.ops.clear()
     w.send(bg, T.SUBMIT_JOB_BG, FN, b"u", b"x")
     w.send(wk, T.WORK_COMPLETE, hf, b"r")
-    kinds = [op[0] for op in w.b.store_ops]
+    kinds = [op[0] for op in w.ops]
     assert kinds == ["insert", "start", "done"]
     assert recv(fg) == [(T.WORK_COMPLETE, (hf, b"r"))]
     assert recv(bg) == []
-    w.b.committed([w.b.store_ops[0][-1]])
+    w.b.committed([w.ops[0][-1]])
     assert recv(bg) == [(T.JOB_CREATED, (hf,))]
     assert w.status() == (0, 0, 1)
 
@@ -428,9 +459,9 @@ def test_promotion_commit_failure_keeps_the_foreground_job():
     fg, bg = w.conn(), w.conn()
     wk = w.worker(FN)
     hf = w.submit(fg, unique=b"u")
-    w.b.store_ops.clear()
+    w.ops.clear()
     w.send(bg, T.SUBMIT_JOB_BG, FN, b"u", b"x")
-    (insert,) = w.b.store_ops
+    (insert,) = w.ops
     w.b.commit_failed([(insert[-1], "disk full")])
     assert recv(bg) == [error(b"QUEUE_ERROR", b"disk full")]
     assert w.grab(wk)[1][0] == hf
@@ -574,10 +605,10 @@ def test_submit_job_epoch_runs_when_due():
     w.send(wk, T.PRE_SLEEP)
     assert recv(wk) == []
     w.clock.t = 1009.5
-    w.b.tick(1009.5)
+    w.b.tick()
     assert recv(wk) == []
     w.clock.t = 1010
-    w.b.tick(1010)
+    w.b.tick()
     assert recv(wk) == [NOOP]
     assert w.grab(wk) == (T.JOB_ASSIGN, (h(1), FN, b"later"))
     assert w.b.next_deadline() is None
@@ -736,24 +767,24 @@ def test_background_job_past_max_attempts_records_a_fail_op():
     w = World(durable=True, max_attempts=2)
     c = w.conn()
     w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"x")
-    (insert,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (insert,) = [op for op in w.ops if op[0] == "insert"]
     w.b.committed([insert[-1]])
     hd = recv(c)[0][1][0]
     job_id = insert[1]
-    w.b.store_ops.clear()
+    w.ops.clear()
     wk = w.worker(FN, client_id=b"pid_1_a")
     w.grab(wk)
     w.clock.t = 1001
     w.b.disconnect(wk)
-    assert w.b.store_ops[0] == ("start", job_id, 1, "pid_1_a", 1000.0)
-    assert w.b.store_ops[1][:3] == ("requeue", job_id, 1)
-    assert w.b.store_ops[1][4] == "worker disconnected"
-    w.b.store_ops.clear()
+    assert w.ops[0] == ("start", job_id, 1, "pid_1_a", 1000.0)
+    assert w.ops[1][:3] == ("requeue", job_id, 1)
+    assert w.ops[1][4] == "worker disconnected"
+    w.ops.clear()
     wk = w.worker(FN)
     w.grab(wk)
     w.b.disconnect(wk)
-    assert w.b.store_ops[0][:3] == ("start", job_id, 2)
-    kind, fid, at, reason = w.b.store_ops[1]
+    assert w.ops[0][:3] == ("start", job_id, 2)
+    kind, fid, at, reason = w.ops[1]
     assert (kind, fid, at) == ("fail", job_id, 1001)
     assert "worker disconnected" in reason and "2 attempts" in reason
     assert hd not in w.b.jobs
@@ -771,10 +802,10 @@ def test_can_do_timeout_requeues_via_tick():
     w.send(w2, T.PRE_SLEEP)
     assert recv(w2) == []
     assert w.b.next_deadline() == 1010
-    w.b.tick(1009.9)
+    w.b.tick()
     assert hd in w1.held
     w.clock.t = 1010
-    w.b.tick(1010)
+    w.b.tick()
     assert hd not in w1.held
     assert recv(w2) == [NOOP]
     assert w.grab(w2)[1][0] == hd
@@ -794,7 +825,7 @@ def test_can_do_timeout_not_applied_after_completion():
     hd = w.submit(c)
     w.grab(wk)
     w.send(wk, T.WORK_COMPLETE, hd, b"r")
-    w.b.tick(2000)
+    w.b.tick()
     assert recv(c) == [(T.WORK_COMPLETE, (hd, b"r"))]
     assert w.b.next_deadline() is None
 
@@ -826,7 +857,7 @@ def test_client_disconnect_keeps_a_job_another_client_waits_for():
     assert w.grab(wk)[1][0] == hd
     w.send(wk, T.WORK_COMPLETE, hd, b"r")
     assert recv(c2) == [(T.WORK_COMPLETE, (hd, b"r"))]
-    assert c1.out == []
+    assert recv(c1) == []
 
 
 def test_client_disconnect_while_running_lets_the_job_finish():
@@ -847,11 +878,11 @@ def test_background_job_whose_submitter_closed_before_the_commit():
     c = w.conn()
     wk = w.worker(FN, sleep=True)
     w.send(c, T.SUBMIT_JOB_BG, FN, b"atom-1", b'{"id":1,"name":"arObjectMoveJob"}')
-    (insert,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (insert,) = [op for op in w.ops if op[0] == "insert"]
     w.b.disconnect(c)
     assert recv(wk) == []  # not committed yet: not offered
     w.b.committed([insert[-1]])
-    assert c.out == []  # nothing written to a closed connection
+    assert recv(c) == []  # nothing written to a closed connection
     assert recv(wk) == [NOOP]
     assert w.grab(wk) == (T.JOB_ASSIGN, (h(1), FN, b'{"id":1,"name":"arObjectMoveJob"}'))
 
@@ -861,30 +892,30 @@ def test_background_job_whose_submitter_closed_before_the_commit():
 
 def test_background_job_acknowledged_only_after_commit():
     w = World(durable=True)
-    assert w.b.store_ops == [("reserve_ids", 10001)]
-    w.b.store_ops.clear()
+    assert w.ops == [("reserve_ids", 10001)]
+    w.ops.clear()
     c = w.conn()
     wk = w.worker(FN, sleep=True, client_id=b"pid_7_w")
     w.send(c, T.SUBMIT_JOB_LOW_BG, FN, b"u1", b"payload")
     assert recv(c) == []
     assert recv(wk) == []
-    ((kind, jid, fn, uniq, data, prio, when, seq, at, token),) = w.b.store_ops
+    ((kind, jid, fn, uniq, data, prio, when, seq, at, token),) = w.ops
     assert (kind, jid, fn, uniq, data, prio, when, seq, at) == (
         "insert", 1, FN, b"u1", b"payload", LOW, 0, 1, 1000.0)
     # Pending: not offered, not known to GET_STATUS.
     w.send(c, T.GET_STATUS, h(1))
     assert recv(c) == [(T.STATUS_RES, (h(1), b"0", b"0", b"0", b"0"))]
-    w.b.store_ops.clear()
+    w.ops.clear()
     w.b.committed([token])
     assert recv(c) == [(T.JOB_CREATED, (h(1),))]
     assert recv(wk) == [NOOP]
     w.clock.t = 1002
     assert w.grab(wk) == (T.JOB_ASSIGN, (h(1), FN, b"payload"))
-    assert w.b.store_ops == [("start", 1, 1, "pid_7_w", 1002.0)]
-    w.b.store_ops.clear()
+    assert w.ops == [("start", 1, 1, "pid_7_w", 1002.0)]
+    w.ops.clear()
     w.clock.t = 1003
     w.send(wk, T.WORK_COMPLETE, h(1), b"12345")
-    assert w.b.store_ops == [("done", 1, 1003.0, 5)]
+    assert w.ops == [("done", 1, 1003.0, 5)]
 
 
 def test_durable_work_fail_and_exception_ops():
@@ -893,27 +924,27 @@ def test_durable_work_fail_and_exception_ops():
     wk = w.worker(FN)
     for _ in range(2):
         w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"x")
-    w.b.committed([op[-1] for op in w.b.store_ops if op[0] == "insert"])
+    w.b.committed([op[-1] for op in w.ops if op[0] == "insert"])
     recv(c)
     w.grab(wk)
     w.grab(wk)
-    w.b.store_ops.clear()
+    w.ops.clear()
     w.send(wk, T.WORK_FAIL, h(1))
     w.send(wk, T.WORK_EXCEPTION, h(2), b"boom")
-    (k1, i1, _, r1), (k2, i2, _, r2) = w.b.store_ops
+    (k1, i1, _, r1), (k2, i2, _, r2) = w.ops
     assert (k1, i1, k2, i2) == ("fail", 1, "fail", 2)
     assert "WORK_FAIL" in r1 and "boom" in r2
 
 
 def test_foreground_jobs_are_not_stored():
     w = World(durable=True)
-    w.b.store_ops.clear()
+    w.ops.clear()
     c = w.conn()
     wk = w.worker(FN)
     hd = w.submit(c)  # JOB_CREATED at once
     w.grab(wk)
     w.send(wk, T.WORK_COMPLETE, hd, b"")
-    assert w.b.store_ops == []
+    assert w.ops == []
 
 
 def test_commit_failed_reports_and_forgets():
@@ -921,7 +952,7 @@ def test_commit_failed_reports_and_forgets():
     c = w.conn()
     wk = w.worker(FN)
     w.send(c, T.SUBMIT_JOB_BG, FN, b"u", b"x")
-    (insert,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (insert,) = [op for op in w.ops if op[0] == "insert"]
     w.b.commit_failed([(insert[-1], "database or disk is full: /var/lib/atomnode/atomnode.db")])
     assert recv(c) == [
         error(b"QUEUE_ERROR", b"database or disk is full: /var/lib/atomnode/atomnode.db")]
@@ -929,7 +960,7 @@ def test_commit_failed_reports_and_forgets():
     assert w.grab(wk) == NO_JOB
     # The unique is free: a new submission is a new job.
     w.send(c, T.SUBMIT_JOB_BG, FN, b"u", b"x")
-    assert [op[0] for op in w.b.store_ops].count("insert") == 2
+    assert [op[0] for op in w.ops].count("insert") == 2
 
 
 def test_coalescing_onto_a_pending_background_job_waits_for_the_commit():
@@ -937,7 +968,7 @@ def test_coalescing_onto_a_pending_background_job_waits_for_the_commit():
     c1, c2 = w.conn(), w.conn()
     w.send(c1, T.SUBMIT_JOB_BG, FN, b"u", b"x")
     w.send(c2, T.SUBMIT_JOB_BG, FN, b"u", b"y")
-    inserts = [op for op in w.b.store_ops if op[0] == "insert"]
+    inserts = [op for op in w.ops if op[0] == "insert"]
     assert len(inserts) == 1
     assert recv(c1) == recv(c2) == []
     w.b.committed([inserts[0][-1]])
@@ -949,7 +980,7 @@ def test_committed_twice_or_after_cancel_is_harmless():
     c = w.conn()
     wk = w.worker(FN)
     w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"x")
-    (insert,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (insert,) = [op for op in w.ops if op[0] == "insert"]
     w.b.committed([insert[-1]])
     w.b.committed([insert[-1]])
     assert recv(c) == [(T.JOB_CREATED, (h(1),))]
@@ -967,17 +998,17 @@ def test_handle_ids_never_reused_and_reserved_ahead():
 
     def take_ops():
         nonlocal reserved
-        for op in w.b.store_ops:
+        for op in w.ops:
             if op[0] == "reserve_ids":
                 assert op[1] > reserved
                 reserved = op[1]
-        w.b.store_ops.clear()
+        w.ops.clear()
 
     take_ops()
     for i in range(40):
         bg = i % 2 == 0
         w.send(c, T.SUBMIT_JOB_BG if bg else T.SUBMIT_JOB, FN, b"", b"x")
-        ops = list(w.b.store_ops)
+        ops = list(w.ops)
         take_ops()  # reservations that came with this submission were emitted before use
         if bg:
             w.b.committed([op[-1] for op in ops if op[0] == "insert"])
@@ -1004,7 +1035,7 @@ def test_handles_without_durability_are_sequential_and_not_reused():
         w.send(wk, T.WORK_COMPLETE, hd, b"")
         recv(c)
     assert got == [h(i) for i in range(1, 6)]
-    assert w.b.store_ops == []
+    assert w.ops == []
 
 
 # ------------------------------------------------------ concurrency groups
@@ -1106,7 +1137,7 @@ def test_drain_lets_held_jobs_finish():
     w.b.drain(wk)
     w.send(wk, T.WORK_COMPLETE, hd, b"r")
     assert recv(c) == [(T.WORK_COMPLETE, (hd, b"r"))]
-    assert wk in w.b.take_idle()
+    assert wk in w.take_idle()
 
 
 def test_cancel_queued_job():
@@ -1129,15 +1160,15 @@ def test_cancel_durable_and_scheduled():
     w = World(durable=True)
     c = w.conn()
     w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"u", b"5000", b"x")
-    (insert,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (insert,) = [op for op in w.ops if op[0] == "insert"]
     w.b.committed([insert[-1]])
     hd = recv(c)[0][1][0]
-    w.b.store_ops.clear()
+    w.ops.clear()
     assert w.b.cancel(hd)
-    assert w.b.store_ops == [("cancel", insert[1], 1000.0)]
+    assert w.ops == [("cancel", insert[1], 1000.0)]
     assert w.b.next_deadline() is None
     w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"u", b"5000", b"x")  # unique free again
-    assert [op[0] for op in w.b.store_ops].count("insert") == 1
+    assert [op[0] for op in w.ops].count("insert") == 1
 
 
 def test_cancelled_unique_is_free():
@@ -1163,7 +1194,7 @@ def stored(id, *, function=FN, unique=b"", data=b"d", priority=NORMAL, when=0, s
 
 def test_restore_queued_and_running_jobs():
     w = World(durable=True, max_attempts=3, first_id=20, first_seq=20)
-    w.b.store_ops.clear()
+    w.ops.clear()
     jobs = [
         stored(3, priority=HIGH, data=b"high"),
         stored(1, data=b"n1", unique=b"u1"),
@@ -1173,7 +1204,7 @@ def test_restore_queued_and_running_jobs():
         stored(6, data=b"later", when=2000),
     ]
     assert w.b.restore(jobs) == 5
-    ops = w.b.store_ops
+    ops = w.ops
     requeue = [op for op in ops if op[0] == "requeue"]
     assert len(requeue) == 1
     _kind, jid, attempts, seq, reason = requeue[0]
@@ -1197,7 +1228,7 @@ def test_restore_queued_and_running_jobs():
     # New jobs continue after the restored ids; the restored unique still coalesces.
     c = w.conn()
     w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"new")
-    (ins,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (ins,) = [op for op in w.ops if op[0] == "insert"]
     assert ins[1] == 20
 
 
@@ -1214,11 +1245,11 @@ def test_restored_unique_coalesces():
 def test_restore_with_default_counters_keeps_seqs_unique():
     # restore() must not hand a requeued job a seq that a later stored job already has.
     w = World(durable=True)
-    w.b.store_ops.clear()
+    w.ops.clear()
     w.b.restore([stored(1, seq=1, state="running", attempts=1), stored(2, seq=2),
                  stored(3, seq=3)])
     seqs = {2, 3}
-    (rq,) = [op for op in w.b.store_ops if op[0] == "requeue"]
+    (rq,) = [op for op in w.ops if op[0] == "requeue"]
     assert rq[3] not in seqs
     assert w.b.next_seq > max(seqs | {rq[3]})
 
@@ -1243,7 +1274,7 @@ def test_enqueue_stored_puts_a_retried_job_back():
     w.send(c, T.SUBMIT_JOB_BG, FN, b"u", b"x")  # coalesces with the retried job
     assert recv(c) == [(T.JOB_CREATED, (h(3),))]
     w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"x")
-    (ins,) = [op for op in w.b.store_ops if op[0] == "insert"]
+    (ins,) = [op for op in w.ops if op[0] == "insert"]
     assert ins[1] == 10 and ins[7] > 50  # new ids and seqs continue past it
 
 
@@ -1270,18 +1301,18 @@ def test_take_idle_reports_workers_whose_last_job_ended():
     h1, h2 = w.submit(c), w.submit(c)
     w.grab(wk)
     w.grab(wk)
-    w.b.take_idle()
+    w.take_idle()
     w.send(wk, T.WORK_COMPLETE, h1, b"")
-    assert wk not in w.b.take_idle()
+    assert wk not in w.take_idle()
     w.send(wk, T.WORK_FAIL, h2)
-    assert wk in w.b.take_idle()
-    assert w.b.take_idle() == []
+    assert wk in w.take_idle()
+    assert w.take_idle() == []
     recv(c)
     other = w.worker(FN)
     w.submit(c)
     w.grab(other)
     w.b.disconnect(other)
-    assert other in w.b.take_idle()
+    assert other in w.take_idle()
 
 
 def test_shutdown_drain_all():
@@ -1456,7 +1487,7 @@ def test_random_walks_keep_the_books_straight(actions, durable):
         elif action == "disconnect":
             w.b.disconnect(c)
         elif action in ("commit", "commit_fail"):
-            tokens += [op[-1] for op in w.b.store_ops if op[0] == "insert"]
+            tokens += [op[-1] for op in w.ops if op[0] == "insert"]
             if tokens:
                 tok = tokens.pop(k % len(tokens))
                 if action == "commit":
@@ -1475,10 +1506,10 @@ def test_random_walks_keep_the_books_straight(actions, durable):
         elif action == "admin":
             _admin_listings_are_well_formed(w)
         if not durable:
-            w.b.store_ops.clear()
+            w.ops.clear()
         else:
-            tokens += [op[-1] for op in w.b.store_ops if op[0] == "insert"]
-            w.b.store_ops.clear()
+            tokens += [op[-1] for op in w.ops if op[0] == "insert"]
+            w.ops.clear()
         _check_invariants(w)
         # Output is always well-formed; a worker gets at most one NOOP per PRE_SLEEP, and
         # none it has not asked for.

@@ -474,3 +474,16 @@ def test_atom_prefix_matching() -> None:
     assert not function_matches("arFileImportJob", full)
     assert not function_matches("MoveJob", full)
     assert not function_matches("arObjectMoveJob", "x" * 32 + "-arObjectMoveJob")
+
+
+def test_yaml_is_parsed_by_libyaml_where_pyyaml_has_it() -> None:
+    import yaml
+
+    from atomnode.system import config
+
+    expected = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+    assert config.YAML_LOADER is expected
+    # Lines in messages come from libyaml's marks as they did from the Python parser's.
+    with pytest.raises(ConfigError, match=r"x\.yml:3: pools\[0\]\.count"):
+        parse_config("listen: [127.0.0.1:4730]\npools:\n  - {name: a, command: [x], count: -1}\n",
+                     "x.yml")

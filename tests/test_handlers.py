@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,38 +12,17 @@ import trio
 from atomnode.system.config import HandlerConfig
 from atomnode.workers.handlers import HandlerPool
 from atomnode.gearman.protocol import Decoder, Packet, T, encode
+from daemon_harness import GEARMAND, free_port, start_gearmand
 
-GEARMAND = "/usr/sbin/gearmand"
 
 pytestmark = pytest.mark.interop
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gearmand:
     def __init__(self, port: int):
         self.port = port
         self.address = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [GEARMAND, "-L", "127.0.0.1", "-p", str(port), "-t", "1", "-l", "stderr",
-             "--verbose", "ERROR"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while True:  # polling a port: there is no event to wait on
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail("gearmand did not start")
-                time.sleep(0.02)
+        self.proc = start_gearmand(port, "-l", "stderr", "--verbose", "ERROR")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -58,7 +34,7 @@ class Gearmand:
 def gearmand() -> Iterator[Gearmand]:
     if not os.access(GEARMAND, os.X_OK):
         pytest.fail(f"{GEARMAND} missing (scripts/sysdeps.sh test installs it)")
-    g = Gearmand(_free_port())
+    g = Gearmand(free_port())
     try:
         yield g
     finally:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from atomnode.cli import main
 from atomnode.ops.jobs_cli import read_gearmand_queue
 from atomnode.queue.store import Store
+from daemon_harness import Daemon, free_port, start_gearmand
 
 GEARMAND = os.environ.get("ATOMNODE_TEST_GEARMAND", "/usr/sbin/gearmand")
 GEARMAN = shutil.which("gearman") or "/usr/bin/gearman"
@@ -37,26 +36,6 @@ SUBMISSIONS = [
 PRIO = {None: 1, "-I": 0, "-L": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what} did not listen on {port}")
-            time.sleep(0.02)  # polling a port: there is no event to wait on
-
-
 def kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -72,13 +51,8 @@ def gearmand_queue(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("gearmand")
     qdb = d / "q.db"
     port = free_port()
-    proc = subprocess.Popen(
-        [GEARMAND, "-L", "127.0.0.1", "-p", str(port), "-t", "1", "-q", "libsqlite3",
-         f"--libsqlite3-db={qdb}", "-l", "stderr"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    proc = start_gearmand(port, "-q", "libsqlite3", f"--libsqlite3-db={qdb}", "-l", "stderr")
     try:
-        wait_port(port, proc, "gearmand")
         for function, flag, payload in SUBMISSIONS:
             argv = [GEARMAN, "-h", "127.0.0.1", "-p", str(port), "-f", function, "-b"]
             if flag:
@@ -150,28 +124,17 @@ def test_import_through_running_daemon(gearmand_queue: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     db = str(tmp_path / "atomnode.db")
     port = free_port()
-    cfg = tmp_path / "atomnode.yml"
-    cfg.write_text(f"listen: ['127.0.0.1:{port}']\ndatabase: {db}\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "atomnode", "run", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+    d = Daemon(tmp_path, port=port, db=Path(db),
+               config=f"listen: ['127.0.0.1:{port}']\ndatabase: {db}\n").start()
     try:
-        wait_port(port, proc, "atomnode")
         assert Store.is_locked(db)
-        code = main(["import-gearmand-queue", str(gearmand_queue), "--config", str(cfg)])
+        code = main(["import-gearmand-queue", str(gearmand_queue), "--config",
+                     str(d.config_path)])
         out, err = capsys.readouterr()
         assert code == 0, err
         assert "imported 7 of 7 jobs" in out and f"127.0.0.1:{port}" in out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        kill(proc)
-        proc.stderr.close()
+        assert d.stop() == 0
     s = Store(db)
     rec = s.open()
     s.close()

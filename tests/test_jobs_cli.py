@@ -96,6 +96,27 @@ def test_list_filters_and_queue_order(db: str, capsys: pytest.CaptureFixture) ->
         4, "pid_42_abc", 17, 1)
 
 
+def test_export_json_csv_and_file(db: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    code, out, _ = run(capsys, "jobs", "export", "--db", db, "--hostname", "h")
+    assert code == 0
+    jobs = json.loads(out)
+    assert [j["id"] for j in jobs] == list(range(1, 8))
+    assert jobs[0]["handle"] == "H:h:1" and jobs[0]["data"] == '{"id":1}'
+    assert jobs[6]["data"] == "a\x00b"
+    code, out, _ = run(capsys, "jobs", "export", "--db", db, "--format", "csv", "--state",
+                       "failed")  # fmt: skip
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("handle,id,function,") and len(lines) == 2
+    assert ",failed," in lines[1] and "worker died 5 times" in lines[1]
+    target = tmp_path / "jobs.json"
+    code, out, err = run(capsys, "jobs", "export", "--db", db, "-o", str(target))
+    assert code == 0 and out == "" and f"exported 7 jobs to {target}" in err
+    assert len(json.loads(target.read_text())) == 7
+    code, _, err = run(capsys, "jobs", "export", "--db", db, "-o", str(tmp_path / "no/x"))
+    assert code == 1 and "cannot write" in err
+
+
 def test_list_empty_and_missing_db(tmp_path: Path, db: str,
                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     code, out, _ = run(capsys, "jobs", "list", "--db", db, "--state", "running",

@@ -10,45 +10,7 @@ import socket
 import time
 
 from atomnode.gearman.protocol import T
-from daemon_harness import Client, Daemon
-
-
-class NotifySocket:
-    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-
-    def recv(self, timeout: float) -> dict[str, str] | None:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return None
-        fields = {}
-        for line in data.decode().splitlines():
-            k, _, v = line.partition("=")
-            fields[k] = v
-        return fields
-
-    def wait_for(self, key: str, timeout: float = 15.0) -> tuple[dict[str, str], list[dict]]:
-        """Messages until one has ``key``; returns it and everything seen before."""
-        seen = []
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {key} within {timeout}s; saw {seen}"
-            msg = self.recv(left)
-            if msg is None:
-                continue
-            if key in msg:
-                return msg, seen
-            seen.append(msg)
-
-    def close(self) -> None:
-        self.sock.close()
+from daemon_harness import Client, Daemon, NotifySocket
 
 
 def test_systemd_notify_protocol(tmp_path):
@@ -103,7 +65,7 @@ def test_systemd_notify_protocol(tmp_path):
 
 
 def test_no_notify_socket_is_fine(tmp_path):
-    d = Daemon(tmp_path).start()
+    d = Daemon(tmp_path, notify=False).start()
     assert d.stop() == 0
     assert "ready" in d.log()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from atomnode.gearman.protocol import Decoder, T
+from atomnode.gearman.protocol import Decoder
 from atomnode.ops.client import AdminClient
 from tests.daemon_harness import Client
 from tests.netns import Hosts, child_pid

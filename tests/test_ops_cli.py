@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import socketserver
 import subprocess
 import sys
@@ -20,17 +19,13 @@ from test_atom_helpers import make_atom_tree
 from test_systemd import running_daemon
 
 from atomnode.system import config as config_mod
-from atomnode.ops import doctor, ops_cli
+from atomnode.ops import doctor
 from atomnode.cli import main
 from atomnode.ops.client import AdminClient, DaemonUnreachable
 from atomnode.ops.atom_site import atom_function_prefix, read_atom_site
 from atomnode.gearman.protocol import AdminLine, Decoder, Packet, T, encode, error_packet
+from daemon_harness import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def full_status(functions: list[dict[str, Any]] | None = None, **over: Any) -> dict[str, Any]:

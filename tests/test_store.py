@@ -17,7 +17,7 @@ import pytest
 from atomnode.queue import store as store_mod
 from atomnode.queue.store import (
     APPLICATION_ID,
-    MIGRATIONS,
+    migrate_step,
     SCHEMA_VERSION,
     Store,
     StoredJob,
@@ -190,8 +190,7 @@ def test_reopen_keeps_jobs(db: str) -> None:
 def test_migration_from_version_1(db: str) -> None:
     os.makedirs(os.path.dirname(db))
     con = sqlite3.connect(db)
-    for statement in MIGRATIONS[1]:
-        con.execute(statement)
+    migrate_step(con, 1)
     con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     con.execute("PRAGMA user_version = 1")
     con.execute(
@@ -740,3 +739,27 @@ def test_database_that_cannot_be_rebuilt_refuses_jobs_until_it_can(tmp_path: Pat
     stored = rows(db)
     assert sorted(stored) == [*range(1, 11), 12]
     assert stored[2].state == "running"
+
+
+def test_schema_step_1_columns_are_as_shipped() -> None:
+    # Step 1's table is defined through sqlite-utils; it must be the table the first
+    # release created with SQL (name, type, not null, default, primary key).
+    con = sqlite3.connect(":memory:", isolation_level=None)
+    con.execute("BEGIN")
+    migrate_step(con, 1)
+    assert con.in_transaction  # sqlite-utils commits nothing behind the migration's back
+    con.execute("ROLLBACK")
+    assert con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    migrate_step(con, 1)
+    assert [r[1:] for r in con.execute("PRAGMA table_info(jobs)")] == [
+        ("id", "INTEGER", 0, None, 1), ("function", "BLOB", 1, None, 0),
+        ("unique_key", "BLOB", 1, None, 0), ("data", "BLOB", 1, None, 0),
+        ("priority", "INTEGER", 1, None, 0), ("when_to_run", "INTEGER", 1, "0", 0),
+        ("seq", "INTEGER", 1, None, 0), ("state", "TEXT", 1, None, 0),
+        ("attempts", "INTEGER", 1, "0", 0), ("worker", "TEXT", 0, None, 0),
+        ("submitted_at", "REAL", 1, None, 0), ("started_at", "REAL", 0, None, 0),
+        ("finished_at", "REAL", 0, None, 0), ("result_size", "INTEGER", 0, None, 0),
+        ("reason", "TEXT", 0, None, 0),
+    ]
+    assert con.execute("SELECT sql FROM sqlite_master WHERE name = 'meta'").fetchone()[0] == (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID")

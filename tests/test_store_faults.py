@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from atomnode.gearman.protocol import T
-from daemon_harness import Client, Daemon
+from daemon_harness import Daemon
 from test_durability import drain_all
 
 

@@ -518,9 +518,10 @@ async def test_reload_adds_removes_resizes_and_replaces(autojump_clock: Any) -> 
 async def test_atom_like_php_worker_against_gearmand(tmp_path: Any) -> None:
     """Supervisor-only mode with AtoM's kind of worker on a real gearmand: exit 111 is a
     planned restart, a crash mid-job backs off."""
+    from daemon_harness import free_port
     from test_handlers import Gearmand, RawClient
 
-    g = await trio.to_thread.run_sync(Gearmand, _free_port())
+    g = await trio.to_thread.run_sync(Gearmand, free_port())
     php = os.path.join(os.path.dirname(__file__), "workers", "atom_like_worker.php")
     cfg = pool(command=("php", php, "--server", "{server}", "--function", "sv-f"),
                backoff_initial=0.2)
@@ -539,9 +540,3 @@ async def test_atom_like_php_worker_against_gearmand(tmp_path: Any) -> None:
                 assert events(sup, "exited")[1][5] == 1
     finally:
         g.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -25,6 +25,7 @@ import trio
 
 from atomnode.system import logs, systemd
 from atomnode.system.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
+from daemon_harness import Daemon, NotifySocket
 
 # ----------------------------------------------------------------------------- sd_notify
 
@@ -143,7 +144,7 @@ class RecordingNotifier(Notifier):
     """Records the trio time of each message instead of sending it."""
 
     def __init__(self) -> None:
-        super().__init__(address="")
+        super().__init__()
         self.sent: list[tuple[float, dict[str, object]]] = []
 
     def notify(self, **fields: object) -> bool:
@@ -390,12 +391,6 @@ def test_module_exports() -> None:
 # ----------------------------------------------------------------------------- the real daemon
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _next_message(sock: socket.socket, want: str, seen: list[dict[str, str]]) -> dict[str, str]:
     """Read datagrams until one carries ``want``; everything read is appended to ``seen``."""
     while True:
@@ -409,45 +404,26 @@ def _next_message(sock: socket.socket, want: str, seen: list[dict[str, str]]) ->
 def running_daemon(
     tmp_path: Path, extra_config: str = "", env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, socket.socket, list[dict[str, str]]]]:
-    """``atomnode run`` on a free port with its own NOTIFY_SOCKET; returns once it sent
-    READY=1. Yields (process, port, notify socket, messages seen); always killed at exit."""
-    d = tempfile.mkdtemp(prefix="an-")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(os.path.join(d, "notify"))
-    sock.settimeout(20)
-    port = free_port()
-    cfg = tmp_path / "atomnode-daemon.yml"
-    cfg.write_text(f"listen: [127.0.0.1:{port}]\ndatabase: {tmp_path}/q.db\n{extra_config}")
-    full_env = {**os.environ, "NOTIFY_SOCKET": sock.getsockname(), **(env or {})}
-    for k in ("WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
-        full_env.pop(k, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "atomnode", "run", "--config", str(cfg)],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    """``atomnode run`` (daemon_harness.Daemon) with a NOTIFY_SOCKET read here; returns once
+    it sent READY=1. Yields (process, port, notify socket, messages seen); killed at exit."""
+    ns = NotifySocket()
+    ns.sock.settimeout(20)
+    d = Daemon(tmp_path, config=extra_config or None, env={"NOTIFY_SOCKET": ns.path, **(env or {})})
     seen: list[dict[str, str]] = []
     try:
+        d.start(wait=False)
+        assert d.proc is not None
         try:
-            _next_message(sock, "READY", seen)
-            yield proc, port, sock, seen
+            _next_message(ns.sock, "READY", seen)
         except BaseException:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            print(f"notify messages: {seen}\ndaemon stderr:\n{err}")
+            print(f"notify messages: {seen}\ndaemon output:\n{d.log()}")
             raise
+        yield d.proc, d.port, ns.sock, seen
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-        sock.close()
-        shutil.rmtree(d, ignore_errors=True)
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        ns.close()
 
 
 def test_daemon_lifecycle_over_notify_socket(tmp_path: Path) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from . import hosts
-from .broker import PENDING, RUNNING, SCHEDULED, Conn
 from ..system.names import strip_atom_prefix
+from ..system.access import is_loopback
+from .broker import PENDING, PRIORITY_NAMES, RUNNING, SCHEDULED, Conn
 
 if TYPE_CHECKING:
     from .server import Server
@@ -60,98 +60,123 @@ class Admin:
         words = line.split()
         if not words:
             return _unknown(b"")
-        verb = words[0].lower()
+        command = _COMMANDS.get(words[0].lower())
+        if command is None:
+            return _unknown(words[0])
+        return command(self, server, conn, words)
+
+    # One method per verb, all (self, server, conn, words) with words[0] the verb as sent;
+    # the table at the end of the module maps each verb to one of them.
+    def _workers(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        return self.workers(server)
+
+    def _status(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        out = [
+            b"%s\t%d\t%d\t%d\n" % (fn.name, fn.total, fn.running, len(fn.workers))
+            for fn in server.broker.functions.values()
+        ]
+        out.append(b".\n")
+        return b"".join(out)
+
+    def _priority_status(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        out = []
+        for fn in server.broker.functions.values():
+            h, n, lo = fn.counts_by_priority()
+            out.append(b"%s\t%d\t%d\t%d\t%d\n" % (fn.name, h, n, lo, len(fn.workers)))
+        out.append(b".\n")
+        return b"".join(out)
+
+    def _cancel(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
         argc = len(words)
+        if argc < 3:
+            return _unknown(words[0])
+        if argc == 3 and words[1].lower() == b"job":
+            return OK if server.broker.cancel(words[2]) else b"ERR UNKNOWN_JOB\r\n"
+        return b"ERR UNKNOWN_ERROR\r\n"
+
+    def _show(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        argc = len(words)
+        if argc < 2:
+            return _unknown(words[0])
         broker = server.broker
-        if verb == b"workers":
-            return self.workers(server)
-        if verb == b"status":
-            out = [
-                b"%s\t%d\t%d\t%d\n" % (fn.name, fn.total, fn.running, len(fn.workers))
-                for fn in broker.functions.values()
-            ]
+        if argc == 3 and words[1].lower() == b"unique" and words[2].lower() == b"jobs":
+            # As gearmand: every job's unique, an empty line for an empty unique.
+            out = [j.unique + b"\n" for j in broker.jobs.values() if j.state is not PENDING]
             out.append(b".\n")
             return b"".join(out)
-        if verb == b"prioritystatus":
+        if argc == 2 and words[1].lower() == b"jobs":
             out = []
-            for fn in broker.functions.values():
-                h, n, lo = fn.counts_by_priority()
-                out.append(b"%s\t%d\t%d\t%d\t%d\n" % (fn.name, h, n, lo, len(fn.workers)))
+            for j in broker.jobs.values():
+                if j.state is PENDING:
+                    continue
+                retries = j.attempts - (1 if j.state is RUNNING else 0)
+                out.append(b"%s\t%d\t0\t%d\n" % (j.handle, retries, 1 if (
+                    j.background and broker.durable) else 0))
             out.append(b".\n")
             return b"".join(out)
-        if verb == b"cancel" and argc >= 3:
-            if argc == 3 and words[1].lower() == b"job":
-                return OK if broker.cancel(words[2]) else b"ERR UNKNOWN_JOB\r\n"
-            return b"ERR UNKNOWN_ERROR\r\n"
-        if verb == b"show" and argc >= 2:
-            if argc == 3 and words[1].lower() == b"unique" and words[2].lower() == b"jobs":
-                # As gearmand: every job's unique, an empty line for an empty unique.
-                out = [j.unique + b"\n" for j in broker.jobs.values() if j.state is not PENDING]
-                out.append(b".\n")
-                return b"".join(out)
-            if argc == 2 and words[1].lower() == b"jobs":
-                out = []
-                for j in broker.jobs.values():
-                    if j.state is PENDING:
-                        continue
-                    retries = j.attempts - (1 if j.state is RUNNING else 0)
-                    out.append(b"%s\t%d\t0\t%d\n" % (j.handle, retries, 1 if (
-                        j.background and broker.durable) else 0))
-                out.append(b".\n")
-                return b"".join(out)
-            return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
-        if verb == b"create":
-            if argc == 3 and words[1].lower() == b"function":
-                broker.function(words[2])
-                return OK
-            return _err_args(words[0])
-        if verb == b"drop":
-            if argc == 3 and words[1].lower() == b"function":
-                err = broker.drop_function(words[2])
-                return OK if err is None else b"ERR " + err.encode() + b"\r\n"
-            return _err_args(words[0])
-        if verb == b"maxqueue":
-            if argc == 1:
-                return _err_args(words[0])
-            fn = broker.functions.get(words[1])
-            if fn is not None:
-                try:
-                    n = int(words[2]) if argc > 2 else 0
-                except ValueError:
-                    n = 0
-                fn.max_queue = max(n, 0)
+        return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
+
+    def _create(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        if len(words) == 3 and words[1].lower() == b"function":
+            server.broker.function(words[2])
             return OK
-        if verb == b"getpid":
-            return b"OK %d\n" % os.getpid()
-        if verb == b"verbose":
-            return b"OK " + self.verbose.encode() + b"\n"
-        if verb == b"version":
-            return f"OK {GEARMAND_VERSION}-atomnode-{__version__}\n".encode()
-        if verb == b"shutdown":
-            peer = server.peers.get(conn)
-            if peer is None or not peer.is_loopback:
-                return b"ERR PERMISSION_DENIED shutdown+is+accepted+only+from+loopback\r\n"
-            if argc == 1 or (argc == 2 and words[1].lower() == b"graceful"):
-                graceful = argc == 2
-                log.warning("%s shutdown requested by admin connection from %s",
-                            "graceful" if graceful else "immediate", conn.peer)
-                if self.on_shutdown is not None:
-                    self.on_shutdown(graceful)
-                return OK
+        return _err_args(words[0])
+
+    def _drop(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        if len(words) == 3 and words[1].lower() == b"function":
+            err = server.broker.drop_function(words[2])
+            return OK if err is None else b"ERR " + err.encode() + b"\r\n"
+        return _err_args(words[0])
+
+    def _maxqueue(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        argc = len(words)
+        if argc == 1:
             return _err_args(words[0])
-        if verb == b"atomnode-status":
-            return json.dumps(self.status_document(server), separators=(",", ":")).encode() + (
-                b"\n.\n"
-            )
-        if verb == b"atomnode-host":
-            return hosts.command(server, conn, words[1:])
-        if verb == b"atomnode-jobs":
-            if argc >= 2 and words[1].lower() == b"list":
-                return self.jobs_listing(server, words[2:])
-            if self.jobs_command is None:
-                return b"ERR UNAVAILABLE no+durable+queue\r\n"
-            return self.jobs_command(conn, words[1:])
-        return _unknown(words[0])
+        fn = server.broker.functions.get(words[1])
+        if fn is not None:
+            try:
+                n = int(words[2]) if argc > 2 else 0
+            except ValueError:
+                n = 0
+            fn.max_queue = max(n, 0)
+        return OK
+
+    def _getpid(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        return b"OK %d\n" % os.getpid()
+
+    def _verbose(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        return b"OK " + self.verbose.encode() + b"\n"
+
+    def _version(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        return f"OK {GEARMAND_VERSION}-atomnode-{__version__}\n".encode()
+
+    def _shutdown(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        if not is_loopback(conn.peer):
+            return b"ERR PERMISSION_DENIED shutdown+is+accepted+only+from+loopback\r\n"
+        argc = len(words)
+        if argc == 1 or (argc == 2 and words[1].lower() == b"graceful"):
+            graceful = argc == 2
+            log.warning("%s shutdown requested by admin connection from %s",
+                        "graceful" if graceful else "immediate", conn.peer)
+            if self.on_shutdown is not None:
+                self.on_shutdown(graceful)
+            return OK
+        return _err_args(words[0])
+
+    def _atomnode_status(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        return json.dumps(self.status_document(server), separators=(",", ":")).encode() + (
+            b"\n.\n"
+        )
+
+    def _atomnode_host(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        return hosts.command(server, conn, words[1:])
+
+    def _atomnode_jobs(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        if len(words) >= 2 and words[1].lower() == b"list":
+            return self.jobs_listing(server, words[2:])
+        if self.jobs_command is None:
+            return b"ERR UNAVAILABLE no+durable+queue\r\n"
+        return self.jobs_command(conn, words[1:])
 
     # ------------------------------------------------------------ listings
     @staticmethod
@@ -187,7 +212,7 @@ class Admin:
         doc: dict[str, Any] = {
             "version": __version__,
             "pid": os.getpid(),
-            "uptime": round(time.time() - server.started_at, 1),
+            "uptime": round(broker.clock() - server.started_at, 1),
             "listen": [f"{h}:{p}" for h, p in server.bound],
             "queue": {
                 "queued": queued,
@@ -228,7 +253,7 @@ class Admin:
         """``atomnode-jobs list [json]``: live jobs with function, state, age, attempts,
         worker. Text: tab-separated lines then ``.``; ``json``: one JSON line then ``.``."""
         broker = server.broker
-        now = time.time()
+        now = broker.clock()
         rows = []
         for j in broker.jobs.values():
             rows.append({
@@ -236,7 +261,7 @@ class Admin:
                 "function": j.function.name.decode("utf-8", "replace"),
                 "unique": j.unique.decode("utf-8", "replace"),
                 "state": j.state,
-                "priority": ("high", "normal", "low")[j.priority],
+                "priority": PRIORITY_NAMES[j.priority],
                 "background": j.background,
                 "age": round(now - j.submitted_at, 3),
                 "attempts": j.attempts,
@@ -253,5 +278,24 @@ class Admin:
         out.append(b".\n")
         return b"".join(out)
 
+
+#: Admin verb (lower case) -> handler.
+_COMMANDS: dict[bytes, Callable[[Admin, Server, Conn, list[bytes]], bytes]] = {
+    b"workers": Admin._workers,
+    b"status": Admin._status,
+    b"prioritystatus": Admin._priority_status,
+    b"cancel": Admin._cancel,
+    b"show": Admin._show,
+    b"create": Admin._create,
+    b"drop": Admin._drop,
+    b"maxqueue": Admin._maxqueue,
+    b"getpid": Admin._getpid,
+    b"verbose": Admin._verbose,
+    b"version": Admin._version,
+    b"shutdown": Admin._shutdown,
+    b"atomnode-status": Admin._atomnode_status,
+    b"atomnode-host": Admin._atomnode_host,
+    b"atomnode-jobs": Admin._atomnode_jobs,
+}
 
 __all__ = ["OK", "Admin"]

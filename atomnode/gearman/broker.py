@@ -1,18 +1,22 @@
 """The job broker: functions, queues, workers and clients, as pure state.
 
 No sockets, no threads, no SQLite. The server feeds it packets per connection
-(:meth:`Broker.handle`) and connection events (:meth:`Broker.connect`,
-:meth:`Broker.disconnect`); the broker answers by appending encoded packets to each
-:class:`Conn`'s ``out`` list (and the conn to :attr:`Broker.dirty`), and durable-queue
-operations to :attr:`Broker.store_ops` (tuples, see :mod:`atomnode.queue.store`). The server
-flushes both after each read batch.
+(:meth:`Broker.handle`), connection events (:meth:`Broker.connect`,
+:meth:`Broker.disconnect`), timer ticks (:meth:`Broker.tick`) and the store's reports
+(:meth:`Broker.committed`, :meth:`Broker.commit_failed`). Everything the broker has to say
+goes into one :class:`Outbox`: encoded packets per connection, store commands (tuples, see
+:mod:`atomnode.queue.commands`), workers that became idle, and whether a timer may now be
+due earlier. The server takes the whole outbox in one call (:meth:`Broker.take_outbox`)
+after each read batch and acts on it; there is no other side channel.
 
 Background jobs are durable: a new one is *pending* until the store reports its insert
 committed (:meth:`Broker.committed`); only then is JOB_CREATED sent and the job offered to
 workers. Foreground jobs are memory only, as in gearmand.
 
-Time enters only through arguments (``now``), so timers (epoch jobs, CAN_DO_TIMEOUT) are
-driven by :meth:`Broker.tick` from the server's clock.
+Time enters in one way only: the ``clock`` given to the constructor (wall-clock seconds: the
+daemon passes :func:`time.time`, tests a settable one). Timers (epoch jobs,
+CAN_DO_TIMEOUT) fire when the server calls :meth:`Broker.tick`; the server arms its wake-up
+from :meth:`Broker.next_deadline` against the same clock.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..queue import commands
 from ..system.names import function_matches
 from ..system.stats import FunctionStats
 from .protocol import (
@@ -81,6 +86,14 @@ _SEQ = operator.attrgetter("seq")
 
 NOOP = encode(T.NOOP)
 NO_JOB = encode(T.NO_JOB)
+_BAD_EPOCH = error_packet(
+    "INVALID_PACKET",
+    f"SUBMIT_JOB_EPOCH needs a unix time from 0 to {MAX_EPOCH} (9999-12-31); job not queued",
+)
+_BAD_TIMEOUT = error_packet(
+    "INVALID_PACKET",
+    f"CAN_DO_TIMEOUT needs a number of seconds from 0 to {MAX_TIMEOUT}; ability not registered",
+)
 
 
 class Conn:
@@ -88,8 +101,8 @@ class Conn:
 
     __slots__ = (
         "id", "peer", "peer_port", "local", "fd", "client_id", "functions", "timeouts", "sleeping",
-        "noop_sent", "held", "waiting", "exceptions", "draining", "jobs_done", "out",
-        "closed", "connected_at",
+        "noop_sent", "held", "waiting", "exceptions", "draining", "jobs_done", "closed",
+        "connected_at",
     )
 
     def __init__(
@@ -110,7 +123,6 @@ class Conn:
         self.exceptions = False
         self.draining = False
         self.jobs_done = 0
-        self.out: list[bytes] = []
         self.closed = False
         self.connected_at = 0.0
 
@@ -201,6 +213,52 @@ class ConcurrencyGroup:
         return self.running >= self.limit
 
 
+class Outbox:
+    """What the broker produced since the server last took it (see the module docstring).
+
+    ``sends`` maps each connection to the encoded packets it is owed, in order; ``store``
+    holds store commands in order; ``idle`` the workers whose last held job just ended;
+    ``timers`` is True when a new timer may be due before the one the server armed.
+    """
+
+    __slots__ = ("sends", "store", "idle", "timers")
+
+    def __init__(self) -> None:
+        self.sends: dict[Conn, list[bytes]] = {}
+        self.store: list[tuple] = []
+        self.idle: list[Conn] = []
+        self.timers = False
+
+    def __bool__(self) -> bool:
+        return bool(self.sends or self.store or self.idle or self.timers)
+
+
+#: Who asked for an operator command: an admin connection (answered ``OK ...`` or
+#: ``ERR FAILED ...``), or a callable ``(ok, detail)`` (detail: the retried job's handle, the
+#: purged count, or why it failed).
+ReplyTo = Conn | Callable[[bool, str], None]
+
+
+class _OperatorReply:
+    """Token of an operator command (retry, purge) answered once the store committed it.
+    The store sets ``job`` (retry) or ``count`` (purge) on it."""
+
+    __slots__ = ("reply_to", "kind", "job", "count")
+
+    def __init__(self, reply_to: ReplyTo, kind: str):
+        self.reply_to = reply_to
+        self.kind = kind
+        self.job: Any = None
+        self.count = 0
+
+    def answer(self, broker: Broker, ok: bool, detail: str) -> None:
+        if isinstance(self.reply_to, Conn):
+            line = f"OK {detail}" if ok else "ERR FAILED " + detail.replace(" ", "+")
+            broker.send(self.reply_to, line.encode() + b"\r\n")
+        else:
+            self.reply_to(ok, detail)
+
+
 def pattern_matches(pattern: str, function: bytes) -> bool:
     """A concurrency-group pattern names this function (AtoM site prefix optional)."""
     return function_matches(pattern, function.decode("utf-8", "replace"))
@@ -215,7 +273,7 @@ class Broker:
         hostname: str = "localhost",
         durable: bool = True,
         max_attempts: int | Callable[[bytes], int] = 5,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float],
         first_id: int = 1,
         first_seq: int = 1,
         id_reserve_block: int = 10000,
@@ -227,9 +285,7 @@ class Broker:
         else:
             limit = max_attempts
             self.max_attempts = lambda _f: limit
-        import time
-
-        self.clock = clock or time.time
+        self.clock = clock
         self.next_id = first_id
         self.next_seq = first_seq
         self.id_reserve_block = id_reserve_block
@@ -242,10 +298,8 @@ class Broker:
         self.on_new_function: Callable[[Function], None] | None = None
         self.scheduled: list[tuple[int, int, Job]] = []  # heap of (when, seq, job)
         self.deadlines: list[tuple[float, int, Job, int]] = []  # (deadline, seq, job, attempt)
-        self.dirty: set[Conn] = set()
-        self.store_ops: list[tuple] = []
-        self.became_idle: list[Conn] = []  # workers whose last held job just ended
-        self.timers_changed = False  # a new timer may be earlier than the one armed
+        self.out = Outbox()
+        self._spare = Outbox()
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "requeued": 0}
         #: What worker hosts reported about their pools (``atomnode-host report``), by
         #: address: {"host", "pools", "aware", "reported_at"}. For status and the console.
@@ -253,10 +307,34 @@ class Broker:
         self._reserve_ids()
 
     # ------------------------------------------------------------------ helpers
-    def _send(self, conn: Conn, data: bytes) -> None:
+    def take_outbox(self) -> Outbox:
+        """Everything produced since the last call. The returned outbox is the caller's
+        until the next call, when the broker empties and reuses it (two outboxes take
+        turns: no allocation per server round)."""
+        out = self.out
+        spare = self._spare
+        if spare.sends:
+            spare.sends.clear()
+        if spare.store:
+            spare.store = []  # the list itself may have been handed on
+        if spare.idle:
+            spare.idle = []
+        spare.timers = False
+        self.out = spare
+        self._spare = out
+        return out
+
+    def send(self, conn: Conn, data: bytes) -> None:
+        """Queue ``data`` (encoded packets or an admin reply) for ``conn``, after whatever
+        the broker already owes it. Nothing is queued for a closed connection."""
         if not conn.closed:
-            conn.out.append(data)
-            self.dirty.add(conn)
+            sends = self.out.sends
+            pending = sends.get(conn)
+            if pending is None:
+                sends[conn] = [data]
+            else:
+                pending.append(data)
+
 
     def function(self, name: bytes) -> Function:
         fn = self.functions.get(name)
@@ -280,7 +358,7 @@ class Broker:
     def _reserve_ids(self) -> None:
         if self.durable:
             self.id_reserved = self.next_id + self.id_reserve_block
-            self.store_ops.append(("reserve_ids", self.id_reserved))
+            self.out.store.append((commands.RESERVE_IDS, self.id_reserved))
 
     def _new_seq(self) -> int:
         n = self.next_seq
@@ -311,7 +389,7 @@ class Broker:
             return
         conn.closed = True
         self.conns.pop(conn.id, None)
-        self.dirty.discard(conn)
+        self.out.sends.pop(conn, None)
         for job in list(conn.held.values()):
             self._requeue(job, "worker disconnected")
         conn.held.clear()
@@ -327,103 +405,121 @@ class Broker:
                 # gearmand drops a queued foreground job whose client has gone.
                 self._forget(job)
         conn.waiting = []
-        self.became_idle.append(conn)
+        self.out.idle.append(conn)
 
     # ------------------------------------------------------------------ packets
     def handle(self, conn: Conn, packet: Packet) -> None:
-        """Process one request packet from ``conn``."""
+        """Process one request packet from ``conn`` (dispatched by type, see ``_HANDLERS``)."""
         t = packet.type
-        args = packet.args
-        if t in (T.GRAB_JOB, T.GRAB_JOB_UNIQ, T.GRAB_JOB_ALL):
-            self._grab(conn, t)
-        elif t == T.PRE_SLEEP:
-            if not conn.draining and self._peek(conn):
-                conn.sleeping = False
-                self._send(conn, NOOP)
-            else:
-                conn.sleeping = True
-                conn.noop_sent = False
-        elif t == T.WORK_COMPLETE:
-            self._work_end(conn, args[0], T.WORK_COMPLETE, args[1])
-        elif t in _SUBMIT:
-            prio, bg = _SUBMIT[t]
-            self.submit(conn, args[0], args[1], args[2], prio, bg)
-        elif t == T.WORK_STATUS:
-            job = self._held(conn, args[0])
-            if job is not None:
-                job.numerator, job.denominator = args[1], args[2]
-                pkt = encode(T.WORK_STATUS, *args)
-                for c in job.clients:
-                    self._send(c, pkt)
-        elif t in (T.WORK_DATA, T.WORK_WARNING):
-            job = self._held(conn, args[0])
-            if job is not None:
-                pkt = encode(t, *args)
-                for c in job.clients:
-                    self._send(c, pkt)
-        elif t == T.WORK_FAIL:
-            self._work_end(conn, args[0], T.WORK_FAIL, b"")
-        elif t == T.WORK_EXCEPTION:
-            self._work_end(conn, args[0], T.WORK_EXCEPTION, args[1])
-        elif t == T.CAN_DO:
-            self._can_do(conn, args[0], 0)
-        elif t == T.CAN_DO_TIMEOUT:
-            timeout = _parse_count(args[1], MAX_TIMEOUT)
-            if timeout is None:
-                self._send(conn, error_packet(
-                    "INVALID_PACKET",
-                    f"CAN_DO_TIMEOUT needs a number of seconds from 0 to {MAX_TIMEOUT}; "
-                    "ability not registered",
-                ))
-                return
-            self._can_do(conn, args[0], timeout)
-        elif t == T.CANT_DO:
-            fn = self.functions.get(args[0])
-            if fn is not None and fn in conn.functions:
-                conn.functions.remove(fn)
-                fn.workers.pop(conn, None)
-                conn.timeouts.pop(fn.name, None)
-        elif t == T.RESET_ABILITIES:
-            for fn in conn.functions:
-                fn.workers.pop(conn, None)
-            conn.functions = []
-            conn.timeouts.clear()
-        elif t == T.SET_CLIENT_ID:
-            conn.client_id = args[0] or b"-"
-        elif t == T.ECHO_REQ:
-            self._send(conn, encode(T.ECHO_RES, args[0]))
-        elif t == T.OPTION_REQ:
-            if args[0].rstrip(b"\0").lower() == b"exceptions":
-                conn.exceptions = True
-                self._send(conn, encode(T.OPTION_RES, args[0]))
-            else:
-                self._send(
-                    conn, error_packet("UNKNOWN_OPTION", "Server does not recognize given option")
-                )
-        elif t == T.GET_STATUS:
-            self._get_status(conn, args[0])
-        elif t == T.GET_STATUS_UNIQUE:
-            self._get_status_unique(conn, args[0])
-        elif t == T.SUBMIT_JOB_EPOCH:
-            when = _parse_count(args[2], MAX_EPOCH)
-            if when is None:
-                self._send(conn, error_packet(
-                    "INVALID_PACKET",
-                    f"SUBMIT_JOB_EPOCH needs a unix time from 0 to {MAX_EPOCH} "
-                    "(9999-12-31); job not queued",
-                ))
-                return
-            self.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
-        elif t in (T.SUBMIT_REDUCE_JOB, T.SUBMIT_REDUCE_JOB_BACKGROUND):
-            self.submit(
-                conn, args[0], args[1], args[4], NORMAL, t == T.SUBMIT_REDUCE_JOB_BACKGROUND,
-                reducer=args[2],
-            )
-        elif t == T.ALL_YOURS:
-            pass
+        _HANDLERS.get(t, Broker._on_unexpected)(self, conn, packet.args, t)
+
+    # One method per request type, all (self, conn, args, type): the table at the end of
+    # the module maps each packet type to one of them.
+    def _on_pre_sleep(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        if not conn.draining and self._peek(conn):
+            conn.sleeping = False
+            self.send(conn, NOOP)
         else:
-            # SUBMIT_JOB_SCHED and anything else gearmand does not serve.
-            self._send(conn, error_packet("INVALID_COMMAND", "Command not expected"))
+            conn.sleeping = True
+            conn.noop_sent = False
+
+    def _on_work_complete(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self._work_end(conn, args[0], T.WORK_COMPLETE, args[1])
+
+    def _on_work_fail(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self._work_end(conn, args[0], T.WORK_FAIL, b"")
+
+    def _on_work_exception(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self._work_end(conn, args[0], T.WORK_EXCEPTION, args[1])
+
+    def _on_submit(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        prio, bg = _SUBMIT[t]
+        self.submit(conn, args[0], args[1], args[2], prio, bg)
+
+    def _number_arg(self, conn: Conn, raw: bytes, limit: int, refusal: bytes) -> int | None:
+        """``raw`` as a number from 0 to ``limit``, or None after sending ``refusal``."""
+        value = _parse_count(raw, limit)
+        if value is None:
+            self.send(conn, refusal)
+        return value
+
+    def _on_submit_epoch(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        when = self._number_arg(conn, args[2], MAX_EPOCH, _BAD_EPOCH)
+        if when is None:
+            return
+        self.submit(conn, args[0], args[1], args[3], NORMAL, True, when=when)
+
+    def _on_submit_reduce(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self.submit(
+            conn, args[0], args[1], args[4], NORMAL, t == T.SUBMIT_REDUCE_JOB_BACKGROUND,
+            reducer=args[2],
+        )
+
+    def _on_work_status(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        job = self._held(conn, args[0])
+        if job is not None:
+            job.numerator, job.denominator = args[1], args[2]
+            pkt = encode(T.WORK_STATUS, *args)
+            for c in job.clients:
+                self.send(c, pkt)
+
+    def _on_work_data(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        """WORK_DATA and WORK_WARNING: passed on to the waiting clients."""
+        job = self._held(conn, args[0])
+        if job is not None:
+            pkt = encode(t, *args)
+            for c in job.clients:
+                self.send(c, pkt)
+
+    def _on_can_do(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self._can_do(conn, args[0], 0)
+
+    def _on_can_do_timeout(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        timeout = self._number_arg(conn, args[1], MAX_TIMEOUT, _BAD_TIMEOUT)
+        if timeout is None:
+            return
+        self._can_do(conn, args[0], timeout)
+
+    def _on_cant_do(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        fn = self.functions.get(args[0])
+        if fn is not None and fn in conn.functions:
+            conn.functions.remove(fn)
+            fn.workers.pop(conn, None)
+            conn.timeouts.pop(fn.name, None)
+
+    def _on_reset_abilities(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        for fn in conn.functions:
+            fn.workers.pop(conn, None)
+        conn.functions = []
+        conn.timeouts.clear()
+
+    def _on_set_client_id(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        conn.client_id = args[0] or b"-"
+
+    def _on_echo(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self.send(conn, encode(T.ECHO_RES, args[0]))
+
+    def _on_option(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        if args[0].rstrip(b"\0").lower() == b"exceptions":
+            conn.exceptions = True
+            self.send(conn, encode(T.OPTION_RES, args[0]))
+        else:
+            self.send(
+                conn, error_packet("UNKNOWN_OPTION", "Server does not recognize given option")
+            )
+
+    def _on_get_status(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self._get_status(conn, args[0])
+
+    def _on_get_status_unique(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        self._get_status_unique(conn, args[0])
+
+    def _on_ignored(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        """ALL_YOURS: accepted and ignored, as gearmand does."""
+
+    def _on_unexpected(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        # SUBMIT_JOB_SCHED and anything else gearmand does not serve.
+        self.send(conn, error_packet("INVALID_COMMAND", "Command not expected"))
 
     # ------------------------------------------------------------ submissions
     def submit(
@@ -433,11 +529,11 @@ class Broker:
         """A client submits a job. Returns the job (new or joined), or None on error."""
         if len(unique) > MAX_UNIQUE_SIZE:
             if conn is not None:
-                self._send(conn, error_packet("ARGUMENT_TOO_LARGE", "Unique value too large"))
+                self.send(conn, error_packet("ARGUMENT_TOO_LARGE", "Unique value too large"))
             return None
         if len(function) > MAX_FUNCTION_SIZE or not function:
             if conn is not None:
-                self._send(
+                self.send(
                     conn,
                     error_packet("ARGUMENT_TOO_LARGE", "Function name is empty or too large"),
                 )
@@ -456,14 +552,14 @@ class Broker:
                 job.background = True
                 if job.state is not PENDING:
                     job.unstored = True
-                    self.store_ops.append((
-                        "insert", job.id, function, job.unique, job.data, job.priority,
+                    self.out.store.append((
+                        commands.INSERT, job.id, function, job.unique, job.data, job.priority,
                         job.when, job.seq, job.submitted_at, job,
                     ))
                     if job.state is RUNNING:
                         worker = job.worker
-                        self.store_ops.append((
-                            "start", job.id, job.attempts,
+                        self.out.store.append((
+                            commands.START, job.id, job.attempts,
                             worker.client_id.decode("utf-8", "replace") if worker else "-",
                             job.started_at,
                         ))
@@ -477,11 +573,11 @@ class Broker:
                 if job.state is PENDING or (background and job.unstored):
                     job.acks = [*job.acks, conn]
                 else:
-                    self._send(conn, encode(T.JOB_CREATED, job.handle))
+                    self.send(conn, encode(T.JOB_CREATED, job.handle))
             return job
         if fn.max_queue and fn.total >= fn.max_queue:
             if conn is not None:
-                self._send(conn, error_packet("QUEUE_ERROR", "Job queue is full"))
+                self.send(conn, error_packet("QUEUE_ERROR", "Job queue is full"))
             return None
         now = self.clock()
         job_id = self._new_id()
@@ -502,51 +598,81 @@ class Broker:
         if background and self.durable:
             if conn is not None:
                 job.acks = [*job.acks, conn]
-            self.store_ops.append(
-                ("insert", job.id, function, unique, data, priority, when, job.seq, now, job)
+            self.out.store.append(
+                (commands.INSERT, job.id, function, unique, data, priority, when, job.seq, now, job)
             )
             return job
         if conn is not None:
-            self._send(conn, encode(T.JOB_CREATED, job.handle))
+            self.send(conn, encode(T.JOB_CREATED, job.handle))
         self._enqueue(job)
         return job
 
     def committed(self, tokens: Iterable[Any]) -> None:
-        """The store committed these inserts: acknowledge and release the jobs."""
+        """The store committed these commands: acknowledge and release the inserted jobs,
+        answer the operator commands (:meth:`request_retry`, :meth:`request_purge`)."""
         for job in tokens:
-            if not isinstance(job, Job):
+            if type(job) is not Job:
+                if type(job) is _OperatorReply:
+                    self._operator_done(job)
                 continue
             job.unstored = False
             if job.acks:
                 created = encode(T.JOB_CREATED, job.handle)
                 for c in job.acks:
-                    self._send(c, created)
+                    self.send(c, created)
                 job.acks = ()
             if job.state is PENDING:
                 self._enqueue(job)
 
     def commit_failed(self, failures: Iterable[tuple[Any, str]]) -> None:
-        """The store could not commit these inserts: tell the submitters, forget the jobs."""
+        """The store could not commit these commands: tell the submitters (and forget
+        their jobs) and the operators who asked."""
         for job, message in failures:
-            if not isinstance(job, Job):
+            if type(job) is not Job:
+                if type(job) is _OperatorReply:
+                    job.answer(self, False, message)
                 continue
             err = error_packet("QUEUE_ERROR", message)
             if job.state is not PENDING:
                 # A foreground job a background submission tried to join: it goes on
                 # as the foreground job it was; the background submitter gets the error.
                 for c in job.acks:
-                    self._send(c, err)
+                    self.send(c, err)
                 job.acks = ()
                 job.background = False
                 job.unstored = False
                 continue
             for c in job.acks:
-                self._send(c, err)
+                self.send(c, err)
             for c in job.clients:
                 if c not in job.acks:
-                    self._send(c, encode(T.WORK_FAIL, job.handle))
+                    self.send(c, encode(T.WORK_FAIL, job.handle))
             job.acks = ()
             self._forget(job)
+
+    # ------------------------------------------------------ operator commands
+    def request_retry(self, reply_to: ReplyTo, job_id: int) -> None:
+        """Ask the store to queue failed or cancelled job ``job_id`` again; once committed
+        the job is queued here too. ``reply_to`` (see :data:`ReplyTo`) gets its handle, or
+        why not."""
+        reply = _OperatorReply(reply_to, "retry")
+        self.out.store.append(commands.retry(job_id, self._new_seq(), reply))
+
+    def request_purge(self, reply_to: ReplyTo, older_than: float) -> None:
+        """Ask the store to delete finished jobs older than ``older_than`` seconds;
+        ``reply_to`` gets how many, or why not."""
+        self.out.store.append(commands.purge(older_than, _OperatorReply(reply_to, "purge")))
+
+    def cancel_stored(self, job_id: int) -> None:
+        """Ask the store to mark a job the broker does not hold (a failed one) cancelled."""
+        self.out.store.append(commands.cancel(job_id, self.clock()))
+
+    def _operator_done(self, reply: _OperatorReply) -> None:
+        if reply.kind == "retry" and reply.job is not None:
+            job = self.enqueue_stored(reply.job)
+            reply.answer(self, True, job.handle.decode())
+        else:
+            reply.answer(self, True, str(reply.count))
 
     def restore(self, stored: Iterable[Any], *, requeue_reason: str = "daemon restarted") -> int:
         """Load jobs recovered from the store (ordered by priority, seq). Jobs that were
@@ -579,15 +705,17 @@ class Broker:
             job.attempts = s.attempts
             if s.state == RUNNING:
                 if job.attempts >= self.max_attempts(fn.name):
-                    self.store_ops.append(
-                        ("fail", job.id, self.clock(), f"{requeue_reason} while running; "
+                    self.out.store.append(
+                        (commands.FAIL, job.id, self.clock(), f"{requeue_reason} while running; "
                          f"gave up after {job.attempts} attempts")
                     )
                     self.stats["failed"] += 1
                     fn.stats.failed += 1
                     continue
                 job.seq = self._new_seq()
-                self.store_ops.append(("requeue", job.id, job.attempts, job.seq, requeue_reason))
+                self.out.store.append(
+                    (commands.REQUEUE, job.id, job.attempts, job.seq, requeue_reason)
+                )
             fn.total += 1
             jobs[job.handle] = job
             if key is not None and (fn_name, key) not in uniques:
@@ -626,7 +754,7 @@ class Broker:
         if job.when and job.when > self.clock():
             job.state = SCHEDULED
             heapq.heappush(self.scheduled, (job.when, job.seq, job))
-            self.timers_changed = True
+            self.out.timers = True
             return
         job.state = QUEUED
         fn.queues[job.priority].append(job)
@@ -640,7 +768,7 @@ class Broker:
         for w in fn.workers:
             if w.sleeping and not w.noop_sent and not w.draining:
                 w.noop_sent = True
-                self._send(w, NOOP)
+                self.send(w, NOOP)
 
     def _forget(self, job: Job) -> None:
         """Remove a job from every index (it is finished, failed, cancelled or dropped)."""
@@ -677,7 +805,7 @@ class Broker:
         if worker is not None:
             worker.held.pop(job.handle, None)
             if not worker.held:
-                self.became_idle.append(worker)
+                self.out.idle.append(worker)
         job.worker = None
         fn.running -= 1
         for g in fn.groups:
@@ -691,9 +819,9 @@ class Broker:
                 "utf-8", "replace"), msg)
             fail = encode(T.WORK_FAIL, job.handle)
             for c in job.clients:
-                self._send(c, fail)
+                self.send(c, fail)
             if job.background and self.durable:
-                self.store_ops.append(("fail", job.id, self.clock(), msg))
+                self.out.store.append((commands.FAIL, job.id, self.clock(), msg))
             self.stats["failed"] += 1
             fn.stats.failed += 1
             self._forget(job)
@@ -707,7 +835,7 @@ class Broker:
         job.seq = self._new_seq()
         job.numerator = job.denominator = b"0"
         if job.background and self.durable:
-            self.store_ops.append(("requeue", job.id, job.attempts, job.seq, reason))
+            self.out.store.append((commands.REQUEUE, job.id, job.attempts, job.seq, reason))
         fn.queues[job.priority].append(job)
         self._wake(fn)
         for g in fn.groups:
@@ -716,7 +844,9 @@ class Broker:
     # ---------------------------------------------------------------- workers
     def _can_do(self, conn: Conn, name: bytes, timeout: int) -> None:
         if len(name) > MAX_FUNCTION_SIZE or not name:
-            self._send(conn, error_packet("ARGUMENT_TOO_LARGE", "Function name is empty or too large"))
+            self.send(
+                conn, error_packet("ARGUMENT_TOO_LARGE", "Function name is empty or too large")
+            )
             return
         fn = self.function(name)
         if fn not in conn.functions:
@@ -730,7 +860,7 @@ class Broker:
             # A sleeping worker that gains an ability with work waiting is woken now,
             # not at the next submission.
             conn.noop_sent = True
-            self._send(conn, NOOP)
+            self.send(conn, NOOP)
 
     def _runnable(self, fn: Function) -> bool:
         if not fn.queued:
@@ -764,11 +894,11 @@ class Broker:
                     break
         return best
 
-    def _grab(self, conn: Conn, t: int) -> None:
+    def _grab(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
         conn.sleeping = False
         conn.noop_sent = False
         if conn.draining:
-            self._send(conn, NO_JOB)
+            self.send(conn, NO_JOB)
             return
         if len(conn.functions) == 1:
             fn = conn.functions[0]
@@ -776,7 +906,7 @@ class Broker:
         else:
             job = self._peek(conn)
         if job is None:
-            self._send(conn, NO_JOB)
+            self.send(conn, NO_JOB)
             return
         fn = job.function
         fn.queues[job.priority].popleft()
@@ -804,21 +934,22 @@ class Broker:
                 pkt = encode(T.JOB_ASSIGN_UNIQ, job.handle, fn.name, job.unique, job.data)
         else:
             pkt = encode(T.JOB_ASSIGN, job.handle, fn.name, job.data)
-        self._send(conn, pkt)
+        self.send(conn, pkt)
         if job.background and self.durable:
-            self.store_ops.append(
-                ("start", job.id, job.attempts, conn.client_id.decode("utf-8", "replace"), now)
+            self.out.store.append(
+                (commands.START, job.id, job.attempts,
+                 conn.client_id.decode("utf-8", "replace"), now)
             )
         timeout = conn.timeouts.get(fn.name) if conn.timeouts else None
         if timeout:
             job.deadline = now + timeout
             heapq.heappush(self.deadlines, (job.deadline, job.seq, job, job.attempts))
-            self.timers_changed = True
+            self.out.timers = True
 
     def _held(self, conn: Conn, handle: bytes) -> Job | None:
         job = conn.held.get(handle)
         if job is None:
-            self._send(
+            self.send(
                 conn, error_packet("JOB_NOT_FOUND", "Job given in work result not found")
             )
         return job
@@ -835,37 +966,37 @@ class Broker:
             stats.completed += 1
             pkt = encode(T.WORK_COMPLETE, handle, data)
             for c in job.clients:
-                self._send(c, pkt)
+                self.send(c, pkt)
             self.stats["completed"] += 1
             if job.background and self.durable:
-                self.store_ops.append(("done", job.id, self.clock(), len(data)))
+                self.out.store.append((commands.DONE, job.id, self.clock(), len(data)))
         else:
             fail = encode(T.WORK_FAIL, handle)
             if t == T.WORK_EXCEPTION:
                 exc = encode(T.WORK_EXCEPTION, handle, data)
                 for c in job.clients:
-                    self._send(c, exc if c.exceptions else fail)
+                    self.send(c, exc if c.exceptions else fail)
                 reason = "WORK_EXCEPTION from worker: " + data[:200].decode("utf-8", "replace")
             else:
                 for c in job.clients:
-                    self._send(c, fail)
+                    self.send(c, fail)
                 reason = "WORK_FAIL from worker"
             stats.failed += 1
             self.stats["failed"] += 1
             if job.background and self.durable:
-                self.store_ops.append(("fail", job.id, self.clock(), reason))
+                self.out.store.append((commands.FAIL, job.id, self.clock(), reason))
         job.worker = None
         self._forget(job)
         if not conn.held:
-            self.became_idle.append(conn)
+            self.out.idle.append(conn)
 
     # ----------------------------------------------------------------- status
     def _get_status(self, conn: Conn, handle: bytes) -> None:
         job = self.jobs.get(handle)
         if job is None or job.state is PENDING:
-            self._send(conn, encode(T.STATUS_RES, handle, b"0", b"0", b"0", b"0"))
+            self.send(conn, encode(T.STATUS_RES, handle, b"0", b"0", b"0", b"0"))
         else:
-            self._send(conn, encode(
+            self.send(conn, encode(
                 T.STATUS_RES, handle, b"1", b"1" if job.state is RUNNING else b"0",
                 job.numerator, job.denominator,
             ))
@@ -877,9 +1008,9 @@ class Broker:
                 job = j
                 break
         if job is None:
-            self._send(conn, encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
+            self.send(conn, encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
         else:
-            self._send(conn, encode(
+            self.send(conn, encode(
                 T.STATUS_RES_UNIQUE, unique, b"1", b"1" if job.state is RUNNING else b"0",
                 job.numerator, job.denominator, str(len(job.clients)).encode(),
             ))
@@ -897,7 +1028,6 @@ class Broker:
         if self.scheduled:
             w = float(self.scheduled[0][0])
             t = w if t is None else min(t, w)
-        self.timers_changed = False
         return t
 
     @staticmethod
@@ -933,9 +1063,9 @@ class Broker:
             return False
         fail = encode(T.WORK_FAIL, handle)
         for c in job.clients:
-            self._send(c, fail)
+            self.send(c, fail)
         if job.background and self.durable:
-            self.store_ops.append(("cancel", job.id, self.clock()))
+            self.out.store.append((commands.CANCEL, job.id, self.clock()))
         job.function.stats.cancelled += 1
         self._forget(job)
         return True
@@ -949,11 +1079,11 @@ class Broker:
         NOOP if one of its functions has work."""
         if conn.sleeping and not conn.noop_sent and not conn.draining and self._peek(conn):
             conn.noop_sent = True
-            self._send(conn, NOOP)
+            self.send(conn, NOOP)
 
-    def report_host(self, address: str, report: dict[str, Any], now: float) -> None:
+    def report_host(self, address: str, report: dict[str, Any]) -> None:
         """A worker host at ``address`` reported its pools (see gearman/hosts.py)."""
-        self.remote_hosts[address] = {**report, "reported_at": now}
+        self.remote_hosts[address] = {**report, "reported_at": self.clock()}
 
     def drop_function(self, name: bytes) -> str | None:
         """gearmand's `drop function`: None on success, else the error text."""
@@ -977,6 +1107,33 @@ class Broker:
     def queued_jobs(self) -> int:
         return sum(fn.queued for fn in self.functions.values())
 
-    def take_idle(self) -> list[Conn]:
-        idle, self.became_idle = self.became_idle, []
-        return idle
+
+
+#: Request packet type -> handler (the broker's dispatch table; unknown types get
+#: ``_on_unexpected``).
+_HANDLERS: dict[int, Callable[[Broker, Conn, tuple[bytes, ...], int], None]] = {
+    T.GRAB_JOB: Broker._grab,
+    T.GRAB_JOB_UNIQ: Broker._grab,
+    T.GRAB_JOB_ALL: Broker._grab,
+    T.PRE_SLEEP: Broker._on_pre_sleep,
+    T.WORK_COMPLETE: Broker._on_work_complete,
+    **{t: Broker._on_submit for t in _SUBMIT},
+    T.WORK_STATUS: Broker._on_work_status,
+    T.WORK_DATA: Broker._on_work_data,
+    T.WORK_WARNING: Broker._on_work_data,
+    T.WORK_FAIL: Broker._on_work_fail,
+    T.WORK_EXCEPTION: Broker._on_work_exception,
+    T.CAN_DO: Broker._on_can_do,
+    T.CAN_DO_TIMEOUT: Broker._on_can_do_timeout,
+    T.CANT_DO: Broker._on_cant_do,
+    T.RESET_ABILITIES: Broker._on_reset_abilities,
+    T.SET_CLIENT_ID: Broker._on_set_client_id,
+    T.ECHO_REQ: Broker._on_echo,
+    T.OPTION_REQ: Broker._on_option,
+    T.GET_STATUS: Broker._on_get_status,
+    T.GET_STATUS_UNIQUE: Broker._on_get_status_unique,
+    T.SUBMIT_JOB_EPOCH: Broker._on_submit_epoch,
+    T.SUBMIT_REDUCE_JOB: Broker._on_submit_reduce,
+    T.SUBMIT_REDUCE_JOB_BACKGROUND: Broker._on_submit_reduce,
+    T.ALL_YOURS: Broker._on_ignored,
+}

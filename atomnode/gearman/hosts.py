@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
+from ..system.access import is_loopback
 from .broker import Conn
 
 if TYPE_CHECKING:
@@ -45,8 +45,7 @@ def _err(code: str, text: str) -> bytes:
 
 def is_operator(server: Server, conn: Conn) -> bool:
     """May this connection run state-changing admin commands on any connection?"""
-    peer = server.peers.get(conn)
-    return peer is not None and peer.is_loopback
+    return is_loopback(conn.peer)
 
 
 def own_connections(server: Server, conn: Conn) -> list[Conn]:
@@ -113,7 +112,7 @@ def command(server: Server, conn: Conn, args: list[bytes]) -> bytes:
             "host": str(doc.get("host") or conn.peer)[:200],
             "pools": pools,
             "aware": bool(doc.get("aware", True)),
-        }, time.time())
+        })
         return b"OK\r\n"
     return _err("UNKNOWN_COMMAND", "unknown atomnode-host command")
 
@@ -160,7 +159,7 @@ def remote_hosts(server: Server) -> list[dict[str, Any]]:
     """Other hosts' workers, for ``atomnode status``: every non-loopback address with
     worker connections, plus what each worker host reported about its pools."""
     broker = server.broker
-    now = time.time()
+    now = broker.clock()
     by_ip: dict[str, list[Conn]] = {}
     for c in broker.conns.values():
         if c.functions and not _local(server, c):
@@ -186,8 +185,7 @@ def remote_hosts(server: Server) -> list[dict[str, Any]]:
 
 
 def _local(server: Server, c: Conn) -> bool:
-    peer = server.peers.get(c)
-    return peer is None or peer.is_loopback
+    return is_loopback(c.peer)
 
 
 __all__ = ["command", "conn_info", "is_operator", "own_connections", "remote_hosts"]

@@ -3,11 +3,12 @@
 Connections are not one trio task each. Their sockets sit, level-triggered, in an epoll
 set of our own, and one hub task waits (through trio) for that set to become readable.
 Each round it reads what every ready connection has sent (up to ``READ_SIZE`` each, so no
-connection can starve another), lets the broker process every complete packet, hands the
-round's durable-queue operations to the store in one call, and then writes each touched
-peer's replies in one write. A round costs one trio wake-up, however many connections are
-busy: with many pipelined clients and workers, per-connection tasks spent more time being
-scheduled (and re-arming epoll for each socket) than the broker spent on the jobs.
+connection can starve another), lets the broker process every complete packet, then
+takes the broker's outbox (:class:`~atomnode.gearman.broker.Outbox`) in one call: the
+round's store commands go to the store in one call, each touched peer's replies out in one
+write. A round costs one trio wake-up, however many connections are busy: with many
+pipelined clients and workers, per-connection tasks spent more time being scheduled (and
+re-arming epoll for each socket) than the broker spent on the jobs.
 A socket the kernel cannot take more bytes from is watched for EPOLLOUT until its
 buffer drains.
 """
@@ -27,8 +28,8 @@ import trio
 
 from . import protocol
 from .broker import Broker, Conn
-from ..system.access import Network, RefusalLog, is_loopback, peer_allowed
-from ..system.config import parse_address
+from ..system.access import Network, RefusalLog, peer_allowed
+from ..system.values import parse_address
 from .protocol import AdminLine, Decoder, ProtocolError, error_packet
 
 log = logging.getLogger("atomnode.server")
@@ -46,24 +47,24 @@ _IN_OUT = _IN | select.EPOLLOUT
 class _Peer:
     """I/O state of one connection, beside the broker's :class:`Conn`."""
 
-    __slots__ = ("conn", "fd", "sock", "pending", "closing", "decoder", "is_loopback")
+    __slots__ = ("conn", "fd", "sock", "pending", "closing", "decoder")
 
-    def __init__(self, conn: Conn, fd: int, sock: Any, decoder: Decoder, is_loopback: bool):
+    def __init__(self, conn: Conn, fd: int, sock: Any, decoder: Decoder):
         self.conn = conn
         self.fd = fd
         self.sock = sock  # the trio socket, kept to close it
         self.pending = bytearray()  # bytes the kernel did not take yet
         self.closing = False
         self.decoder = decoder
-        self.is_loopback = is_loopback
 
 
 class Server:
     """Serves the Gearman protocol (binary and text admin) for one :class:`Broker`.
 
     ``admin`` is a callable ``(server, peer, line) -> bytes`` answering a text command
-    (see :mod:`atomnode.gearman.admin`). ``store`` has ``submit_many(ops)`` (or is None when the
-    broker is not durable).
+    (see :mod:`atomnode.gearman.admin`). ``store`` has ``submit_many(commands)`` (or is None
+    when the broker is not durable); its reports come back through :meth:`store_listener`.
+    Every time (uptime, timers) is read from the broker's clock.
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class Server:
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
         self.idle_events: dict[Conn, trio.Event] = {}
-        self.started_at = time.time()
+        self.started_at = broker.clock()
         self.control_path: str | None = None
 
     # ------------------------------------------------------------- listening
@@ -207,8 +208,7 @@ class Server:
                     local=(local[0], local[1]) if isinstance(local, tuple) else ("unix", 0))
         conn.peer_port = peername[1] if isinstance(peername, tuple) else 0
         self._next_id += 1
-        peer = _Peer(conn, fd, sock, Decoder(max_packet_size=self.max_packet_size),
-                     is_loopback(peer_ip))
+        peer = _Peer(conn, fd, sock, Decoder(max_packet_size=self.max_packet_size))
         self.peers[conn] = peer
         self._by_fd[fd] = peer
         self.broker.connect(conn)
@@ -289,13 +289,13 @@ class Server:
                     else:
                         reply = self.admin(self, conn, ev.line)
                     if reply:
-                        broker._send(conn, reply)
+                        broker.send(conn, reply)
                 else:
                     broker.handle(conn, ev)
         except ProtocolError as e:
             log.warning("closing connection %d from %s: %s", conn.id, conn.peer, e)
-            broker._send(conn, error_packet(e.code, e.message))
-            self.write_dirty()  # best effort: the ERROR goes out before the close
+            broker.send(conn, error_packet(e.code, e.message))
+            self.flush()  # best effort: the ERROR goes out before the close
             self._close(peer)
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the daemon
             log.exception("internal error on connection %d from %s; closing it",
@@ -315,38 +315,26 @@ class Server:
             self._ep.modify(peer.fd, _IN)
 
     def flush(self) -> None:
-        """After the broker ran: hand its store ops to the store, write every reply,
-        wake whoever waits for an idle worker, re-arm timers."""
-        broker = self.broker
-        if broker.store_ops:
-            ops = broker.store_ops
-            broker.store_ops = []
-            if self.store is not None:
-                self.store.submit_many(ops)
-        if broker.dirty:
-            self.write_dirty()
-        if broker.became_idle:
-            for conn in broker.take_idle():
+        """After the broker ran: take its outbox, hand the store commands to the store,
+        write every reply, wake whoever waits for an idle worker, re-arm timers."""
+        out = self.broker.take_outbox()
+        if out.store and self.store is not None:
+            self.store.submit_many(out.store)
+        if out.sends:
+            self._write(out.sends)
+        if out.idle:
+            for conn in out.idle:
                 ev = self.idle_events.pop(conn, None)
                 if ev is not None:
                     ev.set()
-        if broker.timers_changed:
+        if out.timers:
             self._timer_wakeup.set()
 
-    def write_dirty(self) -> None:
-        """Write every pending reply now (straight to the socket when it takes it)."""
-        broker = self.broker
-        if not broker.dirty:
-            return
-        dirty = broker.dirty
-        broker.dirty = set()
+    def _write(self, sends: dict[Conn, list[bytes]]) -> None:
+        """Write each connection's replies (straight to the socket when it takes them)."""
         peers = self.peers
-        for conn in dirty:
-            out = conn.out
-            if not out:
-                continue
+        for conn, out in sends.items():
             data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
             peer = peers.get(conn)
             if peer is None:
                 continue
@@ -384,8 +372,25 @@ class Server:
             self.flush()
 
     # ------------------------------------------------------------- store glue
+    def store_listener(self) -> Callable[[list, list], None]:
+        """The ``on_result`` callback to give the store's writer (call from inside trio).
+
+        The writer calls it from its own thread; it hands the report to
+        :meth:`on_store_result` in the trio thread. After the trio run has ended, reports
+        are dropped (nothing is left to acknowledge)."""
+        token = trio.lowlevel.current_trio_token()
+
+        def on_result(committed: list, failed: list) -> None:
+            try:
+                token.run_sync_soon(self.on_store_result, committed, failed)
+            except trio.RunFinishedError:
+                pass
+
+        return on_result
+
     def on_store_result(self, committed: list, failed: list) -> None:
-        """Called in the trio thread after each store batch."""
+        """In the trio thread after each store batch: the broker acknowledges what was
+        committed (jobs, operator commands) and reports what was not."""
         if committed:
             self.broker.committed(committed)
         if failed:

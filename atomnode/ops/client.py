@@ -6,6 +6,7 @@ Plain stdlib sockets (no trio): the CLI runs one request and exits.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Self
 from collections.abc import Callable
 
@@ -179,6 +180,8 @@ class AdminClient(_Connection):
         return out
 
 
+_BG_SUBMIT = {0: T.SUBMIT_JOB_HIGH_BG, 1: T.SUBMIT_JOB_BG, 2: T.SUBMIT_JOB_LOW_BG}
+
 _SUBMIT = {
     ("high", False): T.SUBMIT_JOB_HIGH,
     ("normal", False): T.SUBMIT_JOB,
@@ -281,3 +284,34 @@ class GearmanClient(_Connection):
                 on_data(pkt.args[1])
             elif pkt.type == T.WORK_WARNING and on_warning is not None:
                 on_warning(pkt.args[1])
+
+    def submit_background_many(
+        self, jobs: list[tuple[bytes, bytes, int, bytes, int]], *, window: int = 256
+    ) -> tuple[int, list[str]]:
+        """Submit background jobs ``(function, unique, priority 0-2, data, when_to_run)``,
+        pipelined (up to ``window`` awaiting JOB_CREATED); a future ``when_to_run`` uses
+        SUBMIT_JOB_EPOCH. Returns (jobs created, error messages), one answer per job.
+        Raises DaemonUnreachable, ClientError (connection lost: how far it got)."""
+        now = time.time()
+        created, errors = 0, []
+        sent = answered = 0
+        while answered < len(jobs):
+            while sent < len(jobs) and sent - answered < window:
+                function, unique, prio, data, when = jobs[sent]
+                if when > now:
+                    self._send(T.SUBMIT_JOB_EPOCH, function, unique, str(when).encode(), data)
+                else:
+                    self._send(_BG_SUBMIT[prio], function, unique, data)
+                sent += 1
+            try:
+                pkt = self._recv()
+            except GearmanError as e:
+                errors.append(f"{e.code}: {e.text}")
+                answered += 1
+                continue
+            except ClientError as e:
+                raise ClientError(f"{e} (after {answered} of {len(jobs)} jobs)") from None
+            if pkt.type == T.JOB_CREATED:
+                created += 1
+                answered += 1
+        return created, errors

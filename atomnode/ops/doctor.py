@@ -106,7 +106,8 @@ def run_doctor(
             checks.append(
                 Check(
                     "OK",
-                    f"AtoM at {site.root}: job prefix {site.prefix} (workers_key {site.workers_key!r})",
+                    f"AtoM at {site.root}: job prefix {site.prefix} "
+                    f"(workers_key {site.workers_key!r})",
                 )
             )
             checks.extend(_atom_server_checks(site, host, port, cfg, timeout))
@@ -120,7 +121,8 @@ def run_doctor(
                 checks.append(
                     Check(
                         "WARN",
-                        f"{f.get('queued')} job(s) wait for {f.get('name')} but no worker can run it",
+                        f"{f.get('queued')} job(s) wait for {f.get('name')} "
+                        "but no worker can run it",
                     )
                 )
         checks.extend(_pool_checks(data))

@@ -1,43 +1,33 @@
 """`atomnode jobs ...` (inspect and repair the durable queue) and `atomnode import-gearmand-queue`.
 
-Reads go straight to SQLite through a read-only connection, so they work whether or not the
-daemon runs. Changes go through the daemon's admin protocol when a daemon holds the database
-(``atomnode-jobs retry|cancel HANDLE``, ``atomnode-jobs purge SECONDS``); otherwise the CLI
-opens the store itself and applies them.
+Reads go through the store's read API (:class:`atomnode.queue.reads.StoreReader`, read-only,
+so they work whether or not the daemon runs). Changes go through the daemon's admin
+protocol when a daemon holds the database (``atomnode-jobs retry|cancel HANDLE``,
+``atomnode-jobs purge SECONDS``, via :mod:`atomnode.ops.client`); otherwise the CLI opens
+the store itself and applies them.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
-import re
-import socket
-import sqlite3
 import sys
 import threading
 import time
-import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
-from ..gearman.protocol import Decoder, ProtocolError, T, encode
-from ..queue.store import (
-    APPLICATION_ID,
-    STATES,
-    Store,
-    StoreError,
-    parse_handle,
-)
+from ..queue import commands, gearmand
+from ..queue.reads import EXPORT_FORMATS, StoreReader, StoreReadError
+from ..queue.store import STATES, Store, StoreError, parse_handle
+from .client import AdminClient, ClientError, DaemonUnreachable, GearmanClient
+from .common import CliError, daemon_address, duration_arg, format_table, guard
 
-PRIORITY_NAMES = ("high", "normal", "low")
 DEFAULT_LIMIT = 50
 ADMIN_TIMEOUT = 10.0
 
-
-class CliError(Exception):
-    """A failure to report on stderr with exit status 1."""
+#: Kept importable under its old name (tests, scripts).
+parse_duration = duration_arg
 
 
 # -- where things are ---------------------------------------------------------------------
@@ -60,81 +50,25 @@ def _database_path(args: argparse.Namespace) -> str:
 
 
 def _daemon_address(args: argparse.Namespace) -> tuple[str, int]:
-    """Where the daemon's admin protocol answers: its first ``listen`` address, with a
-    wildcard address replaced by loopback."""
-    from ..system.config import parse_address
-
+    """Where the daemon's admin protocol answers (see :func:`common.daemon_address`)."""
     listen = tuple(_load_config(args).listen)
     if not listen:
         raise CliError(
             "the daemon holds the database but its configuration has no listen address; "
             "stop it to change jobs offline"
         )
-    host, port = parse_address(listen[0])
-    if host in ("", "0.0.0.0", "*"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, port
+    return daemon_address(listen)
+
+
+def _reader(args: argparse.Namespace) -> StoreReader:
+    path = _database_path(args)
+    try:
+        return StoreReader(path, hostname=getattr(args, "hostname", None))
+    except StoreReadError as e:
+        raise CliError(str(e)) from None
 
 
 # -- reading ------------------------------------------------------------------------------
-
-
-def _connect_ro(path: str) -> sqlite3.Connection:
-    if not os.path.exists(path):
-        raise CliError(f"no queue database at {path} (start atomnode once, or pass --db)")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        con = sqlite3.connect(uri, uri=True)
-        app_id = con.execute("PRAGMA application_id").fetchone()[0]
-    except sqlite3.Error as e:
-        raise CliError(f"cannot read the queue database {path}: {e}") from None
-    if app_id != APPLICATION_ID:
-        con.close()
-        raise CliError(f"{path} is not an atomnode queue database")
-    con.execute("PRAGMA busy_timeout = 5000")
-    return con
-
-
-_LIST_COLUMNS = (
-    "id, function, unique_key, data, priority, when_to_run, seq, attempts, state,"
-    " submitted_at, worker, started_at, finished_at, result_size, reason"
-)
-
-
-def _row_dict(row: tuple, hostname: str, *, with_data: bool) -> dict[str, Any]:
-    (job_id, function, unique, data, priority, when, seq, attempts, state, submitted,
-     worker, started, finished, result_size, reason) = row  # fmt: skip
-    d: dict[str, Any] = {
-        "handle": f"H:{hostname}:{job_id}",
-        "id": job_id,
-        "function": _text(function),
-        "unique": _text(unique),
-        "state": state,
-        "priority": PRIORITY_NAMES[priority] if 0 <= priority < 3 else str(priority),
-        "attempts": attempts,
-        "when_to_run": when or None,
-        "submitted_at": submitted,
-        "started_at": started,
-        "finished_at": finished,
-        "worker": worker,
-        "result_size": result_size,
-        "reason": reason,
-        "size": len(data),
-        "seq": seq,
-    }
-    if with_data:
-        try:
-            d["data"] = bytes(data).decode("utf-8")
-        except UnicodeDecodeError:
-            d["data"] = None
-            d["data_base64"] = base64.b64encode(data).decode("ascii")
-    return d
-
-
-def _text(b: bytes | str) -> str:
-    return b if isinstance(b, str) else bytes(b).decode("utf-8", "replace")
 
 
 def _when(ts: float | None) -> str:
@@ -143,44 +77,12 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def format_table(headers: list[str], rows: Iterable[list[str]]) -> str:
-    """Left-aligned columns separated by two spaces, header first."""
-    rows = [headers] + [list(map(str, r)) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows
-    )
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    path = _database_path(args)
-    con = _connect_ro(path)
-    where, params = [], []
-    if args.state:
-        where.append("state = ?")
-        params.append(args.state)
-    if args.function:
-        # AtoM functions carry a "<32 hex>-" site prefix: accept the bare class name too.
-        suffix = b"-" + args.function.encode()
-        where.append("(function = ? OR substr(function, ?) = ?)")
-        params += [args.function.encode(), -len(suffix), suffix]
-    sql = f"SELECT {_LIST_COLUMNS} FROM jobs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    if args.state in ("queued", "running"):
-        order = "priority, seq"  # queue order: the next to run first
-        sql += f" ORDER BY {order}"
-        if args.limit:
-            sql += f" LIMIT {int(args.limit)}"
-        rows = con.execute(sql, params).fetchall()
-    else:
-        sql += " ORDER BY id DESC"  # the most recent N, shown oldest first
-        if args.limit:
-            sql += f" LIMIT {int(args.limit)}"
-        rows = con.execute(sql, params).fetchall()[::-1]
-    con.close()
-    hostname = args.hostname or socket.gethostname()
-    jobs = [_row_dict(r, hostname, with_data=False) for r in rows]
+    try:
+        with _reader(args) as reader:
+            jobs = reader.list(state=args.state, function=args.function, limit=args.limit)
+    except StoreReadError as e:
+        raise CliError(str(e)) from None
     if args.json:
         print(json.dumps(jobs, indent=1))
         return 0
@@ -198,14 +100,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    path = _database_path(args)
     job_id = _parse_handle(args.handle)
-    con = _connect_ro(path)
-    row = con.execute(f"SELECT {_LIST_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    con.close()
-    if row is None:
-        raise CliError(f"no job {args.handle} in {path}")
-    job = _row_dict(row, args.hostname or socket.gethostname(), with_data=True)
+    try:
+        with _reader(args) as reader:
+            job = reader.show(job_id)
+    except StoreReadError as e:
+        raise CliError(str(e)) from None
+    if job is None:
+        raise CliError(f"no job {args.handle} in {_database_path(args)}")
     if args.json:
         print(json.dumps(job, indent=1))
         return 0
@@ -223,6 +125,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        with _reader(args) as reader:
+            if args.output and args.output != "-":
+                with open(args.output, "w", encoding="utf-8", newline="") as out:
+                    n = reader.export(out, args.format, state=args.state,
+                                      function=args.function)
+                print(f"exported {n} jobs to {args.output}", file=sys.stderr)
+            else:
+                reader.export(sys.stdout, args.format, state=args.state,
+                              function=args.function)
+    except StoreReadError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"cannot write {args.output}: {e.strerror or e}") from None
+    return 0
+
+
 # -- changing -----------------------------------------------------------------------------
 
 
@@ -233,43 +153,22 @@ def _parse_handle(text: str) -> int:
         raise CliError(str(e)) from None
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``7d``, ``12h``, ``30m``, ``45s``, ``2w`` or a plain number of seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (examples: 7d, 12h, 30m, 3600)"
-        )
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[m.group(2)]
-    return float(m.group(1)) * unit
-
-
 def _admin_exchange(args: argparse.Namespace, lines: list[str]) -> list[str]:
     """Send admin lines to the daemon, one answer line each."""
     host, port = _daemon_address(args)
     path = _database_path(args)
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        sock = socket.create_connection((host, port), timeout=ADMIN_TIMEOUT)
-    except OSError as e:
-        raise CliError(
-            f"an atomnode daemon holds {path} but does not answer at {where} "
-            f"({e.strerror or e}); check `atomnode status` or its logs, or pass --config"
-        ) from None
     answers: list[str] = []
-    buf = b""
-    with sock:
+    with AdminClient(host, port, timeout=ADMIN_TIMEOUT) as admin:
         try:
             for line in lines:
-                sock.sendall(line.encode() + b"\r\n")
-                while b"\n" not in buf:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        raise CliError(f"the daemon at {where} closed the connection")
-                    buf += chunk
-                answer, _, buf = buf.partition(b"\n")
-                answers.append(answer.decode("utf-8", "replace").rstrip("\r"))
-        except OSError as e:
+                answers.append(admin.command(line)[0])
+        except DaemonUnreachable as e:
+            raise CliError(
+                f"an atomnode daemon holds {path} but does not answer at {where} "
+                f"({e.reason}); check `atomnode status` or its logs, or pass --config"
+            ) from None
+        except ClientError as e:
             raise CliError(f"talking to the daemon at {where} failed: {e}") from None
     return answers
 
@@ -333,15 +232,26 @@ def _change_online(args: argparse.Namespace, verb: str, targets: list[str]) -> i
     return status
 
 
-def cmd_retry(args: argparse.Namespace) -> int:
-    path = _database_path(args)
-    ids = [_parse_handle(h) for h in args.handles]
-    if Store.is_locked(path):
-        return _change_online(args, "retry", args.handles)
+def _change_jobs(verb: str, offline: Callable[[str, list[int]], int]
+                 ) -> Callable[[argparse.Namespace], int]:
+    """A command changing the jobs named by handle: through the daemon when one holds the
+    database, else ``offline(path, job ids)``."""
 
+    def command(args: argparse.Namespace) -> int:
+        path = _database_path(args)
+        ids = [_parse_handle(h) for h in args.handles]
+        if Store.is_locked(path):
+            return _change_online(args, verb, args.handles)
+        return offline(path, ids)
+
+    return command
+
+
+def _retry_offline(path: str, ids: list[int]) -> int:
     def build(recovery):
         tokens = [_Token() for _ in ids]
-        ops = [("retry", i, recovery.next_seq + n, t) for n, (i, t) in enumerate(zip(ids, tokens))]
+        ops = [commands.retry(i, recovery.next_seq + n, t)
+               for n, (i, t) in enumerate(zip(ids, tokens))]
         return ops, tokens
 
     store, committed, failed = _run_offline(path, build)
@@ -352,11 +262,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    path = _database_path(args)
-    ids = [_parse_handle(h) for h in args.handles]
-    if Store.is_locked(path):
-        return _change_online(args, "cancel", args.handles)
+def _cancel_offline(path: str, ids: list[int]) -> int:
     store = _offline_store(path)
     try:
         recovery = store.open()
@@ -370,22 +276,28 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     todo = []
     for i in ids:
         if i in live:
-            todo.append(("cancel", i, now))
+            todo.append(i)
         else:
             print(f"{store.handle(i)}: not queued (unknown or already finished)", file=sys.stderr)
             status = 1
-    store.submit_many(todo)
-    store.close()  # writes the ops; below we read back what is on disk
-    con = _connect_ro(path)
-    for _, i, _ in todo:
-        row = con.execute("SELECT state FROM jobs WHERE id = ?", (i,)).fetchone()
-        if row and row[0] == "cancelled":
+    store.submit_many([commands.cancel(i, now) for i in todo])
+    store.close()  # writes the commands; below we read back what is on disk
+    try:
+        with StoreReader(path) as reader:
+            cancelled = [reader.state(i) == "cancelled" for i in todo]
+    except StoreReadError as e:
+        raise CliError(str(e)) from None
+    for i, ok in zip(todo, cancelled):
+        if ok:
             print(f"{store.handle(i)}: cancelled")
         else:
             print(f"{store.handle(i)}: could not be cancelled (see the log)", file=sys.stderr)
             status = 1
-    con.close()
     return status
+
+
+cmd_retry = _change_jobs("retry", _retry_offline)
+cmd_cancel = _change_jobs("cancel", _cancel_offline)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -396,7 +308,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     def build(recovery):
         token = _Token()
-        return [("purge", seconds, token)], [token]
+        return [commands.purge(seconds, token)], [token]
 
     _, committed, failed = _run_offline(path, build)
     for _, message in failed:
@@ -408,86 +320,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 # -- gearmand import ----------------------------------------------------------------------
 
-_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
 def read_gearmand_queue(path: str, table: str = "gearman_queue") -> list[tuple]:
-    """Rows of gearmand's libsqlite3 queue in insertion (rowid) order, as
-    ``(function, unique, priority, data, when_to_run)`` with bytes for the blobs."""
-    if not _TABLE_NAME.fullmatch(table):
-        raise CliError(f"{table!r} is not a table name")
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    """gearmand's queued jobs (see :func:`atomnode.queue.gearmand.read_queue`)."""
     try:
-        con = sqlite3.connect(uri, uri=True)
-        cols = {r[1] for r in con.execute(f'PRAGMA table_info("{table}")')}
-        if not cols:
-            raise CliError(f"{path} has no table {table} (is it gearmand's libsqlite3 queue?)")
-        missing = {"unique_key", "function_name", "priority", "data"} - cols
-        if missing:
-            raise CliError(f"{path}: table {table} lacks {', '.join(sorted(missing))}")
-        when = "when_to_run" if "when_to_run" in cols else "0"
-        rows = con.execute(
-            f'SELECT function_name, unique_key, priority, data, {when} FROM "{table}" '
-            "ORDER BY rowid"
-        ).fetchall()
-        con.close()
-    except sqlite3.Error as e:
-        raise CliError(f"cannot read {path}: {e}") from None
-
-    def blob(v: Any) -> bytes:
-        if v is None:
-            return b""
-        return v.encode("utf-8") if isinstance(v, str) else bytes(v)
-
-    out = []
-    for function, unique, priority, data, when_to_run in rows:
-        prio = priority if priority in (0, 1, 2) else 1  # gearmand: 0 high, 1 normal, 2 low
-        out.append((blob(function), blob(unique), prio, blob(data), int(when_to_run or 0)))
-    return out
-
-
-_BG_SUBMIT = {0: T.SUBMIT_JOB_HIGH_BG, 1: T.SUBMIT_JOB_BG, 2: T.SUBMIT_JOB_LOW_BG}
-
-
-def submit_over_gearman(
-    host: str, port: int, jobs: list[tuple], *, window: int = 256
-) -> tuple[int, list[str]]:
-    """Submit background jobs to a Gearman server, pipelined (up to ``window`` awaiting
-    JOB_CREATED). Future ``when_to_run`` uses SUBMIT_JOB_EPOCH. Returns (created, errors)."""
-    now = time.time()
-    sock = socket.create_connection((host, port), timeout=30)
-    decoder = Decoder(expect_requests=False)
-    created, errors = 0, []
-    with sock:
-        sent = answered = 0
-        while answered < len(jobs):
-            while sent < len(jobs) and sent - answered < window:
-                function, unique, prio, data, when = jobs[sent]
-                if when > now:
-                    pkt = encode(T.SUBMIT_JOB_EPOCH, function, unique, str(when).encode(), data,
-                                 request=True)  # fmt: skip
-                else:
-                    pkt = encode(_BG_SUBMIT[prio], function, unique, data, request=True)
-                sock.sendall(pkt)
-                sent += 1
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise CliError(f"the daemon at {host}:{port} closed the connection after "
-                               f"{answered} of {len(jobs)} jobs")  # fmt: skip
-            try:
-                for ev in decoder.events(chunk):
-                    if ev.type == T.JOB_CREATED:
-                        created += 1
-                    elif ev.type == T.ERROR:
-                        errors.append(b": ".join(ev.args).decode("utf-8", "replace"))
-                    else:
-                        continue
-                    answered += 1
-            except ProtocolError as e:
-                raise CliError(f"bad answer from {host}:{port}: {e}") from None
-    return created, errors
+        return gearmand.read_queue(path, table)
+    except gearmand.GearmandQueueError as e:
+        raise CliError(str(e)) from None
 
 
 def import_into_store(path: str, jobs: list[tuple]) -> tuple[int, list[str]]:
@@ -498,9 +336,9 @@ def import_into_store(path: str, jobs: list[tuple]) -> tuple[int, list[str]]:
         tokens = [_Token() for _ in jobs]
         ops: list[tuple] = []
         for n, ((function, unique, prio, data, when), tok) in enumerate(zip(jobs, tokens)):
-            ops.append(("insert", recovery.next_id + n, function, unique, data, prio, when,
-                        recovery.next_seq + n, now, tok))  # fmt: skip
-        ops.append(("reserve_ids", recovery.next_id + len(jobs)))
+            ops.append(commands.insert(recovery.next_id + n, function, unique, data, prio, when,
+                                       recovery.next_seq + n, now, tok))  # fmt: skip
+        ops.append(commands.reserve_ids(recovery.next_id + len(jobs)))
         return ops, tokens
 
     _, committed, failed = _run_offline(path, build)
@@ -516,11 +354,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     if Store.is_locked(path):
         host, port = _daemon_address(args)
         try:
-            created, errors = submit_over_gearman(host, port, jobs)
-        except OSError as e:
+            with GearmanClient(host, port, timeout=30) as client:
+                created, errors = client.submit_background_many(jobs)
+        except DaemonUnreachable as e:
             raise CliError(
-                f"an atomnode daemon holds {path} but does not answer at {host}:{port} ({e})"
+                f"an atomnode daemon holds {path} but does not answer at {host}:{port} "
+                f"({e.reason})"
             ) from None
+        except ClientError as e:
+            raise CliError(f"importing through the daemon at {host}:{port} failed: {e}") from None
         how = f"through the daemon at {host}:{port}"
     else:
         created, errors = import_into_store(path, jobs)
@@ -539,19 +381,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="configuration file")
 
 
-def _guard(func):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except CliError as e:
-            print(f"atomnode: {e}", file=sys.stderr)
-            return 1
-        except BrokenPipeError:
-            return 1
-
-    return run
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``jobs`` and ``import-gearmand-queue`` to the CLI."""
     jobs = sub.add_parser("jobs", help="list, show, retry, cancel and purge stored jobs")
@@ -566,35 +395,44 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hostname", help=argparse.SUPPRESS)
     _common(p)
-    p.set_defaults(func=_guard(cmd_list))
+    p.set_defaults(func=guard(cmd_list))
 
     p = jsub.add_parser("show", help="everything stored about one job")
     p.add_argument("handle", metavar="HANDLE", help="H:host:123 or 123")
     p.add_argument("--json", action="store_true")
     p.add_argument("--hostname", help=argparse.SUPPRESS)
     _common(p)
-    p.set_defaults(func=_guard(cmd_show))
+    p.set_defaults(func=guard(cmd_show))
+
+    p = jsub.add_parser("export", help="every stored job with its payload, as JSON or CSV")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="json")
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--function", metavar="F", help="function name, or an AtoM job class")
+    p.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: stdout)")
+    p.add_argument("--hostname", help=argparse.SUPPRESS)
+    _common(p)
+    p.set_defaults(func=guard(cmd_export))
 
     p = jsub.add_parser("retry", help="queue failed or cancelled jobs again")
     p.add_argument("handles", nargs="+", metavar="HANDLE")
     _common(p)
-    p.set_defaults(func=_guard(cmd_retry))
+    p.set_defaults(func=guard(cmd_retry))
 
     p = jsub.add_parser("cancel", help="cancel queued jobs")
     p.add_argument("handles", nargs="+", metavar="HANDLE")
     _common(p)
-    p.set_defaults(func=_guard(cmd_cancel))
+    p.set_defaults(func=guard(cmd_cancel))
 
     p = jsub.add_parser("purge", help="delete finished jobs from the history")
-    p.add_argument("--older-than", type=parse_duration, required=True, metavar="AGE",
+    p.add_argument("--older-than", type=duration_arg, required=True, metavar="AGE",
                    help="e.g. 7d, 12h, 30m, or seconds")  # fmt: skip
     _common(p)
-    p.set_defaults(func=_guard(cmd_purge))
+    p.set_defaults(func=guard(cmd_purge))
 
     p = sub.add_parser("import-gearmand-queue",
                        help="import the queue of gearmand's libsqlite3 plugin")  # fmt: skip
     p.add_argument("file", metavar="FILE", help="gearmand's --libsqlite3-db file")
     p.add_argument("--table", default="gearman_queue", help="gearmand's --libsqlite3-table")
     _common(p)
-    p.set_defaults(func=_guard(cmd_import))
+    p.set_defaults(func=guard(cmd_import))
 

@@ -23,17 +23,16 @@ from .client import (
     JobFailed,
 )
 from ..system.access import listen_problem
+from .common import DEFAULT_HOST, DEFAULT_PORT, CliError, daemon_address, format_table, guard
+from ..system.values import format_duration
 from ..system.config import (
     Config,
     ConfigError,
     control_socket_path,
     format_config,
     load_config,
-    parse_address,
 )
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 4730
 # =========================================================================== daemon address
 
 
@@ -50,12 +49,8 @@ def _daemon_address(args: argparse.Namespace, err: TextIO) -> tuple[str, int, Co
     if cfg is not None and not cfg.listen:
         # A worker host: no Gearman listener, admin commands on the control socket.
         host, port = control_socket_path(cfg), 0
-    if cfg is not None and cfg.listen:
-        host, port = parse_address(cfg.listen[0])
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
+    elif cfg is not None:
+        host, port = daemon_address(cfg.listen)
     if getattr(args, "host", None):
         host = args.host
     if getattr(args, "port", None):
@@ -136,30 +131,6 @@ def fetch_status(client: AdminClient) -> dict[str, Any]:
     }
 
 
-def format_duration(seconds: float | None) -> str:
-    """``93784`` -> ``1d 2h``; ``125`` -> ``2m 5s``."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-
-    def fmt(row: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-
-    return "\n".join([fmt(headers)] + [fmt(r) for r in cells])
-
-
 def render_status(data: dict[str, Any]) -> str:
     """The human-readable form of :func:`fetch_status`'s result."""
     out: list[str] = []
@@ -200,7 +171,7 @@ def render_status(data: dict[str, Any]) -> str:
     funcs = data.get("functions") or []
     if funcs:
         out.append(
-            _table(
+            format_table(
                 ["FUNCTION", "QUEUED", "RUNNING", "WORKERS", "MAX QUEUE"],
                 [
                     [
@@ -249,7 +220,9 @@ def render_status(data: dict[str, Any]) -> str:
                     ]
                 )
         out.append(
-            _table(["POOL", "PID", "STATE", "JOB", "DONE", "RSS MB", "UPTIME", "DETAIL"], rows)
+            format_table(
+                ["POOL", "PID", "STATE", "JOB", "DONE", "RSS MB", "UPTIME", "DETAIL"], rows
+            )
         )
     hosts = data.get("remote_hosts") or []
     if hosts:
@@ -267,13 +240,13 @@ def render_status(data: dict[str, Any]) -> str:
                     rows.append([where, p.get("name"), w.get("pid"), w.get("state"),
                                  w.get("job") or "-", w.get("jobs_done"),
                                  w.get("detail") or ""])
-        out.append(_table(["REMOTE HOST", "POOL", "PID", "STATE", "JOB", "DONE", "DETAIL"],
+        out.append(format_table(["REMOTE HOST", "POOL", "PID", "STATE", "JOB", "DONE", "DETAIL"],
                           rows))
     handlers = data.get("handlers") or []
     if handlers:
         out.append("")
         out.append(
-            _table(
+            format_table(
                 ["HANDLER", "CONCURRENCY", "RUNNING"],
                 [[h.get("function"), h.get("concurrency"), h.get("running")] for h in handlers],
             )
@@ -289,13 +262,21 @@ def render_status(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """``atomnode status``."""
+def _target(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The daemon's address, or None after saying why the configuration is unusable."""
     try:
         host, port, _ = _daemon_address(args, sys.stderr)
     except ConfigError as e:
         print(f"atomnode: invalid configuration:\n{e}", file=sys.stderr)
+        return None
+    return host, port
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``atomnode status``."""
+    if (target := _target(args)) is None:
         return 1
+    host, port = target
     try:
         with AdminClient(host, port, args.timeout) as client:
             data = fetch_status(client)
@@ -314,11 +295,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """``atomnode submit FUNCTION [DATA | -]``."""
-    try:
-        host, port, _ = _daemon_address(args, sys.stderr)
-    except ConfigError as e:
-        print(f"atomnode: invalid configuration:\n{e}", file=sys.stderr)
+    if (target := _target(args)) is None:
         return 1
+    host, port = target
     if args.data == "-":
         data = sys.stdin.buffer.read()
     else:
@@ -381,12 +360,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
     except ConfigError as e:
-        print(f"atomnode: the configuration is invalid:\n{e}", file=sys.stderr)
-        return 1
+        raise CliError(f"the configuration is invalid:\n{e}") from None
     problem = listen_problem(cfg.listen, cfg.allow)
     if problem:
-        print(f"atomnode: the configuration is refused:\n{problem}", file=sys.stderr)
-        return 1
+        raise CliError(f"the configuration is refused:\n{problem}")
     sys.stdout.write(format_config(cfg))
     print(f"configuration OK ({cfg.source or 'embedded defaults'})", file=sys.stderr)
     return 0
@@ -426,4 +403,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "file", nargs="?", help="default: $ATOMNODE_CONFIG or /etc/atomnode/atomnode.yml"
     )
-    p.set_defaults(func=cmd_check_config)
+    p.set_defaults(func=guard(cmd_check_config))

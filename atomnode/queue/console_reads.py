@@ -118,7 +118,9 @@ def failed_ids(path: str, function: str) -> list[int]:
         con.close()
 
 
-def counts_by_function(path: str, states: tuple[str, ...] = ("failed",)) -> dict[str, dict[str, int]]:
+def counts_by_function(
+    path: str, states: tuple[str, ...] = ("failed",)
+) -> dict[str, dict[str, int]]:
     """``{function: {state: count}}`` for the given states."""
     marks = ",".join("?" * len(states))
     con = connect_ro(path)

@@ -1,24 +1,12 @@
 """Durable job queue on SQLite: schema, migrations, group-commit writer, recovery.
 
-One writer thread owns the database. The rest of the daemon hands it *ops* (plain tuples)
-with :meth:`Store.submit`, which never blocks and never touches the disk. The writer wakes,
+One writer thread owns the database. The rest of the daemon hands it *ops*: the store's
+commands, plain tuples named and laid out in :mod:`atomnode.queue.commands`, with
+:meth:`Store.submit`, which never blocks and never touches the disk. The writer wakes,
 takes everything pending, applies it in one transaction with one commit (group commit), and
 then reports through the ``on_result`` callback which token-carrying ops are now durable and
-which inserts could not be stored. A background job is acknowledged (JOB_CREATED) only once
-its insert is reported committed.
-
-Ops (the first item is the kind; times are unix floats)::
-
-    ("insert", id, function, unique, data, priority, when_to_run, seq, submitted_at, token)
-    ("start", id, attempts, worker, at)           queued -> running
-    ("requeue", id, attempts, seq, reason)        running -> queued (back of its priority)
-    ("done", id, at, result_size)                 running -> done
-    ("fail", id, at, reason)                      -> failed (poison, WORK_FAIL, ...)
-    ("cancel", id, at)                            queued -> cancelled (operator)
-    ("reserve_ids", upto)                         next start's next_id >= upto
-    ("retry", id, seq, token)                     failed/cancelled -> queued; sets token.job
-    ("purge", older_than_seconds, token)          delete finished jobs; sets token.count
-    ("samples", rows)                             chart samples (rows as SQL_SAMPLE takes)
+which could not be stored. A background job is acknowledged (JOB_CREATED) only once its
+insert is reported committed.
 
 A failed batch (disk full, read-only, I/O error, locked) is rolled back: its inserts and
 operator commands (retry, purge) are reported failed, every other op is a fact about work
@@ -26,8 +14,8 @@ that already happened and is kept and retried with a backoff, so nothing is lost
 writer reports ``healthy`` False meanwhile and recovers by itself when the cause is gone.
 
 Only :meth:`Store.open` (before the writer starts) and the writer thread use the
-connection. Readers (the CLI) open their own read-only connections; WAL keeps them from
-blocking the writer.
+connection. Readers open their own read-only connections (:mod:`atomnode.queue.reads`);
+WAL keeps them from blocking the writer.
 """
 
 from __future__ import annotations
@@ -44,15 +32,26 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..system.stats import Histogram
+from .commands import (
+    CANCEL,
+    DONE,
+    FAIL,
+    INSERT,
+    OPERATOR_KINDS,
+    PURGE,
+    REQUEUE,
+    RESERVE_IDS,
+    RETRY,
+    SAMPLES,
+    START,
+)
 from .walcheck import check_wal_file
 
 log = logging.getLogger("atomnode.store")  # stable name: operators see it in the journal
-
-PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW = 0, 1, 2
 
 #: ``PRAGMA application_id`` of every atomnode database ("ATOM" in ASCII).
 APPLICATION_ID = 0x41544F4D
@@ -70,28 +69,45 @@ STATES = ACTIVE_STATES + FINISHED_STATES
 _SYNCHRONOUS = ("full", "normal", "off")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
-#: Schema history. Step N brings a database from user_version N-1 to N; never edit a step
-#: that has shipped, add one.
-MIGRATIONS: dict[int, list[str]] = {
+def _create_jobs_table(conn: sqlite3.Connection) -> None:
+    """Schema step 1's table, defined through sqlite-utils (inside the migration's
+    transaction: sqlite-utils does not commit on its own here)."""
+    import sqlite_utils  # only when a database is created: the daemon's start skips it
+
+    db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+    db.create_table(
+        "jobs",
+        {
+            "id": int,  # handle number: H:<host>:<id>
+            "function": bytes,
+            "unique_key": bytes,  # the client's, never part of identity
+            "data": bytes,
+            "priority": int,  # 0 high, 1 normal, 2 low
+            "when_to_run": int,
+            "seq": int,  # FIFO order within a priority
+            "state": str,
+            "attempts": int,
+            "worker": str,
+            "submitted_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "result_size": int,
+            "reason": str,
+        },
+        pk="id",
+        not_null={"function", "unique_key", "data", "priority", "when_to_run", "seq", "state",
+                  "attempts", "submitted_at"},
+        defaults={"when_to_run": 0, "attempts": 0},
+    )
+
+
+#: Schema history. Step N brings a database from user_version N-1 to N; never change what a
+#: shipped step creates, add a step. A step is a list of SQL statements and functions of the
+#: connection. Tables are defined with sqlite-utils; partial indexes and WITHOUT ROWID
+#: tables, which sqlite-utils cannot express, are plain SQL.
+MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     1: [
-        """
-        CREATE TABLE jobs (
-            id           INTEGER PRIMARY KEY,   -- handle number: H:<host>:<id>
-            function     BLOB NOT NULL,
-            unique_key   BLOB NOT NULL,         -- the client's, never part of identity
-            data         BLOB NOT NULL,
-            priority     INTEGER NOT NULL,      -- 0 high, 1 normal, 2 low
-            when_to_run  INTEGER NOT NULL DEFAULT 0,
-            seq          INTEGER NOT NULL,      -- FIFO order within a priority
-            state        TEXT NOT NULL,
-            attempts     INTEGER NOT NULL DEFAULT 0,
-            worker       TEXT,
-            submitted_at REAL NOT NULL,
-            started_at   REAL,
-            finished_at  REAL,
-            result_size  INTEGER,
-            reason       TEXT
-        )""",
+        _create_jobs_table,
         # Recovery reads the live jobs in queue order straight off this index.
         "CREATE INDEX jobs_active ON jobs(priority, seq) WHERE state IN ('queued', 'running')",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
@@ -118,6 +134,16 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX samples_at ON samples(at)",
     ],
 }
+
+
+def migrate_step(conn: sqlite3.Connection, step: int) -> None:
+    """Apply schema step ``step`` (the caller owns the transaction and user_version)."""
+    for statement in MIGRATIONS[step]:
+        if callable(statement):
+            statement(conn)
+        else:
+            conn.execute(statement)
+
 
 _COLUMNS = (
     "id, function, unique_key, data, priority, when_to_run, seq, attempts, state,"
@@ -233,11 +259,6 @@ class StoreOpenError(StoreError):
     unwritable. The daemon must refuse to start."""
 
 
-def job_from_row(row: tuple) -> StoredJob:
-    """Build a :class:`StoredJob` from a row selected with the module's column order."""
-    return StoredJob(*row)
-
-
 def parse_handle(text: str) -> int:
     """Job number of a handle: ``H:host:123`` or ``123``. Raises ValueError."""
     text = text.strip()
@@ -245,6 +266,24 @@ def parse_handle(text: str) -> int:
     if not tail.isdigit():
         raise ValueError(f"not a job handle: {text!r} (expected H:host:NUMBER or NUMBER)")
     return int(tail)
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; on any exception ``ROLLBACK`` (whose own failure
+    is ignored: SQLite may have rolled back already) and re-raise. The one place that
+    opens, commits and abandons a write transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
 
 
 def _human_error(path: str, exc: BaseException) -> str:
@@ -600,12 +639,10 @@ class Store:
                     "SELECT value FROM meta WHERE key = 'clean_shutdown'"
                 ).fetchone()
                 self.unclean_shutdown = not (row and row[0] == 1)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(conn):
                 for step in range(version + 1, SCHEMA_VERSION + 1):
                     log.info("queue database %s: migrating schema to version %d", path, step)
-                    for statement in MIGRATIONS[step]:
-                        conn.execute(statement)
+                    migrate_step(conn, step)
                     conn.execute(f"PRAGMA user_version = {step}")
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 # Proves the file is writable now, not at the first submission.
@@ -615,11 +652,6 @@ class Store:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (time.time(),),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except StoreOpenError:
             raise
         except sqlite3.DatabaseError as e:
@@ -629,7 +661,9 @@ class Store:
                 ) from e
             why = _unwritable_reason(path)
             if why:
-                raise StoreOpenError(f"queue database {path}: {why} ({e}); refusing to start")
+                raise StoreOpenError(
+                    f"queue database {path}: {why} ({e}); refusing to start"
+                ) from e
             raise StoreOpenError(f"{_human_error(path, e)}; refusing to start") from e
 
     def _recover(self) -> Recovery:
@@ -749,12 +783,9 @@ class Store:
             self.path, listed, live, live, self.path,
         )  # fmt: skip
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("REINDEX jobs")
-            conn.execute("COMMIT")
+            with transaction(conn):
+                conn.execute("REINDEX jobs")
         except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise StoreOpenError(
                 f"queue database {self.path}: its index jobs_active is damaged and cannot be "
                 f"rebuilt ({e}); refusing to start. Restore it from a backup."
@@ -898,9 +929,10 @@ class Store:
         others: list[tuple] = []
         insert_tokens: list = []
         for op in batch:
-            if op[0] == "insert":
-                inserts.append(op[1:9])
-                insert_tokens.append(op[9])
+            if op[0] == INSERT:
+                _kind, *row, token = op
+                inserts.append(row)
+                insert_tokens.append(token)
             else:
                 others.append(op)
         retried: list[tuple[object, StoredJob]] = []  # (token, row) for committed retries
@@ -911,37 +943,32 @@ class Store:
         try:
             self._path_guard()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                # An insert is always the first op for its job, so inserts may go first as
-                # one executemany; the rest keeps its order (start/done for one job in one
-                # batch).
-                if inserts:
-                    conn.executemany(SQL_INSERT, inserts)
-                i, n = 0, len(others)
-                while i < n:
-                    kind = others[i][0]
-                    j = i + 1
-                    while j < n and others[j][0] == kind:
-                        j += 1
-                    self._apply_run(conn, kind, others[i:j], retried, refused, purged)
-                    i = j
-                committed = list(insert_tokens)
+                with transaction(conn):
+                    # An insert is always the first op for its job, so inserts may go first
+                    # as one executemany; the rest keeps its order (start/done for one job
+                    # in one batch).
+                    if inserts:
+                        conn.executemany(SQL_INSERT, inserts)
+                    i, n = 0, len(others)
+                    while i < n:
+                        kind = others[i][0]
+                        j = i + 1
+                        while j < n and others[j][0] == kind:
+                            j += 1
+                        self._apply_run(conn, kind, others[i:j], retried, refused, purged)
+                        i = j
+                    committed = list(insert_tokens)
+                    self._path_guard()
             except _VALUE_ERRORS:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
                 retried, refused, purged = [], [], []
-                committed = self._apply_one_by_one(batch, retried, refused, purged)
-            self._path_guard()
-            conn.execute("COMMIT")
+                with transaction(conn):
+                    committed = self._apply_one_by_one(batch, retried, refused, purged)
+                    self._path_guard()
             took = time.perf_counter() - t0
             self.commit_seconds.observe(took)
             self.last_commit_seconds = took
         except Exception as e:  # sqlite3.Error, but also anything unexpected: never die
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            # (the transaction is rolled back already)
             if isinstance(e, _PathMoved):
                 if depth < 3 and self._repair_path():
                     return self._write_batch(batch, depth + 1)  # on the rebuilt database
@@ -955,7 +982,7 @@ class Store:
             failed: list[tuple[object, str]] = [(t, message) for t in insert_tokens]
             keep: list[tuple] = []
             for op in others:
-                if op[0] in ("retry", "purge"):
+                if op[0] in OPERATOR_KINDS:
                     failed.append((op[-1], message))  # operator commands: answer, don't keep
                 else:
                     keep.append(op)
@@ -1126,19 +1153,19 @@ class Store:
     def _apply_one_by_one(
         self, batch: list[tuple], retried: list, refused: list, purged: list
     ) -> list:
-        """The batch again, in one transaction, each op in its own savepoint: an op whose
+        """The batch again (in the caller's transaction), each op in its own savepoint: an op whose
         values cannot be stored is rolled back alone and refused (inserts and operator
         commands are answered with the reason; a bad fact is logged and dropped, since
         retrying it could never succeed). Returns the committed insert tokens."""
         conn = self._conn
         assert conn is not None
         committed: list = []
-        conn.execute("BEGIN IMMEDIATE")
         for op in batch:
             conn.execute("SAVEPOINT one_op")
             try:
-                if op[0] == "insert":
-                    conn.execute(SQL_INSERT, op[1:9])
+                if op[0] == INSERT:
+                    _kind, *row, _token = op
+                    conn.execute(SQL_INSERT, row)
                 else:
                     self._apply_run(conn, op[0], [op], retried, refused, purged)
             except _VALUE_ERRORS as e:
@@ -1146,16 +1173,14 @@ class Store:
                 conn.execute("RELEASE one_op")
                 reason = f"queue database {self.path}: a value of this job cannot be " \
                          f"stored ({type(e).__name__}: {e})".replace("\n", " ")
-                if op[0] == "insert":
-                    refused.append((op[9], reason))
-                elif op[0] in ("retry", "purge"):
-                    refused.append((op[-1], reason))
+                if op[0] == INSERT or op[0] in OPERATOR_KINDS:
+                    refused.append((op[-1], reason))  # the token is always last
                 else:
                     log.error("%s; op %r dropped", reason, op[:2])
                 continue
             conn.execute("RELEASE one_op")
-            if op[0] == "insert":
-                committed.append(op[9])
+            if op[0] == INSERT:
+                committed.append(op[-1])
         return committed
 
     def _apply_run(
@@ -1167,21 +1192,28 @@ class Store:
         retry_refused: list,
         purged: list,
     ) -> None:
-        if kind == "start":  # ("start", id, attempts, worker, at)
-            conn.executemany(SQL_START, [(o[2], o[3], o[4], o[1]) for o in ops])
-        elif kind == "done":  # ("done", id, at, result_size)
-            conn.executemany(SQL_DONE, [(o[2], o[3], o[1]) for o in ops])
-        elif kind == "requeue":  # ("requeue", id, attempts, seq, reason)
-            conn.executemany(SQL_REQUEUE, [(o[2], o[3], o[4], o[1]) for o in ops])
-        elif kind == "fail":  # ("fail", id, at, reason)
-            conn.executemany(SQL_FAIL, [(o[2], o[3], o[1]) for o in ops])
-        elif kind == "cancel":  # ("cancel", id, at)
-            conn.executemany(SQL_CANCEL, [(o[2], o[1]) for o in ops])
-        elif kind == "samples":  # ("samples", rows)
-            conn.executemany(SQL_SAMPLE, [r for o in ops for r in o[1]])
-        elif kind == "reserve_ids":  # ("reserve_ids", upto)
-            conn.execute(SQL_RESERVE, (max(o[1] for o in ops),))
-        elif kind == "retry":  # ("retry", id, seq, token)
+        # Each kind's fields by name, in the order of atomnode.queue.commands.
+        if kind == START:
+            conn.executemany(SQL_START, [
+                (attempts, worker, at, job_id) for _, job_id, attempts, worker, at in ops
+            ])
+        elif kind == DONE:
+            conn.executemany(SQL_DONE, [
+                (at, result_size, job_id) for _, job_id, at, result_size in ops
+            ])
+        elif kind == REQUEUE:
+            conn.executemany(SQL_REQUEUE, [
+                (attempts, seq, reason, job_id) for _, job_id, attempts, seq, reason in ops
+            ])
+        elif kind == FAIL:
+            conn.executemany(SQL_FAIL, [(at, reason, job_id) for _, job_id, at, reason in ops])
+        elif kind == CANCEL:
+            conn.executemany(SQL_CANCEL, [(at, job_id) for _, job_id, at in ops])
+        elif kind == SAMPLES:
+            conn.executemany(SQL_SAMPLE, [row for _, rows in ops for row in rows])
+        elif kind == RESERVE_IDS:
+            conn.execute(SQL_RESERVE, (max(upto for _, upto in ops),))
+        elif kind == RETRY:
             for _, job_id, seq, token in ops:
                 if conn.execute(SQL_RETRY, (seq, job_id)).rowcount == 1:
                     row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
@@ -1198,7 +1230,7 @@ class Store:
                         (token, f"job {self.handle(job_id)} {why}: only failed or cancelled "
                                 "jobs can be retried")
                     )  # fmt: skip
-        elif kind == "purge":  # ("purge", older_than_seconds, token)
+        elif kind == PURGE:
             for _, older_than, token in ops:
                 purged.append(
                     (token, conn.execute(SQL_PURGE, (time.time() - older_than,)).rowcount)
@@ -1227,16 +1259,10 @@ class Store:
         assert conn is not None
         cutoff = time.time() - self.retention_days * 86400.0
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            deleted = conn.execute(SQL_PRUNE, (cutoff, self.prune_chunk)).rowcount
-            conn.execute(SQL_PRUNE_SAMPLES, (cutoff,))
-            conn.execute("COMMIT")
+            with transaction(conn):
+                deleted = conn.execute(SQL_PRUNE, (cutoff, self.prune_chunk)).rowcount
+                conn.execute(SQL_PRUNE_SAMPLES, (cutoff,))
         except sqlite3.Error as e:
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             log.warning("queue database %s: pruning history failed: %s", self.path, e)
             self._next_prune = now + self.prune_interval
             return

@@ -16,7 +16,6 @@ import difflib
 import ipaddress
 import logging
 import os
-import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,13 @@ import yaml
 # Re-exported: defined in atomnode.system.names, which the broker uses too.
 from .names import function_matches, strip_atom_prefix  # noqa: F401
 from .access import parse_network
+
+# Re-exported: the value grammars live in atomnode.system.values (the listener uses them).
+from .values import format_address, parse_address, parse_duration, parse_size  # noqa: F401
+
+#: libyaml's parser where PyYAML was built with it (Debian's python3-yaml and the PyPI wheels
+#: are), else the pure-Python one: same documents, same nodes and marks, a fraction of the time.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 log = logging.getLogger("atomnode.config")  # stable name: operators see it in the journal
 
@@ -152,87 +158,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.errors))
 
 
-# --------------------------------------------------------------------------- small parsers
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``. Raises ValueError."""
-    if not isinstance(text, str):
-        raise ValueError(f"expected a string host:port, got {type(text).__name__}")
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ValueError(f"{text!r}: expected [IPv6]:port, e.g. [::1]:4730")
-        host, port_s = text[1:end], text[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_s = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{text!r}: expected host:port, e.g. 127.0.0.1:4730")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:4730")
-    if not port_s.isdigit():
-        raise ValueError(f"{text!r}: port {port_s!r} is not a number")
-    port = int(port_s)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{text!r}: port {port} is out of range 1-65535")
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    """The inverse of :func:`parse_address`."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: Any) -> float:
-    """``30``, ``30s``, ``500ms``, ``5m``, ``2h``, ``7d`` -> seconds. Raises ValueError."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError("expected a duration")
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(value: Any) -> int:
-    """``67108864``, ``64MiB``, ``512M``, ``1G``, ``10MB`` -> bytes.
-
-    K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; KB/MB/GB/TB are powers of 1000.
-    """
-    if isinstance(value, bool):
-        raise ValueError("expected a size")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m:
-            number, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
-            power = "kmgt".find(unit) + 1 if unit else 0
-            base = 1000 if suffix == "b" else 1024
-            if not unit and suffix:
-                return int(number)  # "100B"
-            return int(number * base**power)
-    raise ValueError("expected a size")
-
-
 # --------------------------------------------------------------------------- YAML with lines
 
 Path = tuple[str | int, ...]
@@ -257,7 +182,7 @@ class _Doc:
         self.value_lines: dict[Path, int] = {}
         self.key_lines: dict[Path, int] = {}
         self._errors: list[tuple[int, str]] = []
-        self._constructor = yaml.SafeLoader("")
+        self._constructor = YAML_LOADER("")
 
     def error(self, path: Path, message: str, *, at_key: bool = False) -> None:
         line = None
@@ -646,15 +571,15 @@ def _build(data: Any, doc: _Doc) -> Config:
                 out_g.append(ConcurrencyGroup(name=name, functions=fl, max=mx))
         kw["concurrency"] = tuple(out_g)
 
-    if "pools" in top:
-        pools = v.seq(top["pools"], ("pools",), "pools")
-        out_p: list[PoolConfig] = []
-        seen = {}
-        for i, pd in enumerate(pools or []):
-            pool = _build_pool(v, pd, ("pools", i), seen)
-            if pool is not None:
-                out_p.append(pool)
-        kw["pools"] = tuple(out_p)
+    if "http" in top:
+        _build_http(v, top["http"], kw)
+
+    for key, build in (("pools", _build_pool), ("handlers", _build_handler)):
+        if key in top:
+            items = v.seq(top[key], (key,), key)
+            seen: dict[str, int] = {}
+            built = (build(v, raw, (key, i), seen) for i, raw in enumerate(items or []))
+            kw[key] = tuple(b for b in built if b is not None)
 
     if kw.get("listen") == ():
         # A worker host: nothing local to connect to, so every pool and handler must
@@ -665,19 +590,6 @@ def _build(data: Any, doc: _Doc) -> Config:
                     v.err((key, i, "servers"), "required with listen: [] (a worker host has "
                           "no listener of its own): name the job server, e.g. "
                           "servers: [jobs1:4730]")
-
-    if "http" in top:
-        _build_http(v, top["http"], kw)
-
-    if "handlers" in top:
-        handlers = v.seq(top["handlers"], ("handlers",), "handlers")
-        out_h: list[HandlerConfig] = []
-        seen = {}
-        for i, hd in enumerate(handlers or []):
-            h = _build_handler(v, hd, ("handlers", i), seen)
-            if h is not None:
-                out_h.append(h)
-        kw["handlers"] = tuple(out_h)
 
     return Config(**kw)
 
@@ -746,19 +658,33 @@ def _optional_fields(
     return ok
 
 
-def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolConfig | None:
+def _entry(
+    v: _Validator, raw: Any, p: Path, keys: list[str], ident: str, seen: dict[str, int],
+    clash: str,
+) -> tuple[dict, str | None, bool, dict[str, Any]] | None:
+    """The start of a pool or handler entry: a mapping of known keys with ``ident`` and a
+    command, ``ident`` a string no earlier entry used (``clash.format(value, index)`` words
+    the error). Returns (mapping, ident's value, ok so far, an empty dict for the entry's
+    other fields), None if it is not a mapping."""
     data = v.mapping(raw, p)
     if data is None:
         return None
-    v.keys(data, p, _POOL_KEYS, required=("name", "command"))
-    kw: dict[str, Any] = {}
+    v.keys(data, p, keys, required=(ident, "command"))
     ok = True
-    name = v.string(data["name"], p + ("name",)) if "name" in data else None
-    if name is not None:
-        if name in seen:
-            v.err(p + ("name",), f"pool name {name!r} already used by pools[{seen[name]}]")
+    value = v.string(data[ident], p + (ident,)) if ident in data else None
+    if value is not None:
+        if value in seen:
+            v.err(p + (ident,), clash.format(value, seen[value]))
             ok = False
-        seen.setdefault(name, int(p[-1]))
+        seen.setdefault(value, int(p[-1]))
+    return data, value, ok, {}
+
+
+def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolConfig | None:
+    if (entry := _entry(v, raw, p, _POOL_KEYS, "name", seen, "pool name {!r} already used by "
+                        "pools[{}]")) is None:
+        return None
+    data, name, ok, kw = entry
     command = v.command(data["command"], p + ("command",)) if "command" in data else None
 
     def opt_str(x: Any, q: Path) -> str | None:
@@ -837,21 +763,10 @@ def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolC
 
 
 def _build_handler(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> HandlerConfig | None:
-    data = v.mapping(raw, p)
-    if data is None:
+    if (entry := _entry(v, raw, p, _HANDLER_KEYS, "function", seen, "function {!r} already "
+                        "handled by handlers[{}]")) is None:
         return None
-    v.keys(data, p, _HANDLER_KEYS, required=("function", "command"))
-    kw: dict[str, Any] = {}
-    ok = True
-    function = v.string(data["function"], p + ("function",)) if "function" in data else None
-    if function is not None:
-        if function in seen:
-            v.err(
-                p + ("function",),
-                f"function {function!r} already handled by handlers[{seen[function]}]",
-            )
-            ok = False
-        seen.setdefault(function, int(p[-1]))
+    data, function, ok, kw = entry
     shell = data.get("shell", False)
     if not isinstance(shell, bool):
         v.err(p + ("shell",), f"expected true or false, got {shell!r}")
@@ -886,7 +801,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     """Validate YAML ``text`` (named ``filename`` in messages). Raises ConfigError."""
     doc = _Doc(filename)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""

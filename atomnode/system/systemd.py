@@ -1,7 +1,9 @@
 """systemd integration: sd_notify, the watchdog heartbeat, socket activation.
 
-Speaks the plain sd_notify protocol (newline-separated ``KEY=value`` in one datagram to the
-AF_UNIX socket named by ``$NOTIFY_SOCKET``; a leading ``@`` means the abstract namespace).
+sd_notify messages (newline-separated ``KEY=value`` in one datagram to the AF_UNIX socket
+named by ``$NOTIFY_SOCKET``; a leading ``@`` means the abstract namespace) travel through
+the ``sdnotify`` package's :class:`~sdnotify.SystemdNotifier`. What to say and when (READY,
+STATUS, RELOADING, the watchdog's health-gated pings) and socket activation are ours.
 Without ``$NOTIFY_SOCKET`` every call is a no-op, so the daemon calls these unconditionally.
 
 How the daemon uses it::
@@ -24,6 +26,7 @@ import socket
 import time
 from collections.abc import Callable
 
+import sdnotify
 import trio
 
 log = logging.getLogger("atomnode.systemd")  # stable name: operators see it in the journal
@@ -38,15 +41,10 @@ Health = bool | tuple[bool, str]
 class Notifier:
     """Sends sd_notify messages. Never raises: a failed send is logged once."""
 
-    def __init__(self, address: str | None = None):
-        """``address`` defaults to ``$NOTIFY_SOCKET``; None or empty disables notifying."""
-        if address is None:
-            address = os.environ.get("NOTIFY_SOCKET") or None
-        self._address: str | bytes | None = None
-        if address:
-            # "@name" is an abstract socket: "\0name" on the wire.
-            self._address = "\0" + address[1:] if address.startswith("@") else address
-        self._sock: socket.socket | None = None
+    def __init__(self) -> None:
+        """Talks to ``$NOTIFY_SOCKET``; unset or empty disables notifying."""
+        self._address = os.environ.get("NOTIFY_SOCKET") or None
+        self._transport: sdnotify.SystemdNotifier | None = None
         self._warned = False
 
     @property
@@ -63,15 +61,20 @@ class Notifier:
             return False
         payload = "".join(f"{k.upper()}={v}\n" for k, v in fields.items()).encode()
         try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(payload, self._address)
+            if self._transport is None:
+                # debug=True: sdnotify raises instead of swallowing errors, so they are
+                # seen (and logged once) here; it connects to $NOTIFY_SOCKET at creation.
+                self._transport = sdnotify.SystemdNotifier(debug=True)
+            # sdnotify encodes the text as Latin-1: handing it our UTF-8 bytes decoded as
+            # Latin-1 puts exactly those bytes on the wire (STATUS may hold any name).
+            self._transport.notify(payload.decode("latin-1"))
             return True
-        except OSError as e:
+        except Exception as e:  # OSError, or whatever the transport raises: never raise
+            self.close()
             if not self._warned:
                 self._warned = True
-                shown = str(self._address).replace("\0", "@")
-                log.warning("cannot notify systemd at %s: %s (further errors not logged)", shown, e)
+                log.warning("cannot notify systemd at %s: %s (further errors not logged)",
+                            self._address, e)
             return False
 
     def ready(self, status: str | None = None) -> bool:
@@ -97,10 +100,10 @@ class Notifier:
         return self.notify(RELOADING=1, MONOTONIC_USEC=usec)
 
     def close(self) -> None:
-        """Close the socket (the notifier stays usable: it reopens on the next send)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """Close the socket (the notifier stays usable: it reconnects on the next send)."""
+        transport, self._transport = self._transport, None
+        if transport is not None and transport.socket is not None:
+            transport.socket.close()
 
 
 def watchdog_interval() -> float | None:

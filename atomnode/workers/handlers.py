@@ -33,6 +33,7 @@ import trio
 
 from . import procinfo
 from ..gearman.protocol import Decoder, Packet, T, encode
+from ..system.values import parse_address
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..system.config import HandlerConfig
@@ -57,13 +58,6 @@ class _Abandon(Exception):
     """The job's command was killed by shutdown: close without a result."""
 
 
-def _split_server(server: str) -> tuple[str, int]:
-    host, _, port = server.rpartition(":")
-    if not host:
-        return server, 4730
-    return host.strip("[]"), int(port)
-
-
 class _Conn:
     """A worker-side Gearman connection (client-side decoder)."""
 
@@ -73,7 +67,7 @@ class _Conn:
 
     @classmethod
     async def connect(cls, server: str) -> _Conn:
-        host, port = _split_server(server)
+        host, port = parse_address(server, default_port=4730)
         return cls(await trio.open_tcp_stream(host, port))
 
     async def send(self, *packets: bytes) -> None:

@@ -10,7 +10,8 @@ log, and restarts it when it exits:
   ``backoff_max``, reset once a process stayed up for ``stable_after`` seconds); there is
   no permanent give-up.
 
-Job awareness comes from the daemon's ``WorkerRegistry`` (see docs/dev/interfaces.md).
+Job awareness comes from a :class:`WorkerRegistry` (the daemon's ``BrokerRegistry``; see
+docs/dev/interfaces.md).
 Each Gearman connection is mapped to a worker process: by AtoM's client id
 ``pid_<PID>_<uniqid>``, otherwise by finding the connection's socket inode among the
 file descriptors of the worker's process tree (/proc). Stopping a worker drains it first
@@ -45,7 +46,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("atomnode.supervisor")  # stable name: operators see it in the journal
 
 
-class ConnInfoLike(Protocol):
+@dataclasses.dataclass(frozen=True)
+class ConnInfo:
+    """One Gearman connection as the supervisor sees it (docs/dev/interfaces.md)."""
+
     conn_id: Any
     peer: tuple[str, int]
     local: tuple[str, int]
@@ -57,11 +61,12 @@ class ConnInfoLike(Protocol):
 
 
 class WorkerRegistry(Protocol):
-    """What the supervisor needs from the daemon (implemented in daemon.py; on a worker
-    host by workers/remote.py, which also has ``async refresh()``: called, when present,
-    before a worker is drained, to get a view taken now rather than at the last poll)."""
+    """What the supervisor needs to know about connections: the daemon's
+    ``BrokerRegistry`` implements it over the broker and server; on a worker host
+    workers/remote.py does, and also has ``async refresh()``: called, when present, before
+    a worker is drained, to get a view taken now rather than at the last poll."""
 
-    def connections(self) -> list[Any]: ...
+    def connections(self) -> list[ConnInfo]: ...
 
     def drain(self, conn_id: Any) -> None: ...
 
@@ -152,7 +157,7 @@ class _Pool:
 class Supervisor:
     """Runs the worker pools. See the module docstring for the policy.
 
-    ``registry`` is the daemon's WorkerRegistry, or None in supervisor-only mode.
+    ``registry`` is a :class:`WorkerRegistry`, or None in supervisor-only mode.
     ``default_servers`` are the servers a pool without ``servers`` talks to (the embedded
     listener); the pool's workers find them in ``$ATOMNODE_SERVERS`` (comma separated)
     and ``{server}`` / ``{servers}`` in the command line are replaced by the first /
