@@ -14,7 +14,7 @@ from atomnode import __version__
 from atomnode.gearman.admin import Admin
 from atomnode.gearman.broker import Broker, Conn
 from atomnode.gearman.protocol import Decoder, Packet, T
-from atomnode.system.access import RefusalLog
+from atomnode.system.access import RefusalLog, is_loopback
 
 FN = b"reverse"
 
@@ -32,7 +32,12 @@ class Env:
         self.admin = admin or Admin()
         self.n = 0
 
-    def conn(self, *, peer: str = "127.0.0.1") -> Conn:
+    def conn(self, *, loopback: bool | None = None, peer: str | None = None) -> Conn:
+        """A connection from ``peer`` (default: loopback, or a LAN address with
+        ``loopback=False``); whether it is loopback follows from the address."""
+        if peer is None:
+            peer = "10.0.0.99" if loopback is False else "127.0.0.1"
+        assert loopback is None or is_loopback(peer) == loopback, (peer, loopback)
         self.n += 1
         return self.b.connect(Conn(self.n, peer=peer, fd=20 + self.n))
 
