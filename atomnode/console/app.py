@@ -45,6 +45,7 @@ from ..queue.console_reads import (
 )
 from ..queue.store import STATES, parse_handle
 from ..system.names import strip_atom_prefix
+from ..system.values import format_duration
 from . import charts
 from .metrics import render_metrics
 from .passwords import check_password
@@ -143,17 +144,8 @@ def ago(ts: float | None, now: float | None = None) -> str:
     return duration((now or time.time()) - ts) + " ago"
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{max(s, 0)}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
+#: One formatter for durations everywhere (``2m 5s``, ``1d 2h``).
+duration = format_duration
 
 
 def when(ts: float | None) -> str:

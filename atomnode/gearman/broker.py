@@ -190,15 +190,16 @@ class Function:
         self.total = 0  # every live job: pending, scheduled, queued, running
         self.workers: dict[Conn, None] = {}
         self.max_queue = 0  # 0 = unlimited (gearmand's maxqueue)
-        self.groups: list[ConcurrencyGroup] = []
+        self.groups: list[GroupState] = []
         self.stats = FunctionStats()  # counters and histograms for /metrics and charts
 
     def counts_by_priority(self) -> list[int]:
         return [sum(1 for j in q if j.state is QUEUED) for q in self.queues]
 
 
-class ConcurrencyGroup:
-    """At most ``limit`` jobs of the member functions run at once."""
+class GroupState:
+    """A concurrency group at run time (configured by ``config.ConcurrencyGroup``): at most
+    ``limit`` jobs of the member functions run at once; ``running`` counts them."""
 
     __slots__ = ("name", "patterns", "limit", "running", "functions")
 
@@ -294,7 +295,7 @@ class Broker:
         self.conns: dict[int, Conn] = {}
         self.jobs: dict[bytes, Job] = {}  # live jobs by handle
         self.uniques: dict[tuple[bytes, bytes], Job] = {}
-        self.groups: list[ConcurrencyGroup] = []
+        self.groups: list[GroupState] = []
         self.on_new_function: Callable[[Function], None] | None = None
         self.scheduled: list[tuple[int, int, Job]] = []  # heap of (when, seq, job)
         self.deadlines: list[tuple[float, int, Job, int]] = []  # (deadline, seq, job, attempt)
@@ -369,7 +370,7 @@ class Broker:
         """Replace the concurrency groups: (name, function patterns, limit)."""
         for fn in self.functions.values():
             fn.groups = []
-        self.groups = [ConcurrencyGroup(n, p, lim) for n, p, lim in groups]
+        self.groups = [GroupState(n, p, lim) for n, p, lim in groups]
         for g in self.groups:
             for fn in self.functions.values():
                 if any(pattern_matches(p, fn.name) for p in g.patterns):
@@ -792,7 +793,7 @@ class Broker:
                 pass
         job.clients = ()
 
-    def _wake_group(self, g: ConcurrencyGroup) -> None:
+    def _wake_group(self, g: GroupState) -> None:
         if not g.full():
             for fn in g.functions:
                 if fn.queued:

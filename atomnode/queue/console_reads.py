@@ -7,12 +7,12 @@ the trio thread that serves Gearman.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import urllib.parse
 from typing import Any
 
-from .store import APPLICATION_ID, StoredJob
+from . import reads
+from .reads import StoreReadError
+from .store import StoredJob
 
 _COLUMNS = (
     "id, function, unique_key, data, priority, when_to_run, seq, attempts, state,"
@@ -22,24 +22,13 @@ _COLUMNS = (
 _LIST_COLUMNS = _COLUMNS.replace("data,", "length(data),")
 
 
-class ReadError(Exception):
-    """The database cannot be read (missing, not atomnode's, I/O error)."""
+#: The read API's error: the console catches it under this name.
+ReadError = StoreReadError
 
 
 def connect_ro(path: str) -> sqlite3.Connection:
-    """A read-only connection to the queue database at ``path``."""
-    if not os.path.exists(path):
-        raise ReadError(f"no queue database at {path}")
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        con = sqlite3.connect(uri, uri=True, timeout=2.0)
-        app_id = con.execute("PRAGMA application_id").fetchone()[0]
-    except sqlite3.Error as e:
-        raise ReadError(f"cannot read the queue database {path}: {e}") from None
-    if app_id != APPLICATION_ID:
-        con.close()
-        raise ReadError(f"{path} is not an atomnode queue database")
-    return con
+    """A read-only connection (see :func:`atomnode.queue.reads.connect_ro`)."""
+    return reads.connect_ro(path, timeout=2.0)
 
 
 def _filters(state: str | None, function: str | None, since: float | None,

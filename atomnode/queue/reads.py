@@ -116,6 +116,25 @@ def _filters(
     return (" AND ".join(where) or None), args
 
 
+def connect_ro(path: str, timeout: float = 5.0) -> sqlite3.Connection:
+    """A read-only connection to the queue database at ``path`` (``mode=ro``: it never
+    writes; WAL: it never blocks the writer), usable from any one thread at a time. Raises
+    :class:`StoreReadError` if there is no file, it cannot be read, or it is not an
+    atomnode database."""
+    if not os.path.exists(path):
+        raise StoreReadError(f"no queue database at {path} (start atomnode once, or pass --db)")
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    except sqlite3.Error as e:
+        raise StoreReadError(f"cannot read the queue database {path}: {e}") from None
+    if app_id != APPLICATION_ID:
+        conn.close()
+        raise StoreReadError(f"{path} is not an atomnode queue database")
+    return conn
+
+
 class StoreReader:
     """Read-only access to the queue database at ``path`` (see the module docstring).
 
@@ -127,20 +146,7 @@ class StoreReader:
     def __init__(self, path: str, *, hostname: str | None = None, timeout: float = 5.0):
         self.path = path
         self.hostname = hostname or socket.gethostname()
-        if not os.path.exists(path):
-            raise StoreReadError(
-                f"no queue database at {path} (start atomnode once, or pass --db)"
-            )
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        try:
-            conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        except sqlite3.Error as e:
-            raise StoreReadError(f"cannot read the queue database {path}: {e}") from None
-        if app_id != APPLICATION_ID:
-            conn.close()
-            raise StoreReadError(f"{path} is not an atomnode queue database")
-        self._conn = conn
+        self._conn = connect_ro(path, timeout)
         self._lock = threading.Lock()
         self._db: Any = None
 

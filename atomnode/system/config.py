@@ -16,7 +16,6 @@ import difflib
 import ipaddress
 import logging
 import os
-import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -26,14 +25,11 @@ import yaml
 
 # Re-exported: defined in atomnode.system.names, which the broker uses too.
 from .names import function_matches, strip_atom_prefix  # noqa: F401
-from .access import parse_network
+
+from .validation import YAML_LOADER, Doc, Path, Validator, empty_map
 
 # Re-exported: the value grammars live in atomnode.system.values (the listener uses them).
 from .values import format_address, parse_address, parse_duration, parse_size  # noqa: F401
-
-#: libyaml's parser where PyYAML was built with it (Debian's python3-yaml and the PyPI wheels
-#: are), else the pure-Python one: same documents, same nodes and marks, a fraction of the time.
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 log = logging.getLogger("atomnode.config")  # stable name: operators see it in the journal
 
@@ -44,10 +40,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SYNCHRONOUS_MODES = ("full", "normal", "off")
 #: The web console's address when neither the file nor ``--http`` names one.
 DEFAULT_HTTP_LISTEN = "127.0.0.1:4731"
-
-
-def _empty_map() -> Mapping[str, Any]:
-    return MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -85,7 +77,7 @@ class PoolConfig:
     directory: str | None = None
     user: str | None = None
     group: str | None = None
-    environment: Mapping[str, str] = field(default_factory=_empty_map)
+    environment: Mapping[str, str] = field(default_factory=empty_map)
     count: int = 1
     servers: tuple[str, ...] = ()  # () = the embedded listener
     planned_exit_codes: tuple[int, ...] = (111,)
@@ -112,7 +104,7 @@ class HandlerConfig:
     user: str | None = None
     group: str | None = None
     directory: str | None = None
-    environment: Mapping[str, str] = field(default_factory=_empty_map)
+    environment: Mapping[str, str] = field(default_factory=empty_map)
     servers: tuple[str, ...] = ()
 
 
@@ -134,7 +126,7 @@ class Config:
     max_packet_size: int = 64 * 1024 * 1024
     shutdown_timeout: float = 30.0
     status_interval: float = 5.0
-    functions: Mapping[str, FunctionConfig] = field(default_factory=_empty_map)
+    functions: Mapping[str, FunctionConfig] = field(default_factory=empty_map)
     concurrency: tuple[ConcurrencyGroup, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
     handlers: tuple[HandlerConfig, ...] = ()
@@ -158,294 +150,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.errors))
 
 
-# --------------------------------------------------------------------------- YAML with lines
-
-Path = tuple[str | int, ...]
-
-
-def path_str(path: Path) -> str:
-    """``("pools", 0, "count")`` -> ``pools[0].count``."""
-    out = ""
-    for p in path:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += ("." if out else "") + str(p)
-    return out or "(top level)"
-
-
-class _Doc:
-    """A YAML document turned into plain Python values, remembering each value's line."""
-
-    def __init__(self, filename: str):
-        self.filename = filename
-        self.value_lines: dict[Path, int] = {}
-        self.key_lines: dict[Path, int] = {}
-        self._errors: list[tuple[int, str]] = []
-        self._constructor = YAML_LOADER("")
-
-    def error(self, path: Path, message: str, *, at_key: bool = False) -> None:
-        line = None
-        if at_key:
-            line = self.key_lines.get(path)
-        if line is None:
-            p = path
-            while line is None:
-                line = self.value_lines.get(p) or self.key_lines.get(p)
-                if not p:
-                    break
-                p = p[:-1]
-        where = f"{self.filename}:{line}" if line else self.filename
-        self._errors.append((line or 0, f"{where}: {path_str(path)}: {message}"))
-
-    @property
-    def errors(self) -> list[str]:
-        """Every problem found, in file order."""
-        return [msg for _, msg in sorted(self._errors, key=lambda e: e[0])]
-
-    def convert(self, node: yaml.Node, path: Path) -> Any:
-        self.value_lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for knode, vnode in node.value:
-                key = self._constructor.construct_object(knode, deep=True)
-                if not isinstance(key, (str, int, float, bool)) or key is None:
-                    self.key_lines[path + ("?",)] = knode.start_mark.line + 1
-                    self.error(path + ("?",), "a key must be a plain name", at_key=True)
-                    continue
-                key = str(key)
-                kpath = path + (key,)
-                if key in out:
-                    self.key_lines[kpath] = knode.start_mark.line + 1
-                    self.error(kpath, "key given twice (the later one would win)", at_key=True)
-                self.key_lines.setdefault(kpath, knode.start_mark.line + 1)
-                out[key] = self.convert(vnode, kpath)
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.convert(n, path + (i,)) for i, n in enumerate(node.value)]
-        return self._constructor.construct_object(node, deep=True)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-class _Validator:
-    def __init__(self, doc: _Doc):
-        self.doc = doc
-
-    def err(self, path: Path, message: str) -> None:
-        self.doc.error(path, message)
-
-    def keys(self, data: dict, path: Path, allowed: list[str], required: tuple[str, ...] = ()):
-        for key in data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                self.doc.error(
-                    path + (key,),
-                    f"unknown key {key!r}{hint} (expected one of: {', '.join(allowed)})",
-                    at_key=True,
-                )
-        for key in required:
-            if key not in data:
-                self.err(path, f"missing required key {key!r}")
-
-    def mapping(self, value: Any, path: Path) -> dict | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.err(path, f"expected a mapping (key: value), got {_kind(value)}")
-            return None
-        return value
-
-    def seq(self, value: Any, path: Path, what: str) -> list | None:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.err(path, f"expected a list of {what}, got {_kind(value)}")
-            return None
-        return value
-
-    def string(self, value: Any, path: Path, *, optional: bool = False) -> str | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-            self.err(path, f"expected a string, got {_kind(value)}")
-            return None
-        if not isinstance(value, str):
-            value = str(value)
-        if not value.strip():
-            self.err(path, "expected a non-empty string")
-            return None
-        return value
-
-    def choice(self, value: Any, path: Path, choices: tuple[str, ...]) -> str | None:
-        if isinstance(value, str) and value.lower() in choices:
-            return value.lower()
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        self.err(path, f"expected one of {', '.join(choices)}, got {value!r}{hint}")
-        return None
-
-    def integer(
-        self, value: Any, path: Path, *, minimum: int | None = None, optional: bool = False
-    ) -> int | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.err(path, f"expected an integer, got {_kind(value)} {value!r}")
-            return None
-        if minimum is not None and value < minimum:
-            self.err(path, f"expected an integer >= {minimum}, got {value}")
-            return None
-        return value
-
-    def number(
-        self,
-        value: Any,
-        path: Path,
-        *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-    ) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.err(path, f"expected a number, got {_kind(value)} {value!r}")
-            return None
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            rng = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-            self.err(path, f"expected a number {rng}, got {value}")
-            return None
-        return float(value)
-
-    def duration(
-        self, value: Any, path: Path, *, optional: bool = False, positive: bool = False
-    ) -> float | None:
-        if value is None and optional:
-            return None
-        try:
-            seconds = parse_duration(value)
-        except ValueError:
-            self.err(
-                path,
-                f"expected a duration in seconds (30, 30s, 5m, 2h, 7d), got {value!r}",
-            )
-            return None
-        if positive and seconds <= 0:
-            self.err(path, f"expected a duration greater than 0, got {value!r}")
-            return None
-        return seconds
-
-    def size(self, value: Any, path: Path) -> int | None:
-        try:
-            return parse_size(value)
-        except ValueError:
-            self.err(path, f"expected a size in bytes (67108864, 64MiB, 512M), got {value!r}")
-            return None
-
-    def address(self, value: Any, path: Path) -> str | None:
-        if not isinstance(value, str):
-            self.err(path, f"expected an address host:port, got {_kind(value)} {value!r}")
-            return None
-        try:
-            parse_address(value)
-        except ValueError as e:
-            self.err(path, f"expected an address host:port ([v6]:port for IPv6): {e}")
-            return None
-        return value.strip()
-
-    def addresses(self, value: Any, path: Path) -> tuple[str, ...] | None:
-        if isinstance(value, str):  # a single address is fine too
-            a = self.address(value, path)
-            return (a,) if a else None
-        items = self.seq(value, path, "addresses host:port")
-        if items is None:
-            return None
-        out = [self.address(v, path + (i,)) for i, v in enumerate(items)]
-        return tuple(a for a in out if a) if all(out) else None
-
-    def networks(self, value: Any, path: Path) -> tuple[str, ...] | None:
-        if isinstance(value, str):  # a single network is fine too
-            value = [value]
-        items = self.seq(value, path, "networks (10.0.0.0/24, fd00::/64)")
-        if items is None:
-            return None
-        out: list[str] = []
-        ok = True
-        for i, item in enumerate(items):
-            try:
-                out.append(str(parse_network(item)))
-            except ValueError as e:
-                self.err(path + (i,), str(e))
-                ok = False
-        return tuple(out) if ok else None
-
-    def environment(self, value: Any, path: Path) -> Mapping[str, str]:
-        data = self.mapping(value, path)
-        if data is None:
-            return _empty_map()
-        env: dict[str, str] = {}
-        for k, v in data.items():
-            if isinstance(v, (dict, list)) or v is None:
-                self.err(path + (k,), f"expected a string value, got {_kind(v)}")
-                continue
-            if isinstance(v, bool):
-                v = "true" if v else "false"
-            env[k] = str(v)
-        return MappingProxyType(env)
-
-    def command(self, value: Any, path: Path, *, shell: bool = False) -> tuple[str, ...] | None:
-        if isinstance(value, str):
-            if shell:
-                if value.strip():
-                    return (value,)
-                self.err(path, "expected a non-empty command")
-                return None
-            try:
-                parts = shlex.split(value)
-            except ValueError:
-                parts = value.split()
-            suggestion = "[" + ", ".join(parts) + "]"
-            self.err(
-                path,
-                "expected a list of arguments (no shell is used), got a string; "
-                f"write it as a list: command: {suggestion}",
-            )
-            return None
-        items = self.seq(value, path, "arguments")
-        if items is None:
-            return None
-        if not items:
-            self.err(
-                path, "expected a non-empty list of arguments, e.g. [php, symfony, jobs:worker]"
-            )
-            return None
-        out: list[str] = []
-        ok = True
-        for i, v in enumerate(items):
-            if isinstance(v, (dict, list)) or v is None or isinstance(v, bool):
-                self.err(path + (i,), f"expected a string argument, got {_kind(v)}")
-                ok = False
-            else:
-                out.append(str(v))
-        return tuple(out) if ok else None
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return type(value).__name__
-
-
 _TOP_KEYS = [
     "listen", "database", "log_level", "queue", "max_packet_size", "shutdown_timeout",
     "status_interval", "functions", "concurrency", "pools", "handlers", "http", "allow",
@@ -460,8 +164,8 @@ _HANDLER_KEYS = [f.name for f in dataclasses.fields(HandlerConfig)]
 _WAIT_KEYS = ["name", "address"]
 
 
-def _build(data: Any, doc: _Doc) -> Config:
-    v = _Validator(doc)
+def _build(data: Any, doc: Doc) -> Config:
+    v = Validator(doc)
     top = v.mapping(data, ())
     if top is None:
         return Config()
@@ -600,7 +304,7 @@ def is_off(value: Any) -> bool:
         isinstance(value, str) and value.strip().lower() in ("none", "off", ""))
 
 
-def _build_http(v: _Validator, raw: Any, kw: dict[str, Any]) -> None:
+def _build_http(v: Validator, raw: Any, kw: dict[str, Any]) -> None:
     h = v.mapping(raw, ("http",))
     if h is None:
         return
@@ -645,7 +349,7 @@ def is_loopback_address(address: str) -> bool:
 
 
 def _optional_fields(
-    v: _Validator, data: dict, p: Path, kw: dict[str, Any], spec: dict[str, Callable[..., Any]]
+    v: Validator, data: dict, p: Path, kw: dict[str, Any], spec: dict[str, Callable[..., Any]]
 ) -> bool:
     ok = True
     for key, check in spec.items():
@@ -659,7 +363,7 @@ def _optional_fields(
 
 
 def _entry(
-    v: _Validator, raw: Any, p: Path, keys: list[str], ident: str, seen: dict[str, int],
+    v: Validator, raw: Any, p: Path, keys: list[str], ident: str, seen: dict[str, int],
     clash: str,
 ) -> tuple[dict, str | None, bool, dict[str, Any]] | None:
     """The start of a pool or handler entry: a mapping of known keys with ``ident`` and a
@@ -680,7 +384,7 @@ def _entry(
     return data, value, ok, {}
 
 
-def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolConfig | None:
+def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolConfig | None:
     if (entry := _entry(v, raw, p, _POOL_KEYS, "name", seen, "pool name {!r} already used by "
                         "pools[{}]")) is None:
         return None
@@ -705,32 +409,22 @@ def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolC
             vals.append(n)
         return tuple(c for c in vals if c is not None) if all(c is not None for c in vals) else None
 
-    def wait_for(x: Any, q: Path) -> tuple[WaitFor, ...] | None:
-        items = v.seq(x, q, "{name, address: host:port}")
-        if items is None:
+    def one_wait(w: Any, wq: Path) -> WaitFor | None:
+        if isinstance(w, str):  # shorthand: "127.0.0.1:3306"
+            w = {"address": w}
+        wd = v.mapping(w, wq)
+        if wd is None:
             return None
-        out: list[WaitFor] = []
-        good = True
-        for j, w in enumerate(items):
-            wq = q + (j,)
-            if isinstance(w, str):  # shorthand: "127.0.0.1:3306"
-                w = {"address": w}
-            wd = v.mapping(w, wq)
-            if wd is None:
-                good = False
-                continue
-            v.keys(wd, wq, _WAIT_KEYS, required=("address",))
-            if "address" not in wd:
-                good = False
-                continue
-            addr = v.address(wd["address"], wq + ("address",))
-            if addr is None:
-                good = False
-                continue
-            host, port = parse_address(addr)
-            wname = v.string(wd.get("name", addr), wq + ("name",)) or addr
-            out.append(WaitFor(name=wname, host=host, port=port))
-        return tuple(out) if good else None
+        v.keys(wd, wq, _WAIT_KEYS, required=("address",))
+        addr = v.address(wd["address"], wq + ("address",)) if "address" in wd else None
+        if addr is None:
+            return None
+        host, port = parse_address(addr)
+        wname = v.string(wd.get("name", addr), wq + ("name",)) or addr
+        return WaitFor(name=wname, host=host, port=port)
+
+    def wait_for(x: Any, q: Path) -> tuple[WaitFor, ...] | None:
+        return v.each(x, q, "{name, address: host:port}", one_wait)
 
     spec: dict[str, Callable[[Any, Path], Any]] = {
         "directory": opt_str,
@@ -762,7 +456,7 @@ def _build_pool(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolC
     return PoolConfig(name=name, command=command, **kw)
 
 
-def _build_handler(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> HandlerConfig | None:
+def _build_handler(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> HandlerConfig | None:
     if (entry := _entry(v, raw, p, _HANDLER_KEYS, "function", seen, "function {!r} already "
                         "handled by handlers[{}]")) is None:
         return None
@@ -799,7 +493,7 @@ def _build_handler(v: _Validator, raw: Any, p: Path, seen: dict[str, int]) -> Ha
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
     """Validate YAML ``text`` (named ``filename`` in messages). Raises ConfigError."""
-    doc = _Doc(filename)
+    doc = Doc(filename)
     try:
         node = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.MarkedYAMLError as e:
@@ -813,7 +507,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     try:
         cfg = _build(data, doc)
     except yaml.YAMLError as e:  # e.g. an unknown tag (!!python/object)
-        doc._errors.append((0, f"{filename}: {e}"))
+        doc.add_error(0, f"{filename}: {e}")
         cfg = Config()
     if doc.errors:
         raise ConfigError(doc.errors)

@@ -88,7 +88,7 @@ def format_duration(seconds: float | None) -> str:
     """``93784`` -> ``1d 2h``; ``125`` -> ``2m 5s``; None -> ``-``."""
     if seconds is None:
         return "-"
-    s = int(seconds)
+    s = max(int(seconds), 0)  # a clock step back shows as 0s, never as a negative
     if s < 60:
         return f"{s}s"
     if s < 3600:

@@ -30,7 +30,6 @@ with plain systemd units (stop is SIGTERM, no drain, no recycle limits).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -38,7 +37,8 @@ from typing import Any
 
 import trio
 
-from ..system.config import parse_address
+from ..system.values import parse_address
+from .supervisor import ConnInfo
 
 log = logging.getLogger("atomnode.supervisor")
 
@@ -54,18 +54,9 @@ RETRY = 5.0
 ANSWER_TIMEOUT = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
-class RemoteConn:
-    """One of this host's connections as a server sees it (the supervisor's ConnInfo)."""
-
-    conn_id: tuple[str, int]  # (server address, the server's connection id)
-    peer: tuple[str, int]
-    local: tuple[str, int]
-    client_id: str
-    abilities: tuple[str, ...]
-    jobs: tuple[str, ...]
-    jobs_done: int
-    draining: bool
+#: One of this host's connections as a server sees it: the supervisor's ConnInfo, its
+#: ``conn_id`` being (server address, the server's connection id).
+RemoteConn = ConnInfo
 
 
 class ServerRefused(Exception):
