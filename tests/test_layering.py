@@ -116,3 +116,44 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
     found = _imports(fake, "atomnode.system.bad")
     assert found == [(1, "atomnode.ops.client"), (2, "atomnode.system.names")]
     assert _layer(found[0][1]) == 4 > _layer("atomnode.system.bad") == 0
+
+
+#: Private names of other libraries that are the documented way to type a hook.
+FOREIGN_PRIVATE_OK = {"argparse._SubParsersAction"}
+
+
+def _own_private_names(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, and ``self._x`` / ``cls._x``."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.AnnAssign,)) and isinstance(node.target, ast.Attribute):
+            names.add(node.target.attr)
+    for node in ast.walk(tree):  # __slots__ entries
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets
+        ) and isinstance(node.value, (ast.Tuple, ast.List)):
+            names.update(e.value for e in node.value.elts if isinstance(e, ast.Constant))
+    return {n for n in names if n.startswith("_")}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
+def test_no_module_touches_another_modules_private_names(path: Path) -> None:
+    # obj._name is fine only where this module defines _name itself (its own classes'
+    # private state); anything else reaches into another module's internals.
+    tree = ast.parse(path.read_text(), str(path))
+    own = _own_private_names(tree)
+    foreign = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__") and node.attr not in own):
+            text = ast.unparse(node)
+            if text not in FOREIGN_PRIVATE_OK:
+                foreign.append(f"{path.name}:{node.lineno} {text}")
+    assert not foreign, "private names of other modules:\n" + "\n".join(foreign)

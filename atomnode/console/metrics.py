@@ -8,6 +8,7 @@ Prometheus asks, with prometheus_client's own exposition code.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from prometheus_client.core import (
@@ -131,11 +132,15 @@ class DaemonCollector(Collector):
         yield up
 
 
+#: One collector registry per daemon, kept here rather than on the daemon object.
+_REGISTRIES: weakref.WeakKeyDictionary[Any, CollectorRegistry] = weakref.WeakKeyDictionary()
+
+
 def render_metrics(daemon: Any) -> tuple[bytes, str]:
     """The exposition text and its content type."""
-    registry = getattr(daemon, "_metrics_registry", None)
+    registry = _REGISTRIES.get(daemon)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(DaemonCollector(daemon))
-        daemon._metrics_registry = registry
+        _REGISTRIES[daemon] = registry
     return generate_latest(registry), CONTENT_TYPE_LATEST
