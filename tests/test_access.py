@@ -292,3 +292,22 @@ def test_host_report_is_reduced_to_known_fields():
     assert pool == {"name": "a", "count": None, "workers": [
         {"pid": None, "state": "idle", "job": None, "jobs_done": 3, "rss_mb": None,
          "uptime": 5.0, "detail": None}]}
+
+
+def test_operator_rule_exception_covers_atomnode_host_only():
+    from atomnode.gearman.hosts import exempt_from_operator_rule
+
+    assert exempt_from_operator_rule([b"ATOMNODE-HOST", b"drain", b"7"])
+    for words in ([b"shutdown"], [b"cancel", b"job", b"H:x:1"], [b"atomnode-jobs", b"purge",
+                                                                 b"0"], []):
+        assert not exempt_from_operator_rule(words)
+    # An operator (as the admin's rule decides) may drain another host's connection.
+    e = Env()
+    other = e.conn(loopback=False, peer="10.0.0.3")
+    admin = e.conn(loopback=False, peer="10.0.0.9")
+    from atomnode.gearman.hosts import command
+
+    assert command(e.server, admin, [b"drain", b"%d" % other.id]).startswith(
+        b"ERR PERMISSION_DENIED")
+    assert command(e.server, admin, [b"drain", b"%d" % other.id], operator=True) == b"OK\r\n"
+    assert other.draining

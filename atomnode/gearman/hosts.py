@@ -44,8 +44,20 @@ def _err(code: str, text: str) -> bytes:
 
 
 def is_operator(server: Server, conn: Conn) -> bool:
-    """May this connection run state-changing admin commands on any connection?"""
+    """May this connection run state-changing admin commands on any connection?
+    (Loopback; the admin's operator rule passes its own answer to :func:`command`.)"""
     return is_loopback(conn.peer)
+
+
+#: ``atomnode-host`` subcommands that change state (on the caller's own connections).
+STATE_CHANGING = frozenset({b"drain", b"release"})
+
+
+def exempt_from_operator_rule(words: list[bytes]) -> bool:
+    """The one exception to the admin protocol's operator rule (issue 14): a peer the
+    ``allow:`` list admitted may run ``atomnode-host`` (drain and release act on its own
+    connections only: :func:`command` refuses any other id), and nothing else."""
+    return bool(words) and words[0].lower() == b"atomnode-host"
 
 
 def own_connections(server: Server, conn: Conn) -> list[Conn]:
@@ -66,8 +78,12 @@ def conn_info(c: Conn) -> dict[str, Any]:
     }
 
 
-def command(server: Server, conn: Conn, args: list[bytes]) -> bytes:
-    """Answer one ``atomnode-host`` line (``args`` are the words after the verb)."""
+def command(server: Server, conn: Conn, args: list[bytes], *,
+            operator: bool | None = None) -> bytes:
+    """Answer one ``atomnode-host`` line (``args`` are the words after the verb).
+    ``operator``: whether the caller may act on any connection (default: loopback)."""
+    if operator is None:
+        operator = is_operator(server, conn)
     if not args:
         return _err("INVALID_ARGUMENTS", "usage: atomnode-host conns|drain|release|report")
     sub = args[0].lower()
@@ -87,7 +103,7 @@ def command(server: Server, conn: Conn, args: list[bytes]) -> bytes:
             c = server.broker.conns.get(cid)
             if c is None:
                 continue  # gone already: nothing to drain, nothing running
-            if c.peer != conn.peer and not is_operator(server, conn):
+            if c.peer != conn.peer and not operator:
                 return _err("PERMISSION_DENIED", f"connection {cid} is not from {conn.peer}; "
                             "a host may only drain its own connections")
             targets.append(c)
@@ -188,4 +204,5 @@ def _local(server: Server, c: Conn) -> bool:
     return is_loopback(c.peer)
 
 
-__all__ = ["command", "conn_info", "is_operator", "own_connections", "remote_hosts"]
+__all__ = ["STATE_CHANGING", "command", "conn_info", "exempt_from_operator_rule",
+           "is_operator", "own_connections", "remote_hosts"]
