@@ -36,10 +36,14 @@ run: venv
 test: sysdeps-test venv lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The in-process tests: no third-party peers, no daemon processes (seconds).
+# The in-process tests: no third-party peers (gearmand, PHP, Perl, a browser, network
+# namespaces) and no daemon processes; what to run while editing. `make test` runs all.
+FAST_TESTS := tests/test_protocol.py tests/test_broker.py tests/test_admin.py \
+	tests/test_config.py tests/test_store.py tests/test_reads.py tests/test_walcheck.py \
+	tests/test_jobs_cli.py tests/test_layering.py tests/test_console_api.py
+
 test-fast: venv
-	$(BIN)/python -m pytest -m "not interop and not slow" --ignore=tests/interop \
-		--ignore=tests/packaging $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not interop and not slow" $(FAST_TESTS) $(PYTEST_ARGS)
 
 # Fails on any finding (rules in pyproject.toml, [tool.ruff]).
 lint: venv
