@@ -131,3 +131,11 @@ def test_reader_does_not_block_the_writer_and_works_from_a_thread(db: str) -> No
         t.join()
         assert before == 1 and counted == [4]
     s.close()
+
+
+def test_counts_for_some_states_only(db: str) -> None:
+    with StoreReader(db) as r:
+        assert r.counts(("failed",)) == {FN.decode(): {"failed": 1}}
+        assert r.counts(("cancelled", "failed")) == {
+            FN.decode(): {"cancelled": 0, "failed": 1},
+            OTHER.decode(): {"cancelled": 1, "failed": 0}}

@@ -110,21 +110,9 @@ def failed_ids(path: str, function: str) -> list[int]:
 def counts_by_function(
     path: str, states: tuple[str, ...] = ("failed",)
 ) -> dict[str, dict[str, int]]:
-    """``{function: {state: count}}`` for the given states."""
-    marks = ",".join("?" * len(states))
-    con = connect_ro(path)
-    try:
-        rows = con.execute(
-            f"SELECT function, state, count(*) FROM jobs WHERE state IN ({marks})"
-            " GROUP BY function, state", states).fetchall()
-    except sqlite3.Error as e:
-        raise ReadError(f"cannot read the queue database {path}: {e}") from None
-    finally:
-        con.close()
-    out: dict[str, dict[str, int]] = {}
-    for fn, state, n in rows:
-        out.setdefault(bytes(fn).decode("utf-8", "replace"), {})[state] = n
-    return out
+    """``{function: {state: count}}`` for the given states (the read API's counts)."""
+    with reads.StoreReader(path, timeout=2.0) as reader:
+        return reader.counts(states)
 
 
 def samples(path: str, since: float, step: float) -> list[dict[str, Any]]:

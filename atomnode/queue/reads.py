@@ -214,13 +214,16 @@ class StoreReader:
         rows = self._query("SELECT state FROM jobs WHERE id = ?", (job_id,))
         return rows[0]["state"] if rows else None
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Jobs per function and state: ``{function: {state: n}}``, every state present."""
+    def counts(self, states: tuple[str, ...] = STATES) -> dict[str, dict[str, int]]:
+        """Jobs per function and state, ``{function: {state: n}}``, for the functions that
+        have jobs in ``states`` (every one of ``states`` present, 0 where none)."""
+        where, args = _filters(states=states)
         out: dict[str, dict[str, int]] = {}
         for r in self._query(
-            "SELECT function, state, count(*) AS n FROM jobs GROUP BY function, state"
+            f"SELECT function, state, count(*) AS n FROM jobs WHERE {where}"
+            " GROUP BY function, state", args,
         ):
-            per = out.setdefault(_text(r["function"]), dict.fromkeys(STATES, 0))
+            per = out.setdefault(_text(r["function"]), dict.fromkeys(states, 0))
             per[r["state"]] = r["n"]
         return out
 
