@@ -493,6 +493,54 @@ def test_split_streams_give_the_same_events_as_whole(data, cuts, requests):
     assert bytewise == whole
 
 
+def _run_batched(chunks: list[bytes], requests: bool) -> tuple[list, str | None]:
+    """As _run, through next_events (the server's fast path, one call per read)."""
+    dec = Decoder(expect_requests=requests, max_packet_size=4096)
+    events: list = []
+    try:
+        for c in chunks:
+            dec.feed(c)
+            while batch := dec.next_events():
+                events.extend(batch)
+    except ProtocolError as e:
+        return events, e.code
+    return events, None
+
+
+@_FAST
+@given(near_valid_streams(), st.lists(st.integers(min_value=0), max_size=12), st.booleans())
+def test_batched_decoding_gives_the_same_events_and_errors(data, cuts, requests):
+    """next_events (fast path) agrees with next_event (every check, one event at a time)
+    on events, their order, and the error after them, however the reads are cut."""
+    chunks = _split(data, cuts)
+    assert _run_batched(chunks, requests) == _run(chunks, requests)
+    assert _run_batched([data], requests) == _run([data], requests)
+
+
+def test_events_before_a_malformed_packet_come_first_then_the_error():
+    good = wire(b"\0REQ", T.SUBMIT_JOB, (b"f", b"u", b"data"))
+    dec = Decoder()
+    dec.feed(good + good + b"\0REQ" + (999).to_bytes(4, "big") + bytes(4))
+    assert [ev.type for ev in dec.next_events()] == [T.SUBMIT_JOB, T.SUBMIT_JOB]
+    with pytest.raises(ProtocolError) as e:
+        dec.next_events()
+    assert e.value.code == "INVALID_COMMAND"
+
+
+def test_large_payload_arriving_in_many_reads():
+    """A partial packet longer than what is carried by copying accumulates in place."""
+    payload = bytes(range(256)) * 2048  # 512 KiB
+    data = wire(b"\0REQ", T.SUBMIT_JOB_BG, (b"f", b"u", payload)) + wire(b"\0REQ", T.GRAB_JOB, ())
+    dec = Decoder()
+    events = []
+    for i in range(0, len(data), 4096):
+        dec.feed(data[i : i + 4096])
+        events.extend(dec.next_events())
+    assert [ev.type for ev in events] == [T.SUBMIT_JOB_BG, T.GRAB_JOB]
+    assert events[0].args == (b"f", b"u", payload)
+    assert dec.buffered == 0
+
+
 @st.composite
 def packets(draw) -> Packet:
     t = draw(st.sampled_from(sorted(ARG_COUNT)))

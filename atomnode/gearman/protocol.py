@@ -236,6 +236,8 @@ _REQUEST_NARGS: dict[int, int] = {int(t): ARG_COUNT[t] for t in REQUEST_TYPES}
 _RESPONSE_NARGS: dict[int, int] = {int(t): ARG_COUNT[t] for t in RESPONSE_TYPES}
 _unpack_header = HEADER.unpack_from
 _new_tuple = tuple.__new__
+#: A partial packet up to this size is carried into the next read's buffer by copying it.
+_CARRY_MAX = 65536
 
 
 class Decoder:
@@ -251,7 +253,7 @@ class Decoder:
     def __init__(
         self, *, expect_requests: bool = True, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
     ):
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self.max_packet_size = max_packet_size
         self.expect_requests = expect_requests
@@ -260,48 +262,98 @@ class Decoder:
         self._nargs = _REQUEST_NARGS if expect_requests else _RESPONSE_NARGS
 
     def feed(self, data: bytes) -> None:
-        if self._pos:
-            # Compact lazily: only when the consumed prefix is large.
-            if self._pos > 65536 or self._pos == len(self._buf):
-                del self._buf[: self._pos]
+        # The buffer is the bytes object just read whenever the previous read was used up
+        # (the common case: no copy, and slices of it are bytes at once); a short partial
+        # packet is carried into the next buffer by one concatenation. A long partial
+        # packet (a large payload arriving read by read) accumulates in a bytearray
+        # instead, so that it is not copied again at every read.
+        buf = self._buf
+        pos = self._pos
+        left = len(buf) - pos
+        if not left:
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        elif type(buf) is bytes and left <= _CARRY_MAX:
+            self._buf = buf[pos:] + data
+            self._pos = 0
+        else:
+            if type(buf) is bytes:
+                buf = self._buf = bytearray(buf[pos:])
                 self._pos = 0
-        self._buf += data
+            elif pos > 65536:
+                # Compact lazily: only when the consumed prefix is large.
+                del buf[:pos]
+                self._pos = 0
+            buf += data
 
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
     def next_event(self) -> Packet | AdminLine | None:
-        # Fast path, one call per packet: a complete, well-formed packet of an expected
-        # type whose arguments split as they should. Anything else (text, a partial
-        # header, a bad magic or type, a wrong argument count) takes _next_event_checked,
-        # which decides and explains.
+        """The next complete event, or None when more bytes are needed."""
+        return self._next_event_checked()
+
+    def next_events(self) -> list[Packet | AdminLine]:
+        """Every complete event buffered, in order; an empty list when more bytes are
+        needed. Malformed input raises :class:`ProtocolError`, but only once the events
+        before it have been returned: call again until the list is empty."""
         buf = self._buf
         pos = self._pos
-        start = pos + HEADER_SIZE
-        if len(buf) >= start and buf[pos] == 0:
-            magic, type_, size = _unpack_header(buf, pos)
-            if magic == self._magic and size <= self.max_packet_size:
-                nargs = self._nargs.get(type_)
-                if nargs is not None:
+        n = len(buf)
+        if pos == n:
+            return []
+        # Fast path, one loop for a whole read: complete, well-formed packets of an
+        # expected type whose arguments split as they should. Anything else (text, a
+        # partial header, a bad magic or type, a wrong argument count) goes to
+        # _next_event_checked, which decides and explains.
+        out: list[Packet | AdminLine] = []
+        append = out.append
+        magic_ok = self._magic
+        nargs_of = self._nargs
+        max_size = self.max_packet_size
+        request = self.expect_requests
+        while pos < n:
+            start = pos + HEADER_SIZE
+            if n >= start and not buf[pos]:
+                magic, type_, size = _unpack_header(buf, pos)
+                nargs = nargs_of.get(type_)
+                if nargs is not None and magic == magic_ok and size <= max_size:
                     end = start + size
-                    if len(buf) < end:
-                        return None
+                    if n < end:
+                        break  # a partial packet: more bytes needed
                     if nargs == 1:
-                        self._pos = end
-                        return _new_tuple(Packet, (type_, (bytes(buf[start:end]),),
-                                                   self.expect_requests))
+                        append(_new_tuple(Packet, (type_, (bytes(buf[start:end]),), request)))
+                        pos = end
+                        continue
                     if nargs == 0:
                         if not size:
-                            self._pos = end
-                            return _new_tuple(Packet, (type_, (), self.expect_requests))
+                            append(_new_tuple(Packet, (type_, (), request)))
+                            pos = end
+                            continue
                     else:
                         args = bytes(buf[start:end]).split(b"\0", nargs - 1)
                         if len(args) == nargs:
-                            self._pos = end
-                            return _new_tuple(Packet, (type_, tuple(args),
-                                                       self.expect_requests))
-        return self._next_event_checked()
+                            append(_new_tuple(Packet, (type_, tuple(args), request)))
+                            pos = end
+                            continue
+            self._pos = pos
+            try:
+                ev = self._next_event_checked()
+            except ProtocolError:
+                if out:
+                    # The events before it first; the next call meets it again and raises.
+                    self._pos = pos
+                    return out
+                raise
+            if ev is None:
+                return out
+            append(ev)
+            buf = self._buf
+            pos = self._pos
+            n = len(buf)
+        self._pos = pos
+        return out
 
     def _next_event_checked(self) -> Packet | AdminLine | None:
         buf = self._buf
@@ -360,8 +412,5 @@ class Decoder:
         """Feed ``data`` and yield every complete event (raises ProtocolError)."""
         if data:
             self.feed(data)
-        while True:
-            ev = self.next_event()
-            if ev is None:
-                return
-            yield ev
+        while batch := self.next_events():
+            yield from batch

@@ -277,12 +277,8 @@ class Server:
         conn = peer.conn
         broker = self.broker
         decoder = peer.decoder
-        decoder.feed(data)
         try:
-            while True:
-                ev = decoder.next_event()
-                if ev is None:
-                    break
+            for ev in decoder.events(data):
                 if type(ev) is AdminLine:
                     if self.admin is None:
                         reply = b"ERR UNKNOWN_COMMAND Unknown+server+command\r\n"
