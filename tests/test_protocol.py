@@ -26,6 +26,8 @@ from atomnode.gearman.protocol import (
     encode,
     encode_packet,
     error_packet,
+    pack_size,
+    response_prefix,
 )
 
 H = b"H:host:1"
@@ -145,6 +147,13 @@ def test_known_bytes_literally():
     assert error_packet("INVALID_MAGIC", "Request magic expected") == (
         b"\x00RES\x00\x00\x00\x13\x00\x00\x00\x24INVALID_MAGIC\x00Request magic expected"
     )
+
+
+@pytest.mark.parametrize(("name", "number", "args"), [r for r in TABLE if T[r[0]] in RESPONSE_TYPES])
+def test_pre_encoded_header_gives_the_same_bytes_as_encode(name, number, args):
+    """The broker's hot path builds replies as prefix + size + body."""
+    body = b"\0".join(args)
+    assert response_prefix(number) + pack_size(len(body)) + body == encode(number, *args)
 
 
 def test_packet_name():

@@ -38,6 +38,8 @@ from .protocol import (
     T,
     encode,
     error_packet,
+    pack_size,
+    response_prefix,
 )
 
 log = logging.getLogger("atomnode.broker")
@@ -86,6 +88,24 @@ _SEQ = operator.attrgetter("seq")
 
 NOOP = encode(T.NOOP)
 NO_JOB = encode(T.NO_JOB)
+
+# The hot path (submit, grab, complete) compares packet types with plain ints and builds
+# its replies from pre-encoded headers: an IntEnum member lookup costs more than the
+# comparison, and encode() more than the bytes it joins.
+_GRAB_JOB_UNIQ = int(T.GRAB_JOB_UNIQ)
+_GRAB_JOB_ALL = int(T.GRAB_JOB_ALL)
+_WORK_COMPLETE = int(T.WORK_COMPLETE)
+_WORK_EXCEPTION = int(T.WORK_EXCEPTION)
+_P_JOB_CREATED = response_prefix(T.JOB_CREATED)
+_P_JOB_ASSIGN = response_prefix(T.JOB_ASSIGN)
+_P_JOB_ASSIGN_UNIQ = response_prefix(T.JOB_ASSIGN_UNIQ)
+_P_WORK_COMPLETE = response_prefix(T.WORK_COMPLETE)
+_join = b"".join
+_NUL = b"\0"
+
+
+def _job_created(handle: bytes) -> bytes:
+    return _join((_P_JOB_CREATED, pack_size(len(handle)), handle))
 _BAD_EPOCH = error_packet(
     "INVALID_PACKET",
     f"SUBMIT_JOB_EPOCH needs a unix time from 0 to {MAX_EPOCH} (9999-12-31); job not queued",
@@ -425,13 +445,13 @@ class Broker:
             conn.noop_sent = False
 
     def _on_work_complete(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
-        self._work_end(conn, args[0], T.WORK_COMPLETE, args[1])
+        self._work_end(conn, args[0], t, args[1])
 
     def _on_work_fail(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
-        self._work_end(conn, args[0], T.WORK_FAIL, b"")
+        self._work_end(conn, args[0], t, b"")
 
     def _on_work_exception(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
-        self._work_end(conn, args[0], T.WORK_EXCEPTION, args[1])
+        self._work_end(conn, args[0], t, args[1])
 
     def _on_submit(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
         prio, bg = _SUBMIT[t]
@@ -539,12 +559,13 @@ class Broker:
                     error_packet("ARGUMENT_TOO_LARGE", "Function name is empty or too large"),
                 )
             return None
-        fn = self.function(function)
+        fn = self.functions.get(function) or self.function(function)
         if unique == b"-":
             key: bytes | None = data if data else None
         else:
             key = unique or None
-        job = self.uniques.get((function, key)) if key is not None else None
+        ukey = (function, key)
+        job = self.uniques.get(ukey) if key is not None else None
         if job is not None:
             # Coalesce: same handle, payload and priority of the new submission ignored.
             if background and self.durable and not job.background:
@@ -574,7 +595,7 @@ class Broker:
                 if job.state is PENDING or (background and job.unstored):
                     job.acks = [*job.acks, conn]
                 else:
-                    self.send(conn, encode(T.JOB_CREATED, job.handle))
+                    self.send(conn, _job_created(job.handle))
             return job
         if fn.max_queue and fn.total >= fn.max_queue:
             if conn is not None:
@@ -582,29 +603,32 @@ class Broker:
             return None
         now = self.clock()
         job_id = self._new_id()
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        handle = self.handle_prefix + str(job_id).encode()
         job = Job(
-            job_id, self.handle_prefix + str(job_id).encode(), fn, unique, key, data, priority,
-            background, when, self._new_seq(), now,
+            job_id, handle, fn, unique, key, data, priority, background, when, seq, now,
         )
-        job.reducer = reducer
+        if reducer:
+            job.reducer = reducer
         self.stats["submitted"] += 1
         fn.stats.submitted += 1
         fn.total += 1
-        self.jobs[job.handle] = job
+        self.jobs[handle] = job
         if key is not None:
-            self.uniques[(function, key)] = job
+            self.uniques[ukey] = job
         if conn is not None and not background:
-            job.clients = [*job.clients, conn]
+            job.clients = [conn]
             conn.waiting.append(job)
         if background and self.durable:
             if conn is not None:
-                job.acks = [*job.acks, conn]
+                job.acks = [conn]
             self.out.store.append(
-                (commands.INSERT, job.id, function, unique, data, priority, when, job.seq, now, job)
+                (commands.INSERT, job_id, function, unique, data, priority, when, seq, now, job)
             )
             return job
         if conn is not None:
-            self.send(conn, encode(T.JOB_CREATED, job.handle))
+            self.send(conn, _job_created(handle))
         self._enqueue(job)
         return job
 
@@ -618,7 +642,7 @@ class Broker:
                 continue
             job.unstored = False
             if job.acks:
-                created = encode(T.JOB_CREATED, job.handle)
+                created = _job_created(job.handle)
                 for c in job.acks:
                     self.send(c, created)
                 job.acks = ()
@@ -784,8 +808,10 @@ class Broker:
         job.state = DONE
         fn.total -= 1
         self.jobs.pop(job.handle, None)
-        if job.key is not None and self.uniques.get((fn.name, job.key)) is job:
-            del self.uniques[(fn.name, job.key)]
+        if job.key is not None:
+            ukey = (fn.name, job.key)
+            if self.uniques.get(ukey) is job:
+                del self.uniques[ukey]
         for c in job.clients:
             try:
                 c.waiting.remove(job)
@@ -901,9 +927,13 @@ class Broker:
         if conn.draining:
             self.send(conn, NO_JOB)
             return
-        if len(conn.functions) == 1:
-            fn = conn.functions[0]
-            job = self._head(fn) if self._runnable(fn) else None
+        functions = conn.functions
+        if len(functions) == 1:
+            fn = functions[0]
+            if fn.queued and not fn.groups:
+                job = self._head(fn)
+            else:
+                job = self._head(fn) if self._runnable(fn) else None
         else:
             job = self._peek(conn)
         if job is None:
@@ -922,19 +952,17 @@ class Broker:
         job.started_at = now
         if job.attempts == 1:
             fn.stats.wait.observe(now - job.submitted_at)
-        conn.held[job.handle] = job
-        if t == T.GRAB_JOB_UNIQ:
-            pkt = encode(T.JOB_ASSIGN_UNIQ, job.handle, fn.name, job.unique, job.data)
-        elif t == T.GRAB_JOB_ALL:
-            if job.reducer:
-                pkt = encode(
-                    T.JOB_ASSIGN_ALL, job.handle, fn.name, job.unique, job.reducer, job.data
-                )
-            else:
-                # As gearmand: without a reducer GRAB_JOB_ALL is answered with JOB_ASSIGN_UNIQ.
-                pkt = encode(T.JOB_ASSIGN_UNIQ, job.handle, fn.name, job.unique, job.data)
+        handle = job.handle
+        conn.held[handle] = job
+        if t == _GRAB_JOB_UNIQ or (t == _GRAB_JOB_ALL and not job.reducer):
+            # As gearmand: without a reducer GRAB_JOB_ALL is answered with JOB_ASSIGN_UNIQ.
+            body = _NUL.join((handle, fn.name, job.unique, job.data))
+            pkt = _join((_P_JOB_ASSIGN_UNIQ, pack_size(len(body)), body))
+        elif t == _GRAB_JOB_ALL:
+            pkt = encode(T.JOB_ASSIGN_ALL, handle, fn.name, job.unique, job.reducer, job.data)
         else:
-            pkt = encode(T.JOB_ASSIGN, job.handle, fn.name, job.data)
+            body = _NUL.join((handle, fn.name, job.data))
+            pkt = _join((_P_JOB_ASSIGN, pack_size(len(body)), body))
         self.send(conn, pkt)
         if job.background and self.durable:
             self.out.store.append(
@@ -956,24 +984,28 @@ class Broker:
         return job
 
     def _work_end(self, conn: Conn, handle: bytes, t: int, data: bytes) -> None:
-        job = self._held(conn, handle)
+        held = conn.held
+        job = held.pop(handle, None)
         if job is None:
+            self._held(conn, handle)  # answers JOB_NOT_FOUND
             return
-        del conn.held[handle]
         conn.jobs_done += 1
         stats = job.function.stats
-        stats.run.observe(self.clock() - job.started_at)
-        if t == T.WORK_COMPLETE:
+        now = self.clock()
+        stats.run.observe(now - job.started_at)
+        if t == _WORK_COMPLETE:
             stats.completed += 1
-            pkt = encode(T.WORK_COMPLETE, handle, data)
-            for c in job.clients:
-                self.send(c, pkt)
+            if job.clients:
+                pkt = _join((_P_WORK_COMPLETE, pack_size(len(handle) + 1 + len(data)),
+                             handle, _NUL, data))
+                for c in job.clients:
+                    self.send(c, pkt)
             self.stats["completed"] += 1
             if job.background and self.durable:
-                self.out.store.append((commands.DONE, job.id, self.clock(), len(data)))
+                self.out.store.append((commands.DONE, job.id, now, len(data)))
         else:
             fail = encode(T.WORK_FAIL, handle)
-            if t == T.WORK_EXCEPTION:
+            if t == _WORK_EXCEPTION:
                 exc = encode(T.WORK_EXCEPTION, handle, data)
                 for c in job.clients:
                     self.send(c, exc if c.exceptions else fail)
@@ -985,10 +1017,10 @@ class Broker:
             stats.failed += 1
             self.stats["failed"] += 1
             if job.background and self.durable:
-                self.out.store.append((commands.FAIL, job.id, self.clock(), reason))
+                self.out.store.append((commands.FAIL, job.id, now, reason))
         job.worker = None
         self._forget(job)
-        if not conn.held:
+        if not held:
             self.out.idle.append(conn)
 
     # ----------------------------------------------------------------- status

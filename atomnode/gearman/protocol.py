@@ -184,6 +184,17 @@ def encode(type_: int, *args: bytes, request: bool = False) -> bytes:
     return HEADER.pack(REQ if request else RES, type_, len(body)) + body
 
 
+#: ``pack_size(n)``: a body length as the header's last four bytes.
+pack_size = struct.Struct(">I").pack
+
+
+def response_prefix(type_: int) -> bytes:
+    """The first eight bytes of every response of this type (magic and type): a hot path
+    builds a packet as ``prefix + pack_size(len(body)) + body``, the same bytes as
+    :func:`encode` without its per-call work."""
+    return RES + struct.pack(">I", type_)
+
+
 def encode_packet(packet: Packet) -> bytes:
     return encode(packet.type, *packet.args, request=packet.request)
 
