@@ -134,6 +134,20 @@ def test_truncated_database_is_refused(tmp_path: Path) -> None:
     assert os.path.getsize(d.db) == 0
 
 
+def test_database_deleted_while_stopped_with_its_log_left_is_refused(tmp_path: Path) -> None:
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        c.submit_bg(b"keep", b"u", b"x")
+    d.kill9()
+    wal = Path(f"{d.db}-wal")
+    assert wal.stat().st_size > 0
+    os.unlink(d.db)
+    rc, log = Daemon(tmp_path, db=d.db).run_to_exit()
+    assert rc == 1
+    assert f"queue database {d.db} does not exist, but its write-ahead log {wal} does" in log
+    assert not d.db.exists()
+
+
 def test_missing_database_is_a_new_install(tmp_path: Path) -> None:
     db = tmp_path / "new" / "q.db"
     d = Daemon(tmp_path, db=db).start()

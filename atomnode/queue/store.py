@@ -157,6 +157,8 @@ SQL_RECOVER = f"""
     WHERE state IN ('queued', 'running')
 """
 _QUEUE_ORDER = operator.itemgetter(4, 6)
+_ID_COLUMN = operator.itemgetter(0)
+_SEQ_COLUMN = operator.itemgetter(6)
 #: What the jobs_active index lists, reduced to numbers the table's rows must match.
 _SUM_MOD = 1_000_000_007
 _SQL_ACTIVE_INDEX_SUMS = f"""
@@ -489,6 +491,15 @@ class Store:
             with open(path, "rb") as f:
                 header = f.read(16)
         except FileNotFoundError:
+            wal = path + "-wal"
+            if os.path.exists(wal) and os.path.getsize(wal) > 0:
+                # SQLite would replay that log onto the new database.
+                raise StoreOpenError(
+                    f"queue database {path} does not exist, but its write-ahead log {wal} "
+                    "does: the database was deleted (the log alone cannot bring it back). "
+                    "Refusing to start. Restore the database from a backup, or, for a new "
+                    f"empty queue, delete {wal} too."
+                ) from None
             # A new install: the database is built aside and renamed into place, so a crash
             # never leaves an empty file behind (an empty file is refused below).
             self._create_new()
@@ -739,13 +750,14 @@ class Store:
         if isinstance(found, BaseException):
             raise found
         rows.sort(key=_QUEUE_ORDER)
-        table = (len(rows), sum(r[0] % _SUM_MOD for r in rows),
-                 sum(r[6] % _SUM_MOD for r in rows))
-        if found != table:
+        # (sum of x mod M) mod M == (sum of x) mod M: the table side sums at C speed.
+        table = (len(rows), sum(map(_ID_COLUMN, rows)) % _SUM_MOD,
+                 sum(map(_SEQ_COLUMN, rows)) % _SUM_MOD)
+        if (found[0], found[1] % _SUM_MOD, found[2] % _SUM_MOD) != table:
             self._rebuild_index(conn, found[0], table[0])
         jobs = [StoredJob(*r) for r in rows]
         next_id = max(int(meta.get("next_id") or 1), max_id + 1)
-        next_seq = max((j.seq for j in jobs), default=0) + 1
+        next_seq = max(map(_SEQ_COLUMN, rows), default=0) + 1
         next_seq = max(next_seq, int(meta.get("next_seq") or 1))
         log.info(
             "queue database %s: %d live jobs recovered, next id %d%s", self.path, len(jobs),
