@@ -1531,3 +1531,26 @@ def test_random_walks_keep_the_books_straight(actions, durable):
             if (cc in asleep and not noops.get(cid) and not cc.closed and not cc.draining
                     and cc not in added_while_asleep):
                 assert w.b._peek(cc) is None, f"connection {cid} sleeps while work is queued"
+
+
+def test_epoch_and_timeout_values_are_range_checked_at_the_packet():
+    """Every value that reaches the store fits SQLite's 64-bit integers: out-of-range epoch
+    times and CAN_DO_TIMEOUTs are refused with their own ERROR, before any store op."""
+    w = World()
+    c = w.conn()
+    w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"a", b"253402300799", b"x")  # 9999-12-31: accepted
+    assert recv(c) == [(T.JOB_CREATED, (h(1),))]
+    w.b.store_ops.clear()
+    for bad in (b"253402300800", str(2**63).encode(), b"-1", b"12x", b"1" * 30):
+        w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"b", bad, b"x")
+        [(t, args)] = recv(c)
+        assert t == T.ERROR and args[0] == b"INVALID_PACKET", (bad, args)
+    assert not [op for op in w.b.store_ops if op[0] == "insert"]
+    wk = w.conn()
+    w.send(wk, T.CAN_DO_TIMEOUT, FN, b"2147483647")
+    assert recv(wk) == []
+    for bad in (b"2147483648", str(2**63).encode(), b"-5", b"soon"):
+        w.send(wk, T.CAN_DO_TIMEOUT, b"other", bad)
+        [(t, args)] = recv(wk)
+        assert t == T.ERROR and b"from 0 to 2147483647" in args[1], (bad, args)
+    assert [f.name for f in wk.functions] == [FN]
