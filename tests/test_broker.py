@@ -1540,12 +1540,12 @@ def test_epoch_and_timeout_values_are_range_checked_at_the_packet():
     c = w.conn()
     w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"a", b"253402300799", b"x")  # 9999-12-31: accepted
     assert recv(c) == [(T.JOB_CREATED, (h(1),))]
-    w.b.store_ops.clear()
+    w.ops.clear()
     for bad in (b"253402300800", str(2**63).encode(), b"-1", b"12x", b"1" * 30):
         w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"b", bad, b"x")
         [(t, args)] = recv(c)
         assert t == T.ERROR and args[0] == b"INVALID_PACKET", (bad, args)
-    assert not [op for op in w.b.store_ops if op[0] == "insert"]
+    assert not [op for op in w.ops if op[0] == "insert"]
     wk = w.conn()
     w.send(wk, T.CAN_DO_TIMEOUT, FN, b"2147483647")
     assert recv(wk) == []

@@ -1061,7 +1061,8 @@ class Store:
                 "from the open copy; new jobs wait until it is back.", fault, self.path,
             )  # fmt: skip
         self.healthy = False
-        self.last_error = f"{self._fault}; rebuilding it"
+        if not self.last_error or not self.last_error.startswith(self._fault):
+            self.last_error = f"{self._fault}; rebuilding it"
         try:
             live, moved = self._rebuild()
         except (OSError, sqlite3.Error) as e:
