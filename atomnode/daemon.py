@@ -217,13 +217,13 @@ class Daemon:
 
     def _count_failed(self) -> dict[str, int] | None:
         """In a worker thread: a short read-only query; WAL readers never block the writer."""
-        from .queue.console_reads import ReadError, counts_by_function
+        from .queue.reads import StoreReader, StoreReadError
 
         try:
-            counts = counts_by_function(self.cfg.database, ("failed",))
-        except ReadError:
+            with StoreReader(self.cfg.database, timeout=0.5) as reader:
+                return reader.failed_by_function()
+        except StoreReadError:
             return None
-        return {fn: c.get("failed", 0) for fn, c in counts.items()}
 
     async def refresh_failed_count(self) -> None:
         """Count the failed jobs now (after a retry or cancel from the console)."""
@@ -245,7 +245,11 @@ class Daemon:
     async def change_jobs(self, verb: str, handles: list[str]) -> list[dict[str, Any]]:
         """The console's retry/cancel: one result per handle (``handle``, ``ok``,
         ``message``), answered once the change is committed (retry) or submitted."""
-        from .queue.console_reads import ReadError, show_job
+        from .queue.reads import StoreReader, StoreReadError
+
+        def stored_state(job_id: int) -> str | None:
+            with StoreReader(self.cfg.database) as reader:
+                return reader.state(job_id)
 
         broker, server, store = self.broker, self.server, self.store
         assert broker is not None and server is not None and store is not None
@@ -276,12 +280,12 @@ class Daemon:
                 continue
             # cancel a failed job: it leaves the failed list, kept in history as cancelled
             try:
-                row = await trio.to_thread.run_sync(show_job, self.cfg.database, job_id)
-            except ReadError as e:
+                state = await trio.to_thread.run_sync(stored_state, job_id)
+            except StoreReadError as e:
                 results.append({"handle": handle, "ok": False, "message": str(e)})
                 continue
-            if row is None or row.state != "failed":
-                why = "does not exist" if row is None else f"is {row.state}"
+            if state != "failed":
+                why = "does not exist" if state is None else f"is {state}"
                 results.append({"handle": handle, "ok": False,
                                 "message": f"job {handle} {why}: only queued or failed jobs "
                                 "can be cancelled"})

@@ -36,13 +36,7 @@ import jinja2
 import trio
 
 from .. import __version__
-from ..queue.console_reads import (
-    ReadError,
-    failed_ids,
-    list_jobs,
-    samples,
-    show_job,
-)
+from ..queue.reads import StoreReader, StoreReadError
 from ..queue.store import STATES, parse_handle
 from ..system.names import strip_atom_prefix
 from ..system.values import format_duration
@@ -219,31 +213,17 @@ def payload_preview(head: bytes, size: int) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + " …"
 
 
-def job_dict(job: Any, hostname: str, *, with_data: bool = False) -> dict[str, Any]:
-    """A stored job as the API shows it (listing rows carry the payload's size only)."""
-    name = bytes(job.function).decode("utf-8", "replace")
-    d: dict[str, Any] = {
-        "handle": f"H:{hostname}:{job.id}",
-        "id": job.id,
-        "function": name,
-        "job_class": strip_atom_prefix(name),
-        "unique": bytes(job.unique).decode("utf-8", "replace"),
-        "state": job.state,
-        "priority": ("high", "normal", "low")[job.priority] if 0 <= job.priority < 3
-        else str(job.priority),
-        "attempts": job.attempts,
-        "submitted_at": job.submitted_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
-        "worker": job.worker,
-        "reason": job.reason,
-        "result_size": job.result_size,
-    }
+def job_dict(record: dict[str, Any], *, with_data: bool = False) -> dict[str, Any]:
+    """A job record of the store's read API as the console shows it: plus the AtoM class
+    name, and (``with_data``) the payload as :func:`payload_view` describes it."""
+    d = {k: v for k, v in record.items() if k not in ("data", "data_base64", "preview")}
+    d["job_class"] = strip_atom_prefix(record["function"])
     if with_data:
-        d["size"] = len(job.data)
-        d["payload"] = payload_view(bytes(job.data))
-    else:
-        d["size"] = job.data if isinstance(job.data, int) else len(job.data)
+        if record.get("data") is not None:
+            raw = record["data"].encode("utf-8")
+        else:
+            raw = base64.b64decode(record.get("data_base64") or "")
+        d["payload"] = payload_view(raw)
     return d
 
 
@@ -520,10 +500,18 @@ class ConsoleApp:
         return {"pools": pools, "handlers": doc.get("handlers") or [], "connections": others,
                 "remote_hosts": doc.get("remote_hosts") or []}
 
-    async def _read(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    async def _read(self, method: str, *args: Any, **kw: Any) -> Any:
+        """Call a :class:`StoreReader` method in a worker thread (never on the trio thread
+        that serves Gearman), on a read-only connection of its own."""
+        path, host = self._db(), self._hostname()
+
+        def run() -> Any:
+            with StoreReader(path, hostname=host) as reader:
+                return getattr(reader, method)(*args, **kw)
+
         try:
-            return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
-        except ReadError as e:
+            return await trio.to_thread.run_sync(run)
+        except StoreReadError as e:
             raise HTTPError(503, str(e)) from None
 
     def _filters(self, req: Request, *, state: str | None = None) -> dict[str, Any]:
@@ -543,15 +531,15 @@ class ConsoleApp:
 
     async def history(self, req: Request, *, state: str | None = None) -> dict[str, Any]:
         f = self._filters(req, state=state)
-        jobs, total, previews = await self._read(
-            list_jobs, self._db(), state=f["state"], function=f["function"],
-            since=f["since"], until=f["until"], search=f["search"], limit=PAGE_SIZE,
+        found = await self._read(
+            "search", state=f["state"], function=f["function"], since=f["since"],
+            until=f["until"], text=f["search"], limit=PAGE_SIZE,
             offset=(f["page"] - 1) * PAGE_SIZE, preview=PREVIEW_BYTES)
-        host = self._hostname()
+        total = found["total"]
         out = []
-        for j, head in zip(jobs, previews):
-            d = job_dict(j, host)
-            d["preview"] = payload_preview(head, d["size"])
+        for rec in found["jobs"]:
+            d = job_dict(rec)
+            d["preview"] = payload_preview(rec["preview"], d["size"])
             out.append(d)
         return {
             "filters": {k: v for k, v in f.items() if k != "page"},
@@ -564,10 +552,10 @@ class ConsoleApp:
             job_id = parse_handle(handle)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        row = await self._read(show_job, self._db(), job_id)
+        row = await self._read("show", job_id)
         if row is None:
             raise HTTPError(404, f"no job {handle} (unknown, or pruned from the history)")
-        d = job_dict(row, self._hostname(), with_data=True)
+        d = job_dict(row, with_data=True)
         live = self.daemon.broker.jobs.get(d["handle"].encode())
         if live is not None:  # the store's row lags the broker by at most one batch
             d["state"] = "queued" if live.state in ("queued", "scheduled", "pending") \
@@ -579,7 +567,7 @@ class ConsoleApp:
             raise HTTPError(400, f"range must be one of {', '.join(RANGES)}")
         span, step = RANGES[rng]
         now = time.time()
-        rows = await self._read(samples, self._db(), now - span, step)
+        rows = await self._read("samples", now - span, step)
         return {"range": rng, "from": now - span, "to": now, "step": step, "samples": rows}
 
     # -------------------------------------------------------------- pages
@@ -616,7 +604,7 @@ class ConsoleApp:
         verb, function = req.arg("action"), req.arg("function")
         if verb not in ("retry", "cancel") or not function:
             raise HTTPError(400, "nothing to confirm")
-        ids = await self._read(failed_ids, self._db(), function)
+        ids = await self._read("failed_ids", function)
         return self.render("confirm.html", req, doc=await self.status(), verb=verb,
                            function=function, count=len(ids))
 
@@ -628,7 +616,7 @@ class ConsoleApp:
         if verb in ("retry", "cancel"):
             results = await self.daemon.change_jobs(verb, [form.get("handle", "")])
         elif verb in ("retry-all", "cancel-all"):
-            ids = await self._read(failed_ids, self._db(), form.get("function", ""))
+            ids = await self._read("failed_ids", form.get("function", ""))
             results = await self.daemon.change_jobs(
                 verb.split("-")[0], [self.daemon.store.handle(i) for i in ids])
         else:
@@ -677,7 +665,7 @@ class ConsoleApp:
         function = req.form().get("function")
         if not isinstance(function, str) or not function:
             raise HTTPError(400, "expected {\"function\": \"...\"}")
-        ids = await self._read(failed_ids, self._db(), function)
+        ids = await self._read("failed_ids", function)
         handles = [self.daemon.store.handle(i) for i in ids]
         return {"results": await self.daemon.change_jobs(verb, handles)}
 

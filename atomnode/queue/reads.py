@@ -295,3 +295,75 @@ class StoreReader:
             n += 1
         out.write("\n]\n" if n else "]\n")
         return n
+
+    # ------------------------------------------------------ for the web console
+    def search(self, *, state: str | None = None, function: str | None = None,
+               since: float | None = None, until: float | None = None,
+               text: str | None = None, limit: int = 50, offset: int = 0,
+               preview: int = 0) -> dict[str, Any]:
+        """Jobs in any state, newest first (by finished, else submitted time), one page at a
+        time: ``since``/``until`` bound that time; ``text`` is looked for in the function,
+        unique key, reason, worker and payload. With ``preview``, each record carries the
+        first ``preview`` bytes of its payload as ``preview`` (bytes).
+        Returns ``{"total", "offset", "limit", "jobs"}``."""
+        where, args = _filters(state=state, function=function)
+        clauses = [where] if where else []
+        if since is not None:
+            clauses.append("coalesce(finished_at, submitted_at) >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("coalesce(finished_at, submitted_at) < ?")
+            args.append(until)
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            clauses.append(
+                "(CAST(function AS TEXT) LIKE ? ESCAPE '\\' OR CAST(unique_key AS TEXT) LIKE ?"
+                " ESCAPE '\\' OR reason LIKE ? ESCAPE '\\' OR worker LIKE ? ESCAPE '\\'"
+                " OR CAST(data AS TEXT) LIKE ? ESCAPE '\\')")
+            args += [like] * 5
+        sql_where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        cols = _SELECT.replace("data,", "length(data) AS data_size, substr(data, 1, ?) AS data,")
+        try:
+            with self._lock:
+                total = self._conn.execute(
+                    f"SELECT count(*) FROM jobs{sql_where}", args).fetchone()[0]
+                cur = self._conn.execute(
+                    f"SELECT {cols} FROM jobs{sql_where}"
+                    " ORDER BY coalesce(finished_at, submitted_at) DESC, id DESC"
+                    " LIMIT ? OFFSET ?", [preview] + args + [limit, offset])
+                names = [d[0] for d in cur.description]
+                rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        except sqlite3.Error as e:
+            raise StoreReadError(f"cannot read the queue database {self.path}: {e}") from None
+        jobs = []
+        for r in rows:
+            rec = job_record(r, self.hostname)
+            rec["size"] = r["data_size"]
+            if preview:
+                rec["preview"] = bytes(r["data"])
+            jobs.append(rec)
+        return {"total": total, "offset": offset, "limit": limit, "jobs": jobs}
+
+    def failed_by_function(self) -> dict[str, int]:
+        """Failed jobs per function (functions without any left out)."""
+        return {_text(r["function"]): r["n"] for r in self._query(
+            "SELECT function, count(*) AS n FROM jobs WHERE state = 'failed' GROUP BY function")}
+
+    def failed_ids(self, function: str) -> list[int]:
+        """Ids of the failed jobs of exactly ``function``, oldest first ("retry all")."""
+        return [r["id"] for r in self._query(
+            "SELECT id FROM jobs WHERE state = 'failed' AND function = ? ORDER BY id",
+            (function.encode(),))]
+
+    def samples(self, since: float, step: float) -> list[dict[str, Any]]:
+        """The console's chart samples since ``since``, per function, in ``step``-second
+        buckets (counts summed; queue depth averaged and its maximum; waits averaged
+        (p50) and their maximum (p95)), oldest first."""
+        rows = self._query(
+            "SELECT CAST(at / ? AS INTEGER) * ? AS t, function, sum(completed) AS c,"
+            " sum(failed) AS f, avg(queued) AS q, max(queued) AS qm, avg(wait_p50) AS w50,"
+            " max(wait_p95) AS w95 FROM samples WHERE at >= ? GROUP BY t, function ORDER BY t",
+            (step, step, since))
+        return [{"at": r["t"], "function": _text(r["function"]), "completed": r["c"],
+                 "failed": r["f"], "queued": r["q"], "queued_max": r["qm"],
+                 "wait_p50": r["w50"], "wait_p95": r["w95"]} for r in rows]
