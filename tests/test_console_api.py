@@ -371,3 +371,40 @@ async def test_workers_page_lists_worker_hosts_pools(tmp_path):
         assert host["host"] == "work1" and host["pools"][0]["workers"][0]["pid"] == 4242
         page = (await arequest(d, "GET", "/workers")).text
         assert "Worker host work1" in page and "4242" in page and "H:x:9" in page
+
+
+async def _asgi_get(app, path: str, client: str, headers: list | None = None) -> tuple:
+    """One request straight into the ASGI app, as if from ``client`` (no sockets: the
+    address a non-loopback peer would have)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"",
+             "headers": headers or [], "client": (client, 40000)}
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_remote_peers_obey_allow_list_and_credential(tmp_path):
+    from atomnode.console.app import ConsoleApp
+
+    pw_hash = hash_password("s3cret", n=2**10)
+    async with console_daemon(tmp_path, allow=("192.0.2.0/24",), http_user="archivist",
+                              http_password_hash=pw_hash) as d:
+        app = ConsoleApp(d)
+        status, body = await _asgi_get(app, "/api/status", "198.51.100.4")
+        assert status == 403 and b"allow list" in body  # not in allow: refused outright
+        status, _ = await _asgi_get(app, "/api/status", "192.0.2.10")
+        assert status == 401  # allowed network, but remote: log in
+        good = b"Basic " + base64.b64encode(b"archivist:s3cret")
+        status, body = await _asgi_get(app, "/api/status", "192.0.2.10",
+                                       [(b"authorization", good)])
+        assert status == 200 and json.loads(body)["functions"] == []
+    async with console_daemon(tmp_path, allow=("192.0.2.0/24",)) as d:
+        status, body = await _asgi_get(ConsoleApp(d), "/", "192.0.2.10")
+        assert status == 403 and b"only requests made on this machine" in body
