@@ -26,7 +26,13 @@ import trio
 from . import __version__
 from .gearman.admin import Admin
 from .gearman.broker import Broker, Conn, Function
-from .system.access import listen_problem, loopback_only, parse_networks, peer_allowed
+from .system.access import (
+    is_loopback,
+    listen_problem,
+    loopback_only,
+    parse_networks,
+    peer_allowed,
+)
 from .system.config import (
     Config,
     ConfigError,
@@ -335,6 +341,15 @@ class Daemon:
         while True:
             await self.refresh_failed_count()
             await trio.sleep(3.0)
+
+    def may_operate(self, ip: str) -> bool:
+        """May a peer at ``ip`` change state (retry, cancel) from the console? The admin
+        protocol's rule: loopback (a local proxy included: its users have logged in), or
+        the admin's operator networks where configured."""
+        if is_loopback(ip):
+            return True
+        check = getattr(self.admin, "is_operator_address", None)
+        return bool(check is not None and check(ip))
 
     def peer_allowed(self, ip: str) -> bool:
         """May a peer at ``ip`` use this daemon's ports (Gearman and the web console)?

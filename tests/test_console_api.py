@@ -373,18 +373,19 @@ async def test_workers_page_lists_worker_hosts_pools(tmp_path):
         assert "Worker host work1" in page and "4242" in page and "H:x:9" in page
 
 
-async def _asgi_get(app, path: str, client: str, headers: list | None = None) -> tuple:
+async def _asgi_get(app, path: str, client: str, headers: list | None = None, *,
+                    method: str = "GET", body: bytes = b"") -> tuple:
     """One request straight into the ASGI app, as if from ``client`` (no sockets: the
     address a non-loopback peer would have)."""
     sent: list[dict] = []
 
     async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(msg: dict) -> None:
         sent.append(msg)
 
-    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"",
+    scope = {"type": "http", "method": method, "path": path, "query_string": b"",
              "headers": headers or [], "client": (client, 40000)}
     await app(scope, receive, send)
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
@@ -405,6 +406,13 @@ async def test_remote_peers_obey_allow_list_and_credential(tmp_path):
         status, body = await _asgi_get(app, "/api/status", "192.0.2.10",
                                        [(b"authorization", good)])
         assert status == 200 and json.loads(body)["functions"] == []
+        # Changes follow the admin protocol's rule: this machine, or operator networks.
+        status, body = await _asgi_get(
+            app, "/api/jobs/retry", "192.0.2.10",
+            [(b"authorization", good), (b"content-type", b"application/json")],
+            method="POST", body=b'{"handles": ["H:x:1"]}')
+        assert status == 403 and b"operator networks" in body
+        assert d.may_operate("127.0.0.1") and not d.may_operate("192.0.2.10")
     async with console_daemon(tmp_path, allow=("192.0.2.0/24",)) as d:
         status, body = await _asgi_get(ConsoleApp(d), "/", "192.0.2.10")
         assert status == 403 and b"only requests made on this machine" in body

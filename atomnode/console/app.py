@@ -381,8 +381,9 @@ class ConsoleApp:
         if self.daemon.cfg.http_read_only:
             raise HTTPError(403, "the console is read-only (http.read_only)")
         may = getattr(self.daemon, "may_operate", None)
-        if may is not None and not req.user and not may(req.client, local=req.local):
-            raise HTTPError(403, "changes are not accepted from this address")
+        if may is not None and not may(req.client):
+            raise HTTPError(403, f"changes are accepted only from this machine or the "
+                            f"operator networks, not from {req.client}")
         ctype = req.headers.get(b"content-type", b"").split(b";")[0].strip()
         if ctype == b"application/json":
             return
