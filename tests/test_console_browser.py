@@ -59,6 +59,7 @@ def _fail_one_job(tmp_path: Path) -> str:
 
 
 async def test_console_in_chromium(tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -91,32 +92,42 @@ async def test_console_in_chromium(tmp_path):
 
         def browse() -> None:
             drv = _driver(tmp_path)
-            wait = WebDriverWait(drv, 20, poll_frequency=0.1)
+            # The page swaps its main region every two seconds (live refresh): every
+            # look-up is made afresh inside a wait, and a stale element is looked up again.
+            wait = WebDriverWait(drv, 20, poll_frequency=0.1,
+                                 ignored_exceptions=(StaleElementReferenceException,))
+
+            def css(sel: str):
+                return drv.find_element(By.CSS_SELECTOR, sel)
+
+            def click(sel: str, xpath: str | None = None) -> bool:
+                el = css(sel)
+                (el.find_element(By.XPATH, xpath) if xpath else el).click()
+                return True
+
             try:
                 # Overview: the known function's queued count.
                 drv.get(base + "/")
-                row = drv.find_element(By.CSS_SELECTOR, f'tr[data-function="{MOVE}"]')
-                assert row.find_element(By.CSS_SELECTOR, "th").text.startswith("arObjectMoveJob")
-                assert row.find_element(By.CSS_SELECTOR, '[data-col="queued"]').text == "3"
-                assert drv.find_element(By.CSS_SELECTOR, '[data-field="queued"]').text == "3"
+                row = f'tr[data-function="{MOVE}"]'
+                wait.until(lambda _: css(row + " th").text.startswith("arObjectMoveJob"))
+                wait.until(lambda _: css(row + ' [data-col="queued"]').text == "3")
+                wait.until(lambda _: css('[data-field="queued"]').text == "3")
                 drv.save_screenshot(str(shots / "overview.png"))
 
                 # Workers: the pool worker's PID, reached by keyboard-followable links.
                 drv.find_element(By.LINK_TEXT, "Workers").click()
                 wait.until(lambda x: "Pool atom" in x.page_source)
-                pids = [e.text for e in drv.find_elements(By.CSS_SELECTOR, "td.pid")]
-                assert str(pid) in pids
+                wait.until(lambda x: str(pid) in [
+                    e.text for e in x.find_elements(By.CSS_SELECTOR, "td.pid")])
                 drv.save_screenshot(str(shots / "workers.png"))
 
                 # Failed jobs: retry with the button, then see the job run (done).
                 drv.find_element(By.LINK_TEXT, "Failed jobs").click()
-                row = wait.until(lambda x: x.find_element(
-                    By.CSS_SELECTOR, f'tr[data-handle="{failed_handle}"]'))
-                assert "Elasticsearch unreachable" in row.text
+                row = f'tr[data-handle="{failed_handle}"]'
+                wait.until(lambda _: "Elasticsearch unreachable" in css(row).text)
                 drv.save_screenshot(str(shots / "failed.png"))
-                row.find_element(By.XPATH, ".//button[normalize-space()='Retry']").click()
-                flash = wait.until(lambda x: x.find_element(By.CSS_SELECTOR, ".flash"))
-                assert "queued again" in flash.text
+                wait.until(lambda _: click(row, ".//button[normalize-space()='Retry']"))
+                wait.until(lambda _: "queued again" in css(".flash").text)
                 drv.get(base + "/jobs/" + failed_handle)
                 wait.until(lambda x: x.find_element(By.CSS_SELECTOR, ".state").text == "done")
                 drv.save_screenshot(str(shots / "job.png"))

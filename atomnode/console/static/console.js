@@ -55,7 +55,6 @@
     if (busy() || document.hidden) return Promise.resolve();
     var url = new URL(window.location.href);
     url.searchParams.set("fragment", "1");
-    url.searchParams.delete("done");
     return fetch(url, {credentials: "same-origin"})
       .then(function (r) { return r.ok ? r.text() : null; })
       .then(function (html) {
