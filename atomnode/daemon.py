@@ -133,6 +133,10 @@ class Daemon:
         #: Why the daemon serves loopback only although configured otherwise (issue 14).
         self.access_error: str | None = None
         self.remote_registry: Any = None  # a worker host's RemoteRegistry
+        # AtoM job records to mark failed: (marker, AtoM job id, reason), done in a thread.
+        self._atom_markers: list[Any] = []
+        self._atom_pending: list[tuple[Any, int, str]] = []
+        self._atom_wake: trio.Event | None = None
 
     # ----------------------------------------------------------------- config
     def max_attempts(self, function: bytes) -> int:
@@ -151,9 +155,46 @@ class Daemon:
     def _apply_runtime_config(self) -> None:
         broker = self.broker
         assert broker is not None
-        broker.set_concurrency((g.name, g.functions, g.max) for g in self.cfg.concurrency)
+        from .ops.atom_jobs import SiteMarker
+
+        old = {(m.root, m.prefix): m for m in self._atom_markers}
+        self._atom_markers = [
+            old.get((s.root, s.prefix)) or SiteMarker(s.root, s.prefix)
+            for s in self.cfg.atom_sites
+            if s.mark_failed_jobs
+        ]
+        broker.set_concurrency(
+            (g.name, g.functions, g.max, g.span_sites) for g in self.cfg.concurrency
+        )
         for fn in broker.functions.values():
             self._function_defaults(fn)
+
+    def _on_given_up(self, job: Any, conn: Conn | None, reason: str) -> None:
+        """The broker gave a job up: its worker's slot restarts at once (the cause is set
+        aside), and AtoM's own record of the job is marked failed where configured."""
+        if conn is not None and self.supervisor is not None:
+            self.supervisor.job_given_up(conn.id, conn.client_id.decode("utf-8", "replace"))
+        if not self._atom_markers or not job.background:
+            return
+        from .ops.atom_jobs import atom_job_id
+
+        name = job.function.name.decode("utf-8", "replace")
+        marker = next((m for m in self._atom_markers if m.owns(name)), None)
+        atom_id = atom_job_id(job.data) if marker is not None else None
+        if marker is None or atom_id is None:
+            return
+        self._atom_pending.append((marker, atom_id, f"{reason} (job {job.handle.decode()})"))
+        if self._atom_wake is not None:
+            self._atom_wake.set()
+
+    async def _atom_marker_task(self) -> None:
+        """Marks AtoM job records failed, one at a time, in a worker thread."""
+        while True:
+            self._atom_wake = trio.Event()
+            while self._atom_pending:
+                marker, atom_id, reason = self._atom_pending.pop(0)
+                await trio.to_thread.run_sync(marker.mark_failed, atom_id, reason)
+            await self._atom_wake.wait()
 
     def _pool_servers(self) -> tuple[str, ...]:
         if not self.server or not self.server.bound:
@@ -436,6 +477,7 @@ class Daemon:
                 first_id=recovery.next_id, first_seq=recovery.next_seq,
             )
             broker.on_new_function = self._function_defaults
+            broker.on_given_up = self._on_given_up
             self._apply_runtime_config()
             t0 = time.monotonic()
             restored = broker.restore(recovery.jobs)
@@ -503,6 +545,7 @@ class Daemon:
                     await nursery.start(self._serve_console, http_sock)
                 if self.store.unclean_shutdown:
                     nursery.start_soon(self._integrity_task)
+                nursery.start_soon(self._atom_marker_task)
                 interval = watchdog_interval()
                 if interval:
                     nursery.start_soon(watchdog_task, self.notifier, interval / 3, self.healthy)
@@ -580,6 +623,10 @@ class Daemon:
                                          default_servers=self._pool_servers())
             if self.remote_registry is not None:
                 self.remote_registry.snapshot = self.supervisor.snapshot
+            if self.broker is not None and isinstance(registry, WorkerRegistry):
+                # `status` counts a healthy pool while it replaces a worker (docs/workers.md).
+                self.broker.on_can_do = self.supervisor.function_registered
+                self.broker.standby = self.supervisor.capacity
             await nursery.start(self.supervisor.run)
 
     async def _start_handler(self, nursery: trio.Nursery, h: Any) -> None:

@@ -3,7 +3,7 @@
 # Usage: scripts/sysdeps.sh run|test|bench
 set -e
 run_pkgs="python3 python3-venv"
-test_pkgs="$run_pkgs gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2 util-linux mount e2fsprogs chromium chromium-driver"
+test_pkgs="$run_pkgs gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2 util-linux mount e2fsprogs chromium chromium-driver mariadb-server"
 case "${1:-run}" in
   run) pkgs=$run_pkgs ;;
   test) pkgs=$test_pkgs ;;
@@ -32,3 +32,13 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
 elif [ -x /etc/init.d/gearman-job-server ]; then
   /etc/init.d/gearman-job-server stop >/dev/null 2>&1 || true
 fi
+# mariadb-server is there for the tests' own throwaway instances (tests/mariadb_server.py,
+# unprivileged, in a temporary directory): stop the system service it may have started.
+case " $missing " in
+  *" mariadb-server "*)
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl disable --now mariadb >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/mariadb ]; then
+      /etc/init.d/mariadb stop >/dev/null 2>&1 || true
+    fi ;;
+esac

@@ -1111,6 +1111,46 @@ def test_concurrency_limit_two():
     assert w.grab(wk) == NO_JOB
 
 
+def test_concurrency_group_applies_per_atom_site_unless_it_spans_sites():
+    # Two AtoM sites (md5 prefixes, and a 2.2 site's "ROOT - " prefix) share the server:
+    # each site's moves are serialised, but one site's move does not hold up another's.
+    site_a = b"0123456789abcdef0123456789abcdef-arObjectMoveJob"
+    site_b = b"fedcba9876543210fedcba9876543210-arObjectMoveJob"
+    site_c = b"/srv/atom 2.2 - arObjectMoveJob"
+    for span, expected in ((False, 3), (True, 1)):
+        w = World()
+        w.b.set_concurrency([("moves", ["arObjectMoveJob"], 1, span)])
+        c = w.conn()
+        wk = w.worker(site_a, site_b, site_c)
+        for fn in (site_a, site_a, site_b, site_c):
+            w.submit(c, fn=fn)
+        got = []
+        while (r := w.grab(wk))[0] == T.JOB_ASSIGN:
+            got.append(r[1][1])
+        assert len(got) == expected, (span, got)
+        if not span:
+            assert sorted(got) == sorted([site_a, site_b, site_c])
+            assert len(w.b.groups) == 3
+            assert {g.site for g in w.b.groups} == {
+                "0123456789abcdef0123456789abcdef-", "fedcba9876543210fedcba9876543210-",
+                "/srv/atom 2.2 - "}
+
+
+def test_hooks_for_registration_and_given_up_jobs():
+    seen: list = []
+    w = World(max_attempts=1)
+    w.b.on_can_do = lambda name: seen.append(("can_do", name))
+    w.b.on_given_up = lambda job, conn, reason: seen.append(("given_up", job.handle, conn, reason))
+    c = w.conn()
+    wk = w.worker(FN)
+    w.worker(FN)  # a second registration of FN by another worker is reported too
+    handle = w.submit(c, t=T.SUBMIT_JOB_BG)
+    w.grab(wk)
+    w.b.disconnect(wk)
+    assert seen == [("can_do", FN), ("can_do", FN),
+                    ("given_up", handle, wk, "worker disconnected; gave up after 1 attempts")]
+
+
 # --------------------------------------------------------- operator actions
 
 

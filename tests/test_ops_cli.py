@@ -4,6 +4,7 @@ test: a tiny threaded TCP server answering the admin commands and Gearman submit
 from __future__ import annotations
 
 import io
+import os
 import json
 import socketserver
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_atom_helpers import make_atom_tree
+from atom_trees import make_atom_release
 from test_systemd import running_daemon
 
 from atomnode.system import config as config_mod
@@ -399,11 +400,27 @@ def doctor_lines(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[i
     return rc, capsys.readouterr().out.splitlines()
 
 
+#: The AtoM tree's job classes (tests/atom_trees.py WORKER_TYPES_29 without SWORD).
+CLASSES = ["arFindingAidJob", "arInheritRightsJob", "arObjectMoveJob",
+           "arUpdatePublicationStatusJob", "arFileImportJob"]
+#: Site values that would come from MySQL: SWORD disabled (AtoM's default).
+NO_MYSQL = ["--plugins", ""]
+
+
 def atom_setup(
-    tmp_path: Path, fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake: FakeDaemon, monkeypatch: pytest.MonkeyPatch, **kw: Any
 ) -> tuple[Path, str]:
-    root = make_atom_tree(tmp_path / "atom", server=f"127.0.0.1:{fake.port}", workers_key="k")
-    monkeypatch.setattr(doctor, "ATOM_CHECK_PORT", fake.port)
+    """A newest-release AtoM tree served on the fake daemon's (random, not 4730) port; its
+    MySQL and Elasticsearch are stood in for by listening sockets."""
+    es = socket.socket()
+    es.bind(("127.0.0.1", 0))
+    es.listen()
+    monkeypatch.setattr(doctor, "check_mysql", lambda db, timeout=3.0: None)
+    root = make_atom_release(
+        tmp_path / "atom", server=f"127.0.0.1:{fake.port}", workers_key="k",
+        search=("127.0.0.1", es.getsockname()[1]), **kw,
+    )
+    monkeypatch.setattr(doctor, "_es_listener", es, raising=False)  # closed with the test
     cfg = tmp_path / "atomnode.yml"
     cfg.write_text(f"listen: [127.0.0.1:{fake.port}]\ndatabase: {tmp_path}/q.db\n")
     return root, str(cfg)
@@ -414,16 +431,22 @@ def test_doctor_all_good(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     root, cfg = atom_setup(tmp_path, fake, monkeypatch)
-    prefix = read_atom_site(str(root)).prefix
-    classes = ["arFindingAidJob", "arInheritRightsJob", "arObjectMoveJob", "arFileImportJob"]
-    fake.status_lines = [f"{prefix}{c}\t0\t0\t1" for c in classes]
-    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg])
+    prefix = read_atom_site(str(root), mysql=False, plugins=[]).prefix
+    fake.status_lines = [f"{prefix}{c}\t0\t0\t1" for c in CLASSES]
+    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg, *NO_MYSQL])
     assert rc == 0, lines
+    # A healthy site served on another port than 4730: no FAIL, no WARN.
     assert all(line.startswith("OK") for line in lines), lines
     text = "\n".join(lines)
     assert f"the daemon answers at 127.0.0.1:{fake.port} (atomnode 0.1.0, pid 4242)" in text
-    assert f"all 4 AtoM job classes have a worker under {prefix}" in text
-    assert "pool atom: 2 worker(s) running" in text
+    assert "AtoM 2.9.0 at " in text and "release family 2.5.2+" in text
+    assert f"AtoM's web app and workers use 127.0.0.1:{fake.port}, which answers" in text
+    assert "MySQL at /var/run/mysqld/mysqld.sock answers to 'atom'" in text
+    assert "Elasticsearch at 127.0.0.1:" in text
+    assert "qtSwordPluginWorker not checked: qtSwordPlugin is disabled" in text
+    assert f"all 5 enabled AtoM job classes have a worker under {prefix!r}" in text
+    assert "pool atom: 2 worker(s) registered" in text
+    assert "4730" not in text.replace(str(fake.port), "")
     assert "the queue database is healthy" in text
     assert "50.0 GiB free" in text
 
@@ -443,12 +466,13 @@ def test_doctor_explains_no_gearman_worker_available(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     root, cfg = atom_setup(tmp_path, fake, monkeypatch)
-    prefix = read_atom_site(str(root)).prefix
+    prefix = read_atom_site(str(root), mysql=False, plugins=[]).prefix
     wrong = atom_function_prefix("/var/www/other-path", "k")
     fake.status_lines = [
         f"{prefix}arFindingAidJob\t0\t0\t1",
         f"{prefix}arInheritRightsJob\t0\t0\t1",
         f"{prefix}arObjectMoveJob\t2\t0\t0",  # known, but its worker went away
+        f"{prefix}arUpdatePublicationStatusJob\t0\t0\t1",
         f"{wrong}arFileImportJob\t0\t0\t1",  # a worker started from another root
     ]
     fake.status_json = full_status(
@@ -462,7 +486,7 @@ def test_doctor_explains_no_gearman_worker_available(
             }
         ]
     )
-    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg])
+    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg, *NO_MYSQL])
     assert rc == 1
     fails = [line for line in lines if line.startswith("FAIL")]
     assert len(fails) == 2, lines
@@ -471,9 +495,9 @@ def test_doctor_explains_no_gearman_worker_available(
         'AtoM will say "No Gearman worker available that can handle the job arObjectMoveJob"'
         in fails[0]
     )
-    assert f"expected function {prefix}arObjectMoveJob" in fails[0]
+    assert f"expected function '{prefix}arObjectMoveJob'" in fails[0]
     assert "no worker for arFileImportJob" in fails[1]
-    assert f"registered under another prefix ({wrong})" in fails[1]
+    assert f"registered under another prefix ('{wrong}')" in fails[1]
     assert any(
         line.startswith("WARN") and f"2 job(s) wait for {prefix}arObjectMoveJob" in line
         for line in lines
@@ -510,7 +534,8 @@ def test_doctor_reports_pools_store_and_disk(
         in text
     )
     assert "FAIL  the queue database is failing: database or disk is full" in text
-    assert "WARN  2 job(s) failed for good" in text
+    assert "WARN  2 background job(s) failed for good (their worker reported a failure" in text
+    assert "poison" not in text
     assert f"FAIL  only 50 MiB free on the disk holding the queue ({tmp_path}/sub/q.db)" in text
     # A state and a detail that does not repeat it are both shown.
     fake.status_json["pools"][0]["workers"][0]["detail"] = "next try in 8s"  # type: ignore[index]
@@ -532,25 +557,118 @@ def test_doctor_reports_pools_store_and_disk(
     assert any(line.startswith("WARN  only 512 MiB free") for line in lines)
 
 
-def test_doctor_atom_on_another_port(
+def test_doctor_atom_server_not_answering(
     fake: FakeDaemon, tmp_path: Path, disk: dict[str, int], capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    # AtoM points at a port where nothing answers, and port "4730" is empty too.
     dead = free_port()
-    monkeypatch.setattr(doctor, "ATOM_CHECK_PORT", free_port())
-    root = make_atom_tree(tmp_path / "atom", server=f"127.0.0.1:{dead}")
-    rc, lines = doctor_lines(capsys, [str(root), *addr(fake)])
+    root, _cfg = atom_setup(tmp_path, fake, monkeypatch)
+    (root / "config" / "gearman.yml").write_text(
+        (root / "config" / "gearman.yml").read_text().replace(str(fake.port), str(dead)))
+    rc, lines = doctor_lines(capsys, [str(root), *addr(fake), *NO_MYSQL])
     assert rc == 1
     text = "\n".join(lines)
     assert (
-        f"FAIL  AtoM's config/gearman.yml points at 127.0.0.1:{dead} but nothing answers there"
-        in text
+        f"FAIL  AtoM's web app and workers use 127.0.0.1:{dead} (config/gearman.yml) but nothing "
+        f"answers there: make atomnode listen on 127.0.0.1:{dead}" in text
     )
+    assert "also checks port" not in text
+
+
+def test_doctor_mysql_elasticsearch_and_stale_cache(
+    fake: FakeDaemon, tmp_path: Path, disk: dict[str, int], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    dead = free_port()
+    root, cfg = atom_setup(
+        tmp_path, fake, monkeypatch, cached_servers={"cli": f"127.0.0.1:{dead}"})
+    monkeypatch.undo()  # the real MySQL check: nothing at the socket path of this tree
+    disk_free = {"bytes": 50 * 1024**3}
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: Usage(1, 0, disk_free["bytes"]))
+    config_php = root / "config" / "config.php"
+    config_php.write_text(config_php.read_text().replace(
+        "mysql:dbname=atom;port=3306", f"mysql:dbname=atom;unix_socket={tmp_path}/no.sock"))
+    (root / "config" / "search.yml").write_text(f"all:\n  server:\n    port: {dead}\n")
+    prefix = read_atom_site(str(root), mysql=False, plugins=[]).prefix
+    fake.status_lines = [f"{prefix}{c}\t0\t0\t1" for c in CLASSES]
+    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg, "--plugins", ""])
+    assert rc == 1
+    fails = [line for line in lines if line.startswith("FAIL")]
+    assert len(fails) == 3, lines
+    assert fails[0].startswith(
+        f"FAIL  cannot connect to MySQL at {tmp_path}/no.sock as 'atom' (from config/config.php)")
+    assert "start MySQL or fix the DSN and credentials in" in fails[0]
+    # No host in config/search.yml: the plugin default (127.0.0.1) applies, as in symfony.
+    assert fails[1].startswith(f"FAIL  Elasticsearch at 127.0.0.1:{dead} (config/search.yml) "
+                               "does not answer")
+    assert fails[2] == (
+        "FAIL  symfony's cache (cache/qubit/cli/config/config_gearman.yml.php) still says "
+        f"servers 127.0.0.1:{dead} but config/gearman.yml says 127.0.0.1:{fake.port}: clear the "
+        f"cache with `php symfony cc` in {os.path.realpath(root)}, then `systemctl reload atomnode`"
+    )
+
+
+def test_doctor_notices_workers_that_never_registered(
+    fake: FakeDaemon, tmp_path: Path, disk: dict[str, int], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # A worker reading a stale cached gearman.yml connects elsewhere: it runs but never
+    # registers. "1 worker running" would be a false OK.
+    root, cfg = atom_setup(tmp_path, fake, monkeypatch)
+    fake.status_json = full_status(pools=[{"name": "atom", "count": 1, "workers": [
+        {"pid": 321, "state": "starting", "job": None, "jobs_done": 0, "rss_mb": 30.0,
+         "uptime": 95.0, "detail": ""}]}])  # fmt: skip
+    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg, *NO_MYSQL])
+    assert rc == 1
+    text = "\n".join(lines)
     assert (
-        f"AtoM's config/gearman.yml uses port {dead}, but AtoM's Gearman client also checks port"
+        "FAIL  pool atom: worker(s) 321 have run for over 60s without registering with atomnode"
         in text
     )
+    assert f"`php symfony cc` in {os.path.realpath(root)}, then `systemctl reload atomnode`" in text
+    assert "worker(s) registered" not in text
+
+
+def test_doctor_sword_checked_when_its_plugin_is_enabled(
+    fake: FakeDaemon, tmp_path: Path, disk: dict[str, int], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    root, cfg = atom_setup(tmp_path, fake, monkeypatch)
+    prefix = read_atom_site(str(root), mysql=False, plugins=[]).prefix
+    fake.status_lines = [f"{prefix}{c}\t0\t0\t1" for c in CLASSES]
+    rc, lines = doctor_lines(capsys, [str(root), "--config", cfg, "--plugins", "qtSwordPlugin"])
+    assert rc == 1
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        'FAIL  no worker for qtSwordPluginWorker: AtoM will say "No Gearman worker available '
+        'that can handle the job qtSwordPluginWorker" (expected function '
+        f"'{prefix}qtSwordPluginWorker')"
+    ]
+
+
+def test_doctor_old_releases(
+    fake: FakeDaemon, tmp_path: Path, disk: dict[str, int], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(doctor, "check_mysql", lambda db, timeout=3.0: None)
+    root = make_atom_release(tmp_path / "a", "2.0.2-2.1", server=f"127.0.0.1:{fake.port}",
+                             search=None)
+    fake.status_lines = ["qtSwordPluginWorker\t0\t0\t1"]
+    rc, lines = doctor_lines(capsys, [str(root), *addr(fake)])
+    assert rc == 0, lines
+    text = "\n".join(lines)
+    assert "worker task tools:gearman-worker): no function prefix" in text
+    assert "all 1 enabled AtoM job classes have a worker" in text
+    root = make_atom_release(tmp_path / "b", "2.2", server=f"127.0.0.1:{fake.port}", search=None)
+    real = os.path.realpath(root)
+    fake.status_lines = [f"{real} - arGenerateFindingAidJob\t0\t0\t1",
+                         f"{real} - arInheritRightsJob\t0\t0\t0"]
+    rc, lines = doctor_lines(capsys, [str(root), *addr(fake), *NO_MYSQL])
+    assert rc == 1
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        'FAIL  no worker for arInheritRightsJob: AtoM will say "No Gearman worker available that '
+        f"can handle the job arInheritRightsJob\" (expected function '{real} - arInheritRightsJob')"
+    ]
 
 
 def test_doctor_bad_atom_root(

@@ -320,11 +320,16 @@ async def test_recycle_by_max_jobs_only_when_idle(patient_clock: Any) -> None:
         await trio.sleep(20)
         assert events(sup, "recycle") == [] and live_pids(sup) == [pid]
         reg.set(conn, jobs=())
+        # The replacement starts first; the old worker keeps serving until it registers.
         await sup.wait_until(lambda: len(events(sup, "spawned")) == 2)
         (rec,) = events(sup, "recycle")
         assert "3 jobs done (max_jobs 3)" in rec[5]
+        assert reg.drained == [] and alive(pid)
+        new_pid = events(sup, "spawned")[-1][5]
+        reg.add(client_id=f"pid_{new_pid}_b", abilities=("F",))
+        await exits(pid)
         assert reg.drained == [conn.conn_id]
-        assert not alive(pid)
+        await sup.wait_until(lambda: live_pids(sup) == [new_pid])
         assert events(sup, "backoff") == []  # a recycle is not a failure
         del reg.conns[conn.conn_id]
 
@@ -540,3 +545,49 @@ async def test_atom_like_php_worker_against_gearmand(tmp_path: Any) -> None:
                 assert events(sup, "exited")[1][5] == 1
     finally:
         g.stop()
+
+
+# ---------------------------------------------------------------- capacity for `status`
+
+
+async def test_capacity_counts_a_proven_pool_while_its_worker_restarts(
+    patient_clock: Any, tmp_path: Any,
+) -> None:
+    reg = FakeRegistry()
+    fn = "0123456789abcdef0123456789abcdef-arFindingAidJob"
+    # The first worker exits 111 (planned) after a while, the next one stays up (and never
+    # registers); another pool crashes.
+    flag = tmp_path / "second"
+    script = f"if [ -e {flag} ]; then sleep 1000; else touch {flag}; sleep 5; exit 111; fi"
+    cfg = pool(command=sh(script), count=1, functions=("arFindingAidJob",))
+    bad = pool("bad", command=sh("exit 3"), functions=(fn,), backoff_initial=100)
+    async with running([cfg, bad], reg, check_interval=1, register_grace=30) as sup:
+        # Not proven yet: no worker has registered the function.
+        assert sup.capacity(fn) == 0
+        (pid,) = live_pids(sup)
+        reg.add(client_id=f"pid_{pid}_a", abilities=(fn,))
+        sup.function_registered(fn.encode())
+        assert sup.capacity(fn) == 1 + 0  # the crashing pool never counts
+        assert sup.capacity("0123456789abcdef0123456789abcdef-arOtherJob") == 0
+        # Planned exit: the slot restarts, and counts all the while.
+        await exits(pid)
+        reg.conns.clear()
+        await sup.wait_until(lambda: len(events(sup, "spawned", "atom")) == 2)
+        assert sup.capacity(fn) == 1
+        # A process that never registers stops counting after register_grace.
+        await trio.sleep(31)
+        assert sup.capacity(fn) == 0
+
+
+async def test_a_given_up_job_ends_the_crash_backoff(patient_clock: Any) -> None:
+    reg = FakeRegistry()
+    cfg = pool(command=sh("sleep 2; exit 1"), backoff_initial=100, backoff_max=100)
+    async with running([cfg], reg, check_interval=1) as sup:
+        (pid,) = live_pids(sup)
+        conn = reg.add(client_id=f"pid_{pid}_a", jobs=("H:t:1",))
+        await sup.wait_until(lambda: bool(events(sup, "backoff")))  # the first crash backs off
+        t0 = trio.current_time()
+        del reg.conns[conn.conn_id]
+        sup.job_given_up(conn.conn_id, f"pid_{pid}_a")
+        await sup.wait_until(lambda: len(events(sup, "spawned")) == 2)
+        assert trio.current_time() - t0 < 1  # not the 100 s backoff

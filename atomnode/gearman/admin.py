@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from . import hosts
-from ..system.names import strip_atom_prefix
+from ..system.names import split_atom_prefix
 from ..system.access import is_loopback
 from .broker import PENDING, PRIORITY_NAMES, RUNNING, SCHEDULED, Conn
 
@@ -70,10 +70,19 @@ class Admin:
     def _workers(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
         return self.workers(server)
 
+    @staticmethod
+    def _capable(broker: Any, fn: Any) -> int:
+        """Capable workers: those connected now, or more while a healthy pool that serves
+        the function replaces one (docs/workers.md, "What status reports")."""
+        if broker.standby is None:
+            return len(fn.workers)
+        return max(len(fn.workers), broker.standby(fn.name))
+
     def _status(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+        broker = server.broker
         out = [
-            b"%s\t%d\t%d\t%d\n" % (fn.name, fn.total, fn.running, len(fn.workers))
-            for fn in server.broker.functions.values()
+            b"%s\t%d\t%d\t%d\n" % (fn.name, fn.total, fn.running, self._capable(broker, fn))
+            for fn in broker.functions.values()
         ]
         out.append(b".\n")
         return b"".join(out)
@@ -82,7 +91,8 @@ class Admin:
         out = []
         for fn in server.broker.functions.values():
             h, n, lo = fn.counts_by_priority()
-            out.append(b"%s\t%d\t%d\t%d\t%d\n" % (fn.name, h, n, lo, len(fn.workers)))
+            capable = self._capable(server.broker, fn)
+            out.append(b"%s\t%d\t%d\t%d\t%d\n" % (fn.name, h, n, lo, capable))
         out.append(b".\n")
         return b"".join(out)
 
@@ -199,11 +209,12 @@ class Admin:
             queued += fn.queued
             running += fn.running
             name = fn.name.decode("utf-8", "replace")
-            job_class = strip_atom_prefix(name)
+            prefix, job_class = split_atom_prefix(name)
             functions.append({
                 "name": name,
                 "job_class": job_class,  # AtoM's class name, without the site prefix
-                "site": name[: -len(job_class) - 1] if job_class != name else None,
+                # the site key: md5 without its "-", or a 2.2 root without " - "
+                "site": prefix.rstrip(" -") if prefix else None,
                 "queued": fn.queued,
                 "running": fn.running,
                 "workers": len(fn.workers),
@@ -226,11 +237,7 @@ class Admin:
             "stats": dict(broker.stats),
             "connections": len(broker.conns),
             "functions": functions,
-            "concurrency": [
-                {"name": g.name, "max": g.limit, "running": g.running,
-                 "functions": list(g.patterns)}
-                for g in broker.groups
-            ],
+            "concurrency": self.concurrency_listing(broker),
             "pools": [],
             "handlers": [],
             "access": {
@@ -247,6 +254,24 @@ class Admin:
                 else:
                     doc[k] = v
         return doc
+
+    @staticmethod
+    def concurrency_listing(broker: Any) -> list[dict[str, Any]]:
+        """Each concurrency group in use (one per AtoM site unless it spans sites), and each
+        configured group no function has joined yet."""
+        out = []
+        used = set()
+        for g in broker.groups:
+            used.add(g.name)
+            item = {"name": g.name, "max": g.limit, "running": g.running,
+                    "functions": list(g.patterns)}
+            if g.site:
+                item["site"] = g.site
+            out.append(item)
+        for name, patterns, limit, _span in broker.group_specs:
+            if name not in used:
+                out.append({"name": name, "max": limit, "running": 0, "functions": list(patterns)})
+        return out
 
     @staticmethod
     def jobs_listing(server: Server, args: list[bytes]) -> bytes:

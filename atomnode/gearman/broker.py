@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..queue import commands
-from ..system.names import function_matches
+from ..system.names import function_matches, split_atom_prefix
 from ..system.stats import FunctionStats
 from .protocol import (
     MAX_FUNCTION_SIZE,
@@ -220,16 +220,19 @@ class Function:
 
 class GroupState:
     """A concurrency group at run time (configured by ``config.ConcurrencyGroup``): at most
-    ``limit`` jobs of the member functions run at once; ``running`` counts them."""
+    ``limit`` jobs of the member functions run at once; ``running`` counts them. A configured
+    group has one GroupState per AtoM site (function-name prefix ``site``) unless it spans
+    sites (then ``site`` is None)."""
 
-    __slots__ = ("name", "patterns", "limit", "running", "functions")
+    __slots__ = ("name", "patterns", "limit", "running", "functions", "site")
 
-    def __init__(self, name: str, patterns: Iterable[str], limit: int):
+    def __init__(self, name: str, patterns: Iterable[str], limit: int, site: str | None = None):
         self.name = name
         self.patterns = tuple(patterns)
         self.limit = limit
         self.running = 0
         self.functions: list[Function] = []
+        self.site = site
 
     def full(self) -> bool:
         return self.running >= self.limit
@@ -317,7 +320,17 @@ class Broker:
         self.jobs: dict[bytes, Job] = {}  # live jobs by handle
         self.uniques: dict[tuple[bytes, bytes], Job] = {}
         self.groups: list[GroupState] = []
+        self.group_specs: list[tuple[str, tuple[str, ...], int, bool]] = []
+        self._group_index: dict[tuple[int, str | None], GroupState] = {}
         self.on_new_function: Callable[[Function], None] | None = None
+        #: Called when a worker registers a function (CAN_DO), with its name.
+        self.on_can_do: Callable[[bytes], None] | None = None
+        #: Called when a job is given up (failed for good by the broker, not by its
+        #: worker): (job, the connection that last held it or None, reason).
+        self.on_given_up: Callable[[Job, Conn | None, str], None] | None = None
+        #: Capacity that `status` adds for a function while its workers are replaced
+        #: (see docs/workers.md): function name -> worker slots of healthy pools.
+        self.standby: Callable[[bytes], int] | None = None
         self.scheduled: list[tuple[int, int, Job]] = []  # heap of (when, seq, job)
         self.deadlines: list[tuple[float, int, Job, int]] = []  # (deadline, seq, job, attempt)
         self.out = Outbox()
@@ -364,11 +377,20 @@ class Broker:
             fn = self.functions[name] = Function(name)
             if self.on_new_function is not None:
                 self.on_new_function(fn)
-            for g in self.groups:
-                if any(pattern_matches(p, name) for p in g.patterns):
-                    g.functions.append(fn)
-                    fn.groups.append(g)
+            self._join_groups(fn)
         return fn
+
+    def _join_groups(self, fn: Function) -> None:
+        for i, (gname, patterns, limit, span) in enumerate(self.group_specs):
+            if not any(pattern_matches(p, fn.name) for p in patterns):
+                continue
+            site = None if span else split_atom_prefix(fn.name.decode("utf-8", "replace"))[0]
+            g = self._group_index.get((i, site))
+            if g is None:
+                g = self._group_index[(i, site)] = GroupState(gname, patterns, limit, site)
+                self.groups.append(g)
+            g.functions.append(fn)
+            fn.groups.append(g)
 
     def _new_id(self) -> int:
         n = self.next_id
@@ -387,16 +409,20 @@ class Broker:
         self.next_seq = n + 1
         return n
 
-    def set_concurrency(self, groups: Iterable[tuple[str, Iterable[str], int]]) -> None:
-        """Replace the concurrency groups: (name, function patterns, limit)."""
+    def set_concurrency(self, groups: Iterable[tuple[Any, ...]]) -> None:
+        """Replace the concurrency groups: (name, function patterns, limit[, span_sites]).
+        Unless ``span_sites``, a group applies per AtoM site (function-name prefix): two
+        sites sharing this server do not wait for each other."""
         for fn in self.functions.values():
             fn.groups = []
-        self.groups = [GroupState(n, p, lim) for n, p, lim in groups]
+        self.group_specs = [
+            (g[0], tuple(g[1]), g[2], bool(g[3]) if len(g) > 3 else False) for g in groups
+        ]
+        self.groups = []
+        self._group_index = {}
+        for fn in self.functions.values():
+            self._join_groups(fn)
         for g in self.groups:
-            for fn in self.functions.values():
-                if any(pattern_matches(p, fn.name) for p in g.patterns):
-                    g.functions.append(fn)
-                    fn.groups.append(g)
             g.running = sum(f.running for f in g.functions)
 
     # -------------------------------------------------------------- connections
@@ -731,12 +757,12 @@ class Broker:
             job.attempts = s.attempts
             if s.state == RUNNING:
                 if job.attempts >= self.max_attempts(fn.name):
-                    self.out.store.append(
-                        (commands.FAIL, job.id, self.clock(), f"{requeue_reason} while running; "
-                         f"gave up after {job.attempts} attempts")
-                    )
+                    msg = f"{requeue_reason} while running; gave up after {job.attempts} attempts"
+                    self.out.store.append((commands.FAIL, job.id, self.clock(), msg))
                     self.stats["failed"] += 1
                     fn.stats.failed += 1
+                    if self.on_given_up is not None:
+                        self.on_given_up(job, None, msg)
                     continue
                 job.seq = self._new_seq()
                 self.out.store.append(
@@ -852,6 +878,8 @@ class Broker:
                 self.out.store.append((commands.FAIL, job.id, self.clock(), msg))
             self.stats["failed"] += 1
             fn.stats.failed += 1
+            if self.on_given_up is not None:
+                self.on_given_up(job, worker, msg)
             self._forget(job)
             for g in fn.groups:
                 self._wake_group(g)
@@ -880,6 +908,8 @@ class Broker:
         if fn not in conn.functions:
             conn.functions.append(fn)
             fn.workers[conn] = None
+            if self.on_can_do is not None:
+                self.on_can_do(name)
         if timeout:
             conn.timeouts[name] = timeout
         else:

@@ -6,22 +6,30 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from ..system.access import listen_problem
-from ..system.config import Config, ConfigError, format_address, parse_address, strip_atom_prefix
+from ..system.config import Config, ConfigError, format_address, parse_address
+from ..system.names import split_atom_prefix
+from ..workers.supervisor import REGISTER_GRACE
 from .atom_site import (
-    ATOM_CHECK_PORT,
     DEFAULT_HOST,
     DEFAULT_PORT,
     AtomError,
     AtomSite,
+    MysqlUnavailable,
+    _server_address,
+    _values,
+    add_site_options,
+    check_mysql,
     read_atom_site,
 )
 from .client import AdminClient, ClientError, DaemonUnreachable
 from .ops_cli import _add_address_args, _daemon_address, _split_status, fetch_status
+from .php import PhpSyntaxError, parse_php_return
 
 
 @dataclass
@@ -75,8 +83,10 @@ def run_doctor(
     cfg: Config | None,
     *,
     timeout: float = 3.0,
+    site_options: dict[str, Any] | None = None,
 ) -> list[Check]:
-    """Every check of ``atomnode doctor``, in order."""
+    """Every check of ``atomnode doctor``, in order. ``site_options`` go to
+    :func:`read_atom_site` (plugins, site_title, site_base_url, culture, mysql)."""
     checks: list[Check] = []
     addr = f"the control socket {host}" if host.startswith("/") else format_address(host, port)
     data: dict[str, Any] | None = None
@@ -96,36 +106,44 @@ def run_doctor(
 
     site: AtomSite | None = None
     if atom_root:
+        opts = dict(site_options or {})
         try:
-            site = read_atom_site(atom_root)
+            site = read_atom_site(atom_root, mysql_timeout=timeout, **opts)
         except AtomError as e:
             checks.append(Check("FAIL", str(e)))
         else:
             for note in site.notes:
                 checks.append(Check("WARN", note))
+            for m in site.missing:
+                checks.append(Check("WARN", m))
+            prefix = site.prefix
+            shown = (
+                "no function prefix" if prefix == ""
+                else "job prefix not known" if prefix is None
+                else f"job prefix {prefix!r}"
+            )
             checks.append(
-                Check(
-                    "OK",
-                    f"AtoM at {site.root}: job prefix {site.prefix} "
-                    f"(workers_key {site.workers_key!r})",
-                )
+                Check("OK", f"{site.release} at {site.root} (release family {site.family}, "
+                            f"worker task {site.worker_task}): {shown}")
             )
             checks.extend(_atom_server_checks(site, host, port, cfg, timeout))
+            checks.extend(_atom_dependency_checks(site, opts.get("mysql", True), timeout))
+            checks.extend(_atom_cache_checks(site))
 
     if data is not None:
         functions = data.get("functions") or []
         if site is not None:
-            checks.extend(_atom_job_checks(site, host, port, functions, timeout))
+            checks.extend(_atom_job_checks(site, functions, timeout))
         for f in functions:
             if (f.get("queued") or 0) > 0 and not f.get("workers"):
                 checks.append(
                     Check(
                         "WARN",
-                        f"{f.get('queued')} job(s) wait for {f.get('name')} "
-                        "but no worker can run it",
+                        f"{f.get('queued')} job(s) wait for {f.get('name')} but no worker is "
+                        "connected that can run it",
                     )
                 )
-        checks.extend(_pool_checks(data))
+        checks.extend(_pool_checks(data, site))
         access_error = (data.get("access") or {}).get("error")
         if access_error:
             checks.append(Check("FAIL", "the daemon serves loopback only: " + access_error))
@@ -157,8 +175,10 @@ def run_doctor(
             checks.append(
                 Check(
                     "WARN",
-                    f"{q['failed']} job(s) failed for good (poison jobs); "
-                    "see `atomnode jobs list --state failed`, retry with `atomnode jobs retry`",
+                    f"{q['failed']} background job(s) failed for good (their worker reported a "
+                    "failure, or atomnode gave them up after their worker died on every allowed "
+                    "attempt); see `atomnode jobs list --state failed`, retry with "
+                    "`atomnode jobs retry`",
                 )
             )
 
@@ -226,51 +246,128 @@ def _atom_server_checks(
                 listen.add(parse_address(a))
             except ValueError:
                 pass
-    for shost, sport in site.servers or [(DEFAULT_HOST, DEFAULT_PORT)]:
+    seen: list[tuple[str, int]] = []
+    for server in site.servers + site.worker_servers or [(DEFAULT_HOST, DEFAULT_PORT)]:
+        if server in seen:
+            continue
+        seen.append(server)
+        shost, sport = server
         saddr = format_address(shost, sport)
+        who = (
+            "AtoM's web app and workers"
+            if server in site.servers and server in site.worker_servers
+            else "AtoM's web app" if server in site.servers else "AtoM's workers"
+        )
         answer = _answers(shost, sport, timeout)
         if answer is None:
             checks.append(
                 Check(
                     "FAIL",
-                    f"AtoM's config/gearman.yml points at {saddr} but nothing answers there: "
-                    f"make atomnode listen on {saddr} (listen: in the configuration)",
+                    f"{who} use {saddr} ({site.server_source}) but nothing answers there: "
+                    f"make atomnode listen on {saddr} (listen: in its configuration)",
                 )
             )
         else:
-            checks.append(Check("OK", f"AtoM's server {saddr} answers ({answer})"))
-        if sport != ATOM_CHECK_PORT:
-            a4730 = _answers(shost, ATOM_CHECK_PORT, timeout)
-            level = "WARN" if a4730 is not None else "FAIL"
-            checks.append(
-                Check(
-                    level,
-                    f"AtoM's config/gearman.yml uses port {sport}, but AtoM's Gearman client also "
-                    f"checks port {ATOM_CHECK_PORT} on {shost}"
-                    + ("" if a4730 is not None else " and nothing answers there")
-                    + f": use {format_address(shost, ATOM_CHECK_PORT)}",
-                )
-            )
-        if (
-            listen
-            and (shost, sport) not in listen
-            and not (shost in ("localhost",) and ("127.0.0.1", sport) in listen)
-        ):
+            checks.append(Check("OK", f"{who} use {saddr}, which answers ({answer})"))
+        local = {("127.0.0.1", sport)} if shost == "localhost" else set()
+        if listen and (shost, sport) not in listen and not (local & listen):
             if (host, port) != (shost, sport):
                 checks.append(
                     Check(
                         "WARN",
                         f"the atomnode configuration does not listen on {saddr}, "
-                        "the address AtoM uses",
+                        f"the address {who} use",
                     )
                 )
+    if site.family == "2.0.0-2.0.1":
+        checks.append(
+            Check("OK", "AtoM 2.0.0-2.0.1 always use localhost:4730 (hard-coded in the worker "
+                        "task and the SWORD plugin; 2.0.2 made it configurable)")
+        )
     return checks
 
 
-def _atom_job_checks(
-    site: AtomSite, host: str, port: int, functions: list[dict[str, Any]], timeout: float
-) -> list[Check]:
-    # Read `status` where AtoM's web app reads it (its last gearman.yml server), as
+def _tcp_answers(host: str, port: int, timeout: float) -> str | None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def _atom_dependency_checks(site: AtomSite, mysql: bool, timeout: float) -> list[Check]:
+    """MySQL with the site's credentials, and Elasticsearch where the site names it."""
+    checks: list[Check] = []
+    db = site.database
+    if db is not None and mysql:
+        error = site.mysql_error
+        if error is None:
+            try:
+                check_mysql(db, timeout)
+            except MysqlUnavailable as e:
+                error = str(e)
+        if error:
+            checks.append(
+                Check("FAIL", f"{error}: AtoM's web app and workers cannot work without it; "
+                              "start MySQL or fix the DSN and credentials in "
+                              f"{site.root}/{db.source}")
+            )
+        else:
+            checks.append(
+                Check("OK", f"MySQL at {db.where} answers to {db.user!r} (from {db.source})")
+            )
+    for host, port in site.search:
+        where = format_address(host, port)
+        err = _tcp_answers(host, port, timeout)
+        if err:
+            checks.append(
+                Check("FAIL", f"Elasticsearch at {where} (config/search.yml) does not answer "
+                              f"({err}): AtoM's search and most of its jobs fail without it; "
+                              "start it or fix server: host/port in config/search.yml")
+            )
+        else:
+            checks.append(Check("OK", f"Elasticsearch at {where} answers"))
+    return checks
+
+
+def _atom_cache_checks(site: AtomSite) -> list[Check]:
+    """symfony caches gearman.yml in cache/qubit/<env>/config/config_gearman.yml.php and, in
+    the prod and cli environments, never looks at the YAML again: a worker or web app then
+    keeps using an old server list until the cache is cleared."""
+    checks: list[Check] = []
+    if site.worker_task != "jobs:worker":
+        return checks
+    want = {"prod": site.servers, "cli": site.worker_servers}
+    for env, servers in want.items():
+        path = os.path.join(site.root, "cache", "qubit", env, "config", "config_gearman.yml.php")
+        try:
+            with open(path, encoding="utf-8") as f:
+                cached = parse_php_return(f.read())
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, PhpSyntaxError) as e:
+            checks.append(Check("WARN", f"{path}: cannot read symfony's cached gearman.yml: {e}"))
+            continue
+        got = [
+            a for a in (_server_address(v) for v in _values((cached or {}).get("servers")))
+            if a
+        ]
+        if got != servers:
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"symfony's cache ({os.path.relpath(path, site.root)}) still says servers "
+                    f"{', '.join(format_address(*a) for a in got) or 'none'} but "
+                    f"{site.server_source} says "
+                    f"{', '.join(format_address(*a) for a in servers) or 'none'}: clear the cache "
+                    f"with `php symfony cc` in {site.root}, then `systemctl reload atomnode`",
+                )
+            )
+    return checks
+
+
+def _atom_job_checks(site: AtomSite, functions: list[dict[str, Any]], timeout: float) -> list[Check]:
+    # Read `status` where AtoM's web app reads it (its last server), as
     # QubitJob::checkWorkerAvailable does; fall back to the daemon's own view.
     shost, sport = site.check_server
     try:
@@ -278,30 +375,38 @@ def _atom_job_checks(
             functions = _split_status(c.command("status"))
     except ClientError:
         pass  # already reported by the server checks
-    workers = {f.get("name"): f.get("workers") or 0 for f in functions}
-    missing = [c for c in site.job_classes if not workers.get(site.prefix + c)]
     checks: list[Check] = []
+    for c, why in site.skipped_classes.items():
+        checks.append(Check("OK", f"{c} not checked: {why}"))
+    prefix = site.prefix
+    if prefix is None:
+        checks.append(
+            Check("WARN", "the job prefix is not known, so which job classes have a worker "
+                          "cannot be checked (see above for the values to give)")
+        )
+        return checks
+    workers = {f.get("name"): f.get("workers") or 0 for f in functions}
+    expected = site.served_classes
+    missing = [c for c in expected if not workers.get(prefix + c)]
     if not missing:
         checks.append(
-            Check(
-                "OK",
-                f"all {len(site.job_classes)} AtoM job classes have a worker under {site.prefix}",
-            )
+            Check("OK", f"all {len(expected)} enabled AtoM job classes have a worker"
+                        + (f" under {prefix!r}" if prefix else ""))
         )
         return checks
     other_prefixes = sorted(
         {
-            f.get("name", "")[:33]
+            split_atom_prefix(f.get("name", ""))[0]
             for f in functions
-            if strip_atom_prefix(f.get("name", "")) != f.get("name")
-            and f.get("workers")
-            and not f.get("name", "").startswith(site.prefix)
+            if f.get("workers")
+            and split_atom_prefix(f.get("name", ""))[1] in expected
+            and split_atom_prefix(f.get("name", ""))[0] != prefix
         }
     )
     hint = ""
     if other_prefixes:
         hint = (
-            f"; workers are registered under another prefix ({', '.join(other_prefixes)}): "
+            f"; workers are registered under another prefix ({', '.join(map(repr, other_prefixes))}): "
             "the workers run from a different AtoM root path or workers_key than the web app"
         )
     for c in missing:
@@ -309,18 +414,19 @@ def _atom_job_checks(
             Check(
                 "FAIL",
                 f'no worker for {c}: AtoM will say "No Gearman worker available that can handle '
-                f'the job {c}" (expected function {site.prefix}{c}){hint}',
+                f'the job {c}" (expected function {prefix + c!r}){hint}',
             )
         )
     return checks
 
 
-def _pool_checks(data: dict[str, Any]) -> list[Check]:
+def _pool_checks(data: dict[str, Any], site: AtomSite | None = None) -> list[Check]:
     checks: list[Check] = []
     for pool in data.get("pools") or []:
         name = pool.get("name")
         workers = pool.get("workers") or []
         bad = []
+        unregistered = []
         for w in workers:
             state = str(w.get("state") or "")
             if state.startswith("backing") or state.startswith("waiting"):
@@ -333,6 +439,24 @@ def _pool_checks(data: dict[str, Any]) -> list[Check]:
                     else state
                 )
                 bad.append(f"pid {w.get('pid') or '-'}: {desc}")
+            elif state == "starting" and (w.get("uptime") or 0) >= REGISTER_GRACE:
+                unregistered.append(w)
+        if unregistered:
+            pids = ", ".join(str(w.get("pid")) for w in unregistered)
+            fix = (
+                f"clear symfony's cache with `php symfony cc` in {site.root}, then "
+                "`systemctl reload atomnode`"
+                if site is not None and site.worker_task == "jobs:worker"
+                else "check the server address the workers are given"
+            )
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"pool {name}: worker(s) {pids} have run for over {REGISTER_GRACE:.0f}s "
+                    "without registering with atomnode: they are connected elsewhere or not at "
+                    f"all (for AtoM, often a cached old gearman.yml); {fix}",
+                )
+            )
         if bad:
             checks.append(
                 Check(
@@ -348,8 +472,17 @@ def _pool_checks(data: dict[str, Any]) -> list[Check]:
                     "WARN", f"pool {name}: {pool.get('count')} worker(s) configured, none running"
                 )
             )
-        else:
-            checks.append(Check("OK", f"pool {name}: {len(workers)} worker(s) running"))
+        elif not unregistered:
+            if workers and all(w.get("state") == "running" for w in workers):
+                # Supervisor-only: no job awareness, so registration is not known.
+                checks.append(Check("OK", f"pool {name}: {len(workers)} worker(s) running"))
+            else:
+                up = [w for w in workers if w.get("state") in ("idle", "busy", "draining")]
+                starting = len(workers) - len(up)
+                checks.append(
+                    Check("OK", f"pool {name}: {len(up)} worker(s) registered"
+                                + (f", {starting} starting" if starting else ""))
+                )
     return checks
 
 
@@ -360,7 +493,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(Check("FAIL", f"the configuration is invalid:\n{e}"))
         return 1
-    checks = run_doctor(args.atom_root, host, port, cfg, timeout=args.timeout)
+    plugins = None
+    if args.plugins is not None:
+        plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
+    opts = {
+        "mysql": not args.no_mysql,
+        "plugins": plugins,
+        "site_title": args.site_title,
+        "site_base_url": args.site_base_url,
+        "culture": args.culture,
+    }
+    checks = run_doctor(
+        args.atom_root, host, port, cfg, timeout=args.timeout, site_options=opts
+    )
     for c in checks:
         print(c)
     return 1 if any(c.level == "FAIL" for c in checks) else 0
@@ -377,4 +522,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--timeout", type=float, default=3.0, help=argparse.SUPPRESS)
     _add_address_args(p)
+    add_site_options(p)
     p.set_defaults(func=cmd_doctor)

@@ -26,7 +26,7 @@ import yaml
 # Re-exported: defined in atomnode.system.names, which the broker uses too.
 from .names import function_matches, strip_atom_prefix  # noqa: F401
 
-from .validation import YAML_LOADER, Doc, Path, Validator, empty_map
+from .validation import YAML_LOADER, Doc, Path, Validator, empty_map, kind
 
 # Re-exported: the value grammars live in atomnode.system.values (the listener uses them).
 from .values import format_address, parse_address, parse_duration, parse_size  # noqa: F401
@@ -52,20 +52,28 @@ class FunctionConfig:
 
 @dataclass(frozen=True)
 class ConcurrencyGroup:
-    """At most ``max`` jobs of any of ``functions`` run at once."""
+    """At most ``max`` jobs of any of ``functions`` run at once: per AtoM site (function
+    prefix) unless ``span_sites``."""
 
     name: str
     functions: tuple[str, ...]
     max: int
+    span_sites: bool = False
 
 
 @dataclass(frozen=True)
 class WaitFor:
-    """A TCP endpoint a pool waits for before starting workers (e.g. MySQL)."""
+    """An endpoint a pool waits for before starting workers (e.g. MySQL): a TCP
+    ``host:port``, or a Unix socket ``path`` (then host is "" and port 0)."""
 
     name: str
     host: str
     port: int
+    path: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.path if self.path else format_address(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,9 @@ class PoolConfig:
     max_age: float | None = None  # seconds
     age_jitter: float = 0.1
     wait_for: tuple[WaitFor, ...] = ()
+    #: The functions this pool's workers register (names or patterns without the AtoM
+    #: site prefix): `status` counts the pool for them while a worker is being replaced.
+    functions: tuple[str, ...] = ()
     drain_timeout: float = 300.0
     stop_grace: float = 10.0
     backoff_initial: float = 1.0
@@ -106,6 +117,15 @@ class HandlerConfig:
     directory: str | None = None
     environment: Mapping[str, str] = field(default_factory=empty_map)
     servers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AtomSiteConfig:
+    """An AtoM site whose job records atomnode may update (see docs/workers.md)."""
+
+    root: str
+    prefix: str | None = None  # None: any prefix (or an unprefixed AtoM 2.0-2.1)
+    mark_failed_jobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,7 @@ class Config:
     http_password_hash: str | None = None
     #: ``http.read_only``: the console shows no retry/cancel and refuses them.
     http_read_only: bool = False
+    atom_sites: tuple[AtomSiteConfig, ...] = ()
     source: str | None = None
 
 
@@ -153,15 +174,16 @@ class ConfigError(Exception):
 _TOP_KEYS = [
     "listen", "database", "log_level", "queue", "max_packet_size", "shutdown_timeout",
     "status_interval", "functions", "concurrency", "pools", "handlers", "http", "allow",
-    "control_socket",
+    "control_socket", "atom_sites",
 ]  # fmt: skip
 _HTTP_KEYS = ["listen", "user", "password_hash", "read_only"]
 _QUEUE_KEYS = ["synchronous", "max_attempts", "retention_days"]
 _FUNCTION_KEYS = ["max_attempts", "max_queue"]
-_GROUP_KEYS = ["name", "functions", "max"]
+_GROUP_KEYS = ["name", "functions", "max", "span_sites"]
+_SITE_KEYS = ["root", "prefix", "mark_failed_jobs"]
 _POOL_KEYS = [f.name for f in dataclasses.fields(PoolConfig)]
 _HANDLER_KEYS = [f.name for f in dataclasses.fields(HandlerConfig)]
-_WAIT_KEYS = ["name", "address"]
+_WAIT_KEYS = ["name", "address", "path"]
 
 
 def _build(data: Any, doc: Doc) -> Config:
@@ -271,12 +293,38 @@ def _build(data: Any, doc: Doc) -> Config:
                     if items and all(names):
                         fl = tuple(n for n in names if n)
             mx = v.integer(gd.get("max"), p + ("max",), minimum=1) if "max" in gd else None
+            span = gd.get("span_sites", False)
+            if not isinstance(span, bool):
+                v.err(p + ("span_sites",), f"expected true or false, got {kind(span)}")
+                span = False
             if name and fl and mx:
-                out_g.append(ConcurrencyGroup(name=name, functions=fl, max=mx))
+                out_g.append(ConcurrencyGroup(name=name, functions=fl, max=mx, span_sites=span))
         kw["concurrency"] = tuple(out_g)
 
     if "http" in top:
         _build_http(v, top["http"], kw)
+
+    if "atom_sites" in top:
+        sites = v.seq(top["atom_sites"], ("atom_sites",), "sites {root, prefix, mark_failed_jobs}")
+        out_s: list[AtomSiteConfig] = []
+        for i, sd in enumerate(sites or []):
+            p = ("atom_sites", i)
+            sm = v.mapping(sd, p)
+            if sm is None:
+                continue
+            v.keys(sm, p, _SITE_KEYS, required=("root",))
+            root = v.string(sm["root"], p + ("root",)) if "root" in sm else None
+            prefix = v.string(sm.get("prefix"), p + ("prefix",), optional=True)
+            mark = sm.get("mark_failed_jobs", False)
+            if not isinstance(mark, bool):
+                v.err(p + ("mark_failed_jobs",), f"expected true or false, got {kind(mark)}")
+                mark = False
+            if root is not None and not os.path.isabs(root):
+                v.err(p + ("root",), f"expected an absolute path, got {root!r}")
+                root = None
+            if root:
+                out_s.append(AtomSiteConfig(root=root, prefix=prefix, mark_failed_jobs=mark))
+        kw["atom_sites"] = tuple(out_s)
 
     for key, build in (("pools", _build_pool), ("handlers", _build_handler)):
         if key in top:
@@ -415,8 +463,23 @@ def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolCo
         wd = v.mapping(w, wq)
         if wd is None:
             return None
-        v.keys(wd, wq, _WAIT_KEYS, required=("address",))
-        addr = v.address(wd["address"], wq + ("address",)) if "address" in wd else None
+        v.keys(wd, wq, _WAIT_KEYS)
+        if "address" not in wd and "path" not in wd:
+            v.err(wq, "missing required key 'address' (host:port; or path: a Unix socket)")
+            return None
+        if "address" in wd and "path" in wd:
+            v.err(wq, "expected address (host:port) or path (a Unix socket), not both")
+            return None
+        if "path" in wd:
+            path = v.string(wd["path"], wq + ("path",))
+            if path is not None and not os.path.isabs(path):
+                v.err(wq + ("path",), f"expected an absolute path, got {path!r}")
+                path = None
+            if path is None:
+                return None
+            return WaitFor(name=v.string(wd.get("name", path), wq + ("name",)) or path,
+                           host="", port=0, path=path)
+        addr = v.address(wd["address"], wq + ("address",))
         if addr is None:
             return None
         host, port = parse_address(addr)
@@ -425,6 +488,15 @@ def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolCo
 
     def wait_for(x: Any, q: Path) -> tuple[WaitFor, ...] | None:
         return v.each(x, q, "{name, address: host:port}", one_wait)
+
+    def pool_functions(x: Any, q: Path) -> tuple[str, ...] | None:
+        if isinstance(x, str):
+            x = [x]
+        items = v.seq(x, q, "function names")
+        if items is None:
+            return None
+        names = [v.string(f, q + (j,)) for j, f in enumerate(items)]
+        return tuple(n for n in names if n) if all(names) else None
 
     spec: dict[str, Callable[[Any, Path], Any]] = {
         "directory": opt_str,
@@ -439,6 +511,7 @@ def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolCo
         "max_age": lambda x, q: v.duration(x, q, optional=True, positive=True),
         "age_jitter": lambda x, q: v.number(x, q, minimum=0, maximum=1),
         "wait_for": wait_for,
+        "functions": pool_functions,
         "drain_timeout": lambda x, q: v.duration(x, q),
         "stop_grace": lambda x, q: v.duration(x, q),
         "backoff_initial": lambda x, q: v.duration(x, q, positive=True),
@@ -609,7 +682,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     def pool(pc: PoolConfig) -> dict[str, Any]:
         d = {f.name: plain(getattr(pc, f.name)) for f in dataclasses.fields(pc)}
         d["wait_for"] = [
-            {"name": w.name, "address": format_address(w.host, w.port)} for w in pc.wait_for
+            {"name": w.name, "path": w.path}
+            if w.path
+            else {"name": w.name, "address": format_address(w.host, w.port)}
+            for w in pc.wait_for
         ]
         return d
 
@@ -638,7 +714,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             for name, fc in cfg.functions.items()
         },
         "concurrency": [
-            {"name": g.name, "functions": list(g.functions), "max": g.max} for g in cfg.concurrency
+            {"name": g.name, "functions": list(g.functions), "max": g.max,
+             "span_sites": g.span_sites}
+            for g in cfg.concurrency
         ],
         "pools": [pool(p) for p in cfg.pools],
         "handlers": [handler(h) for h in cfg.handlers],
@@ -648,6 +726,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "password_hash": cfg.http_password_hash and "(set)",
             "read_only": cfg.http_read_only,
         },
+        "atom_sites": [dataclasses.asdict(s) for s in cfg.atom_sites],
     }
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from ..system.names import function_matches
 from . import procinfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,6 +89,9 @@ LOG_BURST = 1000.0
 MAX_LINE = 8192
 #: How often "dropped N lines" is reported while a worker floods.
 DROP_REPORT_INTERVAL = 10.0
+#: A worker process that has not registered with the server this long after it started
+#: no longer counts as capacity (a stale symfony cache can send it to another server).
+REGISTER_GRACE = 60.0
 
 
 def _fmt_seconds(s: float) -> str:
@@ -112,6 +116,8 @@ class _Worker:
         self.started_at: float | None = None
         self.next_try_at: float | None = None
         self.retiring = False
+        self.registered = False  # this process registered with the server
+        self.quarantined = False  # the job it held when it died was given up
         self.planned_stop = False
         self.stopping = False
         self.age_limit: float | None = None
@@ -152,6 +158,8 @@ class _Pool:
         self.workers: list[_Worker] = []
         self.next_index = 0
         self.removed = False
+        #: A worker registered one of the pool's ``functions`` since the pool started.
+        self.proven = False
 
 
 class Supervisor:
@@ -178,6 +186,7 @@ class Supervisor:
         log_burst: float = LOG_BURST,
         drop_report_interval: float = DROP_REPORT_INTERVAL,
         rng: random.Random | None = None,
+        register_grace: float = REGISTER_GRACE,
     ):
         self.registry = registry
         self.default_servers = tuple(default_servers)
@@ -188,6 +197,7 @@ class Supervisor:
         self.log_rate = log_rate
         self.log_burst = log_burst
         self.drop_report_interval = drop_report_interval
+        self.register_grace = register_grace
         self._rng = rng or random.Random()
         self._pools: dict[str, _Pool] = {}
         self._initial = list(pools)
@@ -262,6 +272,8 @@ class Supervisor:
             if old == cfg:
                 continue
             pool.cfg = cfg
+            if old.functions != cfg.functions:
+                pool.proven = False
             active = [w for w in pool.workers if not w.retiring]
             if dataclasses.replace(old, count=cfg.count) != cfg:
                 log.info("pool %s changed; replacing its workers one at a time", name)
@@ -334,6 +346,67 @@ class Supervisor:
                 text += f" draining {draining}"
             parts.append(text)
         return "; ".join(parts) if parts else "no worker pools"
+
+    # ------------------------------------------------------------------ capacity
+
+    def function_registered(self, name: bytes | str) -> None:
+        """A worker registered ``name`` (the broker's CAN_DO hook): if it is one of a
+        pool's processes, that pool is proven to serve its functions."""
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        if any(
+            not pool.proven and any(function_matches(p, text) for p in pool.cfg.functions)
+            for pool in self._pools.values()
+        ):
+            try:
+                self._refresh()  # which process registered it decides which pool is proven
+            except Exception:  # pragma: no cover - /proc trouble: the monitor retries
+                log.exception("cannot map worker connections to processes")
+
+    def capacity(self, name: bytes | str) -> int:
+        """Worker slots of healthy pools that serve ``name``: what `status` reports as
+        capable workers while one of them is being replaced (docs/workers.md).
+
+        A pool counts once one of its workers has registered one of its ``functions``;
+        a slot counts while its process is restarting after a planned exit or stop,
+        running and registered, or started less than ``register_grace`` ago. A slot
+        that waits for a dependency, backs off after a crash, or is being retired does
+        not count; nothing counts during shutdown."""
+        if self._shutting_down:
+            return 0
+        text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        now = self._now()
+        n = 0
+        for pool in self._pools.values():
+            if pool.removed or not pool.proven:
+                continue
+            if not any(function_matches(p, text) for p in pool.cfg.functions):
+                continue
+            n += sum(1 for w in pool.workers if self._serving(w, now))
+        return n
+
+    def _serving(self, w: _Worker, now: float) -> bool:
+        if w.retiring or w.phase not in ("starting", "running"):
+            return False
+        if w.proc is None or w.registered or w.conns:
+            return True  # restarting after a planned exit, or registered
+        return w.started_at is not None and now - w.started_at < self.register_grace
+
+    def job_given_up(self, conn_id: Any, client_id: str = "") -> None:
+        """The broker gave up the job that connection ``conn_id`` held (its worker died
+        on the job's last attempt): the cause is quarantined, so the worker's slot
+        restarts at once instead of backing off. The connection is already closed, so it
+        is found by the mapping made earlier, or by AtoM's client id ``pid_<PID>_...``."""
+        owner = self._owner.get(conn_id)
+        w: _Worker | None = owner[0] if owner is not None else None
+        if w is None:
+            pid = _client_id_pid(client_id)
+            w = next((x for x in self._workers() if pid is not None and x.pid == pid), None)
+        if w is None:
+            return
+        w.quarantined = True
+        if w.phase == "backing off":
+            w.wake.set()
+        self._notify()
 
     def worker_for_connection(self, conn_id: Any) -> tuple[str, int] | None:
         """(pool name, pid) of the worker process that owns a registry connection."""
@@ -411,11 +484,11 @@ class Supervisor:
                 if down is not None:
                     if w.phase != "waiting":
                         log.warning(
-                            "pool %s: waiting for %s (%s:%s) before starting worker %d",
-                            cfg.name, down.name, down.host, down.port, w.index,
+                            "pool %s: waiting for %s (%s) before starting worker %d",
+                            cfg.name, down.name, down.where, w.index,
                         )
                     w.phase = "waiting"
-                    w.detail = f"waiting for {down.name} ({down.host}:{down.port})"
+                    w.detail = f"waiting for {down.name} ({down.where})"
                     self._event(w, "waiting", down.name)
                     w.spawned_once.set()
                     await self._pause(w, self.wait_retry)
@@ -442,6 +515,11 @@ class Supervisor:
                 uptime = self._now() - (w.started_at or self._now())
                 planned = w.planned_stop or rc in cfg.planned_exit_codes
                 w.planned_stop = False
+                if not planned and self.registry is not None and w.conns:
+                    # Let the server see the connection close first: the job it held may
+                    # be given up then (job_given_up), which ends the backoff.
+                    with trio.move_on_after(1.0):
+                        await self.wait_until(lambda: not self._conns_open(w))
                 w.proc = None
                 w.stopping = False
                 self._forget_conns(w)
@@ -465,6 +543,13 @@ class Supervisor:
                     continue
                 if uptime >= self.stable_after:
                     delay = cfg.backoff_initial
+                if w.quarantined:
+                    w.quarantined = False
+                    log.warning("[%s pid %d] worker exited with %s; the job it held was set "
+                                "aside (failed for good), so it restarts now",
+                                cfg.name, w.pid, procinfo.signal_name(rc))
+                    delay = cfg.backoff_initial
+                    continue
                 log.warning("[%s pid %d] worker exited with %s; restarting in %s",
                             cfg.name, w.pid, procinfo.signal_name(rc), _fmt_seconds(delay))
                 await self._back_off(w, delay)
@@ -490,13 +575,26 @@ class Supervisor:
         self._event(w, "backoff", delay)
         await self._pause(w, delay)
         w.next_try_at = None
+        if w.quarantined:
+            w.quarantined = False
+            log.info("[%s] the job that crashed worker %d was set aside; starting it now",
+                     w.name, w.index)
+
+    def _conns_open(self, w: _Worker) -> bool:
+        if self.registry is None:
+            return False
+        live = {c.conn_id for c in self.registry.connections()}
+        return any(c in live for c in w.conns)
 
     async def _first_down(self, deps: Sequence[WaitFor]) -> WaitFor | None:
         for dep in deps:
             ok = False
             with trio.move_on_after(WAIT_CONNECT_TIMEOUT):
                 try:
-                    stream = await trio.open_tcp_stream(dep.host, dep.port)
+                    if dep.path:
+                        stream = await trio.open_unix_socket(dep.path)
+                    else:
+                        stream = await trio.open_tcp_stream(dep.host, dep.port)
                 except OSError:
                     pass
                 else:
@@ -528,6 +626,8 @@ class Supervisor:
         w.conns = {}
         w.conn_jobs = {}
         w.jobs_closed = 0
+        w.registered = False
+        w.quarantined = False
         w.age_limit = None
         if cfg.max_age:
             j = max(0.0, min(cfg.age_jitter, 1.0))
@@ -609,10 +709,8 @@ class Supervisor:
             if w.proc is None:
                 w.wake.set()  # waiting / backing off: try the new config now
                 continue
-            await self._stop(w, None)
-            # Wait for its successor to come up before replacing the next one.
-            await self.wait_until(lambda: w.proc is not None or w.done.is_set()
-                                  or w.phase in ("waiting", "backing off"))
+            # The replacement starts (and registers) before the old worker is drained.
+            await self._replace(w)
 
     # --- logs
 
@@ -745,6 +843,14 @@ class Supervisor:
             for cid, c in current.items():
                 w.conn_jobs[cid] = c.jobs_done
             w.conns = current
+            if current and not w.registered and any(c.abilities for c in current.values()):
+                w.registered = True
+            if current and not w.pool.proven:
+                patterns = w.pool.cfg.functions
+                w.pool.proven = any(
+                    function_matches(p, a) for c in current.values() for a in c.abilities
+                    for p in patterns
+                )
 
     def _recycle_reason(self, w: _Worker, now: float) -> str | None:
         cfg = w.pool.cfg
@@ -763,7 +869,27 @@ class Supervisor:
     async def _recycle(self, w: _Worker, reason: str) -> None:
         log.info("[%s pid %d] recycling worker: %s", w.name, w.pid, reason)
         self._event(w, "recycle", reason)
-        await self._stop(w, None)
+        await self._replace(w)
+
+    async def _replace(self, w: _Worker) -> None:
+        """Replace a running worker, the replacement first: start a new slot, wait until
+        its process has registered with the server (bounded by ``register_grace``; not
+        if it waits for a dependency or backs off), then drain and stop the old one. The
+        pool briefly runs one process more than ``count``."""
+        pool = w.pool
+        if pool.removed or self._shutting_down or self.registry is None:
+            await self._stop(w, None)
+            return
+        new = self._add_worker(pool)
+        self._event(new, "replacement", w.index)
+        with trio.move_on_after(self.register_grace):
+            await self.wait_until(
+                lambda: new.registered
+                or new.done.is_set()
+                or new.phase in ("waiting", "backing off")
+                or w.done.is_set()
+            )
+        await self._retire(w, None)
 
     async def _monitor(self) -> None:
         assert self._nursery is not None
