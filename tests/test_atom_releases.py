@@ -110,6 +110,8 @@ def test_atom_config_for_each_release(tmp_path: Path, family: str, version: str)
     else:
         assert cfg.listen == ("127.0.0.1:4731",)
     assert "also checks port" not in text
+    if site.worker_task == "jobs:worker":
+        assert ("has --max-job-count" in text) == (version >= "2.7")
     assert cfg.atom_sites[0].root == site.root
     assert cfg.atom_sites[0].mark_failed_jobs is False
     assert cfg.atom_sites[0].prefix == (site.prefix or None)

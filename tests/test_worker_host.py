@@ -37,7 +37,7 @@ def test_worker_host_against_gearmand_runs_jobs_without_job_awareness(tmp_path: 
         sock = tmp_path / "ctl.sock"
         cfg = tmp_path / "w.yml"
         argv = ["gearman", "-w", "-h", "127.0.0.1", "-p", str(gm.port), "-f", "gmjob", "--",
-                "sh", "-c", f"cat >> {out}; echo >> {out}"]
+                "sh", "-c", f'x=$(cat); echo "$x" >> {out}']  # one append: two workers interleave
         cfg.write_text(
             "listen: []\n"
             f"database: {tmp_path / 'q.db'}\n"

@@ -846,6 +846,17 @@ def atom_config_yaml(
             f"(about {WORKER_RSS_MB * n} MB; --layout per-type runs one per worker type)"
         )
         pools.append(("atom", task, n, served, why))
+    if site.worker_task == "jobs:worker":
+        if site.max_job_count:
+            lines += [
+                "# This release's jobs:worker has --max-job-count / --max-mem-usage (exit 111, a",
+                "# planned restart). atomnode's max_jobs / max_rss_mb do the same and start the",
+                "# replacement before the old worker stops; either works with `functions:`.",
+            ]
+        else:
+            lines.append(
+                "# This release's jobs:worker has no --max-job-count: recycle with max_jobs / max_rss_mb."
+            )
     lines.append("pools:")
     for name, command, count, classes, comment in pools:
         functions = [(prefix or "") + c for c in classes]
