@@ -623,7 +623,7 @@ class Daemon:
                                          default_servers=self._pool_servers())
             if self.remote_registry is not None:
                 self.remote_registry.snapshot = self.supervisor.snapshot
-            if self.broker is not None and isinstance(registry, WorkerRegistry):
+            if self.broker is not None and isinstance(registry, BrokerRegistry):
                 # `status` counts a healthy pool while it replaces a worker (docs/workers.md).
                 self.broker.on_can_do = self.supervisor.function_registered
                 self.broker.standby = self.supervisor.capacity

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import json
+import socket
 import socketserver
 import subprocess
 import sys
