@@ -99,8 +99,12 @@ class SiteMarker:
         notes: list[str] = []
         db = read_database(os.path.realpath(self.root), notes)
         if db is None:
-            log.warning("AtoM site %s: cannot mark job %d failed: %s", self.root, job_id,
-                        "; ".join(notes) or "no database settings")
+            log.warning(
+                "AtoM site %s: cannot mark job %d failed: %s",
+                self.root,
+                job_id,
+                "; ".join(notes) or "no database settings",
+            )
             return False
         try:
             con = _connect(db, timeout)
@@ -113,8 +117,12 @@ class SiteMarker:
                 self.checked = True
                 if why:
                     self.disabled = why
-                    log.warning("AtoM site %s: not marking failed jobs in AtoM's database: %s "
-                                "(not the job table of AtoM 2.2 or later)", self.root, why)
+                    log.warning(
+                        "AtoM site %s: not marking failed jobs in AtoM's database: %s "
+                        "(not the job table of AtoM 2.2 or later)",
+                        self.root,
+                        why,
+                    )
                     return False
             con.begin()
             with con.cursor() as cur:
@@ -147,6 +155,7 @@ class SiteMarker:
             self.marked.append(job_id)
             log.info("AtoM site %s: job %d marked failed in AtoM (%s)", self.root, job_id, reason)
             return True
-        log.info("AtoM site %s: job %d is not in progress in AtoM; left as it is",
-                 self.root, job_id)
+        log.info(
+            "AtoM site %s: job %d is not in progress in AtoM; left as it is", self.root, job_id
+        )
         return False

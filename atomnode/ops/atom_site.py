@@ -362,7 +362,9 @@ def read_database(root: str, notes: list[str]) -> Database | None:
             data.get("all", {}) if isinstance(data, dict) else {},
             data.get("cli", {}) if isinstance(data, dict) else {},
         )
-        param = conf.get("propel", {}).get("param") if isinstance(conf.get("propel"), dict) else None
+        param = (
+            conf.get("propel", {}).get("param") if isinstance(conf.get("propel"), dict) else None
+        )
         db = database_from_param(param, "config/config.php") if isinstance(param, dict) else None
         if db is None:
             notes.append(f"{php_path}: no MySQL DSN (all: propel: param: dsn)")
@@ -477,8 +479,10 @@ def read_atom_site(
     culture = culture or str(dflt.get("default_culture") or "en")
 
     plugin_classes = [c for c in site.job_classes if site.class_plugin.get(c)]
-    need_plugins = plugins is None and site.worker_task == "jobs:worker" and any(
-        site.plugin_enabled(site.class_plugin[c] or "") is None for c in plugin_classes
+    need_plugins = (
+        plugins is None
+        and site.worker_task == "jobs:worker"
+        and any(site.plugin_enabled(site.class_plugin[c] or "") is None for c in plugin_classes)
     )
     need_title = site.prefix_scheme == "title" and (site_title is None or site_base_url is None)
     if plugins is not None:
@@ -487,7 +491,10 @@ def read_atom_site(
     if (need_plugins or need_title) and mysql and site.database is not None:
         try:
             values = read_mysql_values(
-                site.database, plugins=need_plugins, title=need_title, culture=culture,
+                site.database,
+                plugins=need_plugins,
+                title=need_title,
+                culture=culture,
                 timeout=mysql_timeout,
             )
         except MysqlUnavailable as e:
@@ -566,13 +573,9 @@ def _read_jobs_worker_site(site: AtomSite, task_path: str) -> None:
         )
     wt = cli.get("worker_types")
     if isinstance(wt, dict):
-        site.worker_types = {
-            str(k): [str(c) for c in _values(v) if c] for k, v in wt.items()
-        }
+        site.worker_types = {str(k): [str(c) for c in _values(v) if c] for k, v in wt.items()}
     else:
-        site.notes.append(
-            f"{where}: no worker_types: AtoM's jobs:worker stops with 'No abilities'"
-        )
+        site.notes.append(f"{where}: no worker_types: AtoM's jobs:worker stops with 'No abilities'")
     app = symfony_config(_config_paths(real, "app.yml"), "cli")
     if app.get("workers_key") is not None:
         site.workers_key = str(app["workers_key"])
@@ -604,7 +607,9 @@ def _read_tools_worker_site(site: AtomSite, task_path: str) -> None:
         app = symfony_config(_config_paths(real, "app.yml"), "cli")
         web = symfony_config(_config_paths(real, "app.yml"), "prod")
         site.server_source = "gearman_job_server in config/app.yml"
-        site.worker_servers = _servers(app.get("gearman_job_server"), site.server_source, site.notes)
+        site.worker_servers = _servers(
+            app.get("gearman_job_server"), site.server_source, site.notes
+        )
         site.servers = _servers(web.get("gearman_job_server"), site.server_source, site.notes)
         if not site.worker_servers:
             site.notes.append("config/app.yml has no gearman_job_server: the worker cannot start")
@@ -669,13 +674,19 @@ def check_mysql(db: Database, timeout: float = 3.0) -> None:
         with con.cursor() as cur:
             cur.execute("SELECT 1")
     except pymysql.MySQLError as e:
-        raise MysqlUnavailable(f"MySQL at {db.where} does not answer: {_mysql_message(e)}") from None
+        raise MysqlUnavailable(
+            f"MySQL at {db.where} does not answer: {_mysql_message(e)}"
+        ) from None
     finally:
         con.close()
 
 
 def read_mysql_values(
-    db: Database, *, plugins: bool = True, title: bool = False, culture: str = "en",
+    db: Database,
+    *,
+    plugins: bool = True,
+    title: bool = False,
+    culture: str = "en",
     timeout: float = 3.0,
 ) -> dict[str, Any]:
     """Read AtoM settings from MySQL with the site's credentials.
@@ -773,11 +784,15 @@ def atom_config_yaml(
         lines.append("# Function prefix: NOT KNOWN (see the notes atom-config printed)")
     else:
         how = {
-            "root": "the AtoM root followed by \" - \" (AtoM 2.2)",
-            "title": "md5(siteTitle . siteBaseUrl . root) . \"-\" (AtoM 2.3-2.5.1)",
+            "root": 'the AtoM root followed by " - " (AtoM 2.2)',
+            "title": 'md5(siteTitle . siteBaseUrl . root) . "-" (AtoM 2.3-2.5.1)',
             "key": (
                 f'md5("{site.root}" + '
-                + (f'workers_key "{site.workers_key}"' if site.workers_key else "an empty workers_key")
+                + (
+                    f'workers_key "{site.workers_key}"'
+                    if site.workers_key
+                    else "an empty workers_key"
+                )
                 + ') + "-"'
             ),
         }[site.prefix_scheme]
@@ -790,7 +805,8 @@ def atom_config_yaml(
     lines.append(f"# AtoM's web app and workers use {site.server_source}.")
     if any(h == "localhost" for h, _ in site.servers + site.worker_servers):
         lines.append(
-            '# It says "localhost": add "[::1]:' + str(site.check_server[1])
+            '# It says "localhost": add "[::1]:'
+            + str(site.check_server[1])
             + '" if PHP resolves localhost to IPv6 there.'
         )
     lines += [
@@ -824,11 +840,12 @@ def atom_config_yaml(
     waits: list[str] = []
     if site.database is not None:
         if site.database.host is None:
-            waits.append(f"{{name: mysql, path: {_y(site.database.socket or DEFAULT_MYSQL_SOCKET)}}}")
-        else:
             waits.append(
-                f"{{name: mysql, address: {_y(format_address(site.database.host, site.database.port))}}}"
+                f"{{name: mysql, path: {_y(site.database.socket or DEFAULT_MYSQL_SOCKET)}}}"
             )
+        else:
+            addr = format_address(site.database.host, site.database.port)
+            waits.append(f"{{name: mysql, address: {_y(addr)}}}")
     for host, port in site.search:
         waits.append(f"{{name: elasticsearch, address: {_y(format_address(host, port))}}}")
 
@@ -855,7 +872,8 @@ def atom_config_yaml(
             ]
         else:
             lines.append(
-                "# This release's jobs:worker has no --max-job-count: recycle with max_jobs / max_rss_mb."
+                "# This release's jobs:worker has no --max-job-count: recycle with max_jobs "
+                "/ max_rss_mb."
             )
     lines.append("pools:")
     for name, command, count, classes, comment in pools:
@@ -890,9 +908,7 @@ def add_site_options(p: argparse.ArgumentParser) -> None:
         "--site-base-url", help="AtoM 2.3-2.5.1: the site base URL (default: from MySQL)"
     )
     p.add_argument("--culture", help="culture of the site title (default: the site's default)")
-    p.add_argument(
-        "--no-mysql", action="store_true", help="do not connect to the site's MySQL"
-    )
+    p.add_argument("--no-mysql", action="store_true", help="do not connect to the site's MySQL")
 
 
 def read_site_from_args(args: argparse.Namespace) -> AtomSite:

@@ -118,13 +118,18 @@ def run_doctor(
                 checks.append(Check("WARN", m))
             prefix = site.prefix
             shown = (
-                "no function prefix" if prefix == ""
-                else "job prefix not known" if prefix is None
+                "no function prefix"
+                if prefix == ""
+                else "job prefix not known"
+                if prefix is None
                 else f"job prefix {prefix!r}"
             )
             checks.append(
-                Check("OK", f"{site.release} at {site.root} (release family {site.family}, "
-                            f"worker task {site.worker_task}): {shown}")
+                Check(
+                    "OK",
+                    f"{site.release} at {site.root} (release family {site.family}, "
+                    f"worker task {site.worker_task}): {shown}",
+                )
             )
             checks.extend(_atom_server_checks(site, host, port, cfg, timeout))
             checks.extend(_atom_dependency_checks(site, opts.get("mysql", True), timeout))
@@ -212,26 +217,46 @@ def worker_host_checks(cfg: Config, timeout: float) -> list[Check]:
             with AdminClient(host, port, timeout) as c:
                 lines = c.command("atomnode-host conns")
         except DaemonUnreachable as e:
-            checks.append(Check("FAIL", f"this worker host cannot reach the server {address}: "
-                                f"{e.reason or e}; check the address, the network and the "
-                                f"firewall (TCP port {port} on the server)"))
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"this worker host cannot reach the server {address}: "
+                    f"{e.reason or e}; check the address, the network and the "
+                    f"firewall (TCP port {port} on the server)",
+                )
+            )
             continue
         except ClientError as e:
-            checks.append(Check("FAIL", f"the server {address} closed the connection ({e}): "
-                                "add this host's address to allow: in the server's "
-                                "configuration"))
+            checks.append(
+                Check(
+                    "FAIL",
+                    f"the server {address} closed the connection ({e}): "
+                    "add this host's address to allow: in the server's "
+                    "configuration",
+                )
+            )
             continue
         if lines and lines[0].startswith("ERR"):
-            checks.append(Check("WARN", f"the server {address} is not an atomnode ({lines[0]}): "
-                                "workers run there without job awareness (no drain before "
-                                "stop, no recycle limits); see docs/scaling.md"))
+            checks.append(
+                Check(
+                    "WARN",
+                    f"the server {address} is not an atomnode ({lines[0]}): "
+                    "workers run there without job awareness (no drain before "
+                    "stop, no recycle limits); see docs/scaling.md",
+                )
+            )
             continue
         try:
             mine = len(json.loads(lines[0])) if lines else 0
         except ValueError:
             mine = 0
-        checks.append(Check("OK", f"the server {address} is reachable and allows this host "
-                            f"({mine} connection(s) of this host there)"))
+        checks.append(
+            Check(
+                "OK",
+                f"the server {address} is reachable and allows this host "
+                f"({mine} connection(s) of this host there)",
+            )
+        )
     return checks
 
 
@@ -256,7 +281,9 @@ def _atom_server_checks(
         who = (
             "AtoM's web app and workers"
             if server in site.servers and server in site.worker_servers
-            else "AtoM's web app" if server in site.servers else "AtoM's workers"
+            else "AtoM's web app"
+            if server in site.servers
+            else "AtoM's workers"
         )
         answer = _answers(shost, sport, timeout)
         if answer is None:
@@ -281,8 +308,11 @@ def _atom_server_checks(
                 )
     if site.family == "2.0.0-2.0.1":
         checks.append(
-            Check("OK", "AtoM 2.0.0-2.0.1 always use localhost:4730 (hard-coded in the worker "
-                        "task and the SWORD plugin; 2.0.2 made it configurable)")
+            Check(
+                "OK",
+                "AtoM 2.0.0-2.0.1 always use localhost:4730 (hard-coded in the worker "
+                "task and the SWORD plugin; 2.0.2 made it configurable)",
+            )
         )
     return checks
 
@@ -308,9 +338,12 @@ def _atom_dependency_checks(site: AtomSite, mysql: bool, timeout: float) -> list
                 error = str(e)
         if error:
             checks.append(
-                Check("FAIL", f"{error}: AtoM's web app and workers cannot work without it; "
-                              "start MySQL or fix the DSN and credentials in "
-                              f"{site.root}/{db.source}")
+                Check(
+                    "FAIL",
+                    f"{error}: AtoM's web app and workers cannot work without it; "
+                    "start MySQL or fix the DSN and credentials in "
+                    f"{site.root}/{db.source}",
+                )
             )
         else:
             checks.append(
@@ -321,9 +354,12 @@ def _atom_dependency_checks(site: AtomSite, mysql: bool, timeout: float) -> list
         err = _tcp_answers(host, port, timeout)
         if err:
             checks.append(
-                Check("FAIL", f"Elasticsearch at {where} (config/search.yml) does not answer "
-                              f"({err}): AtoM's search and most of its jobs fail without it; "
-                              "start it or fix server: host/port in config/search.yml")
+                Check(
+                    "FAIL",
+                    f"Elasticsearch at {where} (config/search.yml) does not answer "
+                    f"({err}): AtoM's search and most of its jobs fail without it; "
+                    "start it or fix server: host/port in config/search.yml",
+                )
             )
         else:
             checks.append(Check("OK", f"Elasticsearch at {where} answers"))
@@ -348,10 +384,7 @@ def _atom_cache_checks(site: AtomSite) -> list[Check]:
         except (OSError, UnicodeDecodeError, PhpSyntaxError) as e:
             checks.append(Check("WARN", f"{path}: cannot read symfony's cached gearman.yml: {e}"))
             continue
-        got = [
-            a for a in (_server_address(v) for v in _values((cached or {}).get("servers")))
-            if a
-        ]
+        got = [a for a in (_server_address(v) for v in _values((cached or {}).get("servers"))) if a]
         if got != servers:
             checks.append(
                 Check(
@@ -366,7 +399,9 @@ def _atom_cache_checks(site: AtomSite) -> list[Check]:
     return checks
 
 
-def _atom_job_checks(site: AtomSite, functions: list[dict[str, Any]], timeout: float) -> list[Check]:
+def _atom_job_checks(
+    site: AtomSite, functions: list[dict[str, Any]], timeout: float
+) -> list[Check]:
     # Read `status` where AtoM's web app reads it (its last server), as
     # QubitJob::checkWorkerAvailable does; fall back to the daemon's own view.
     shost, sport = site.check_server
@@ -381,8 +416,11 @@ def _atom_job_checks(site: AtomSite, functions: list[dict[str, Any]], timeout: f
     prefix = site.prefix
     if prefix is None:
         checks.append(
-            Check("WARN", "the job prefix is not known, so which job classes have a worker "
-                          "cannot be checked (see above for the values to give)")
+            Check(
+                "WARN",
+                "the job prefix is not known, so which job classes have a worker "
+                "cannot be checked (see above for the values to give)",
+            )
         )
         return checks
     workers = {f.get("name"): f.get("workers") or 0 for f in functions}
@@ -390,8 +428,11 @@ def _atom_job_checks(site: AtomSite, functions: list[dict[str, Any]], timeout: f
     missing = [c for c in expected if not workers.get(prefix + c)]
     if not missing:
         checks.append(
-            Check("OK", f"all {len(expected)} enabled AtoM job classes have a worker"
-                        + (f" under {prefix!r}" if prefix else ""))
+            Check(
+                "OK",
+                f"all {len(expected)} enabled AtoM job classes have a worker"
+                + (f" under {prefix!r}" if prefix else ""),
+            )
         )
         return checks
     other_prefixes = sorted(
@@ -406,7 +447,8 @@ def _atom_job_checks(site: AtomSite, functions: list[dict[str, Any]], timeout: f
     hint = ""
     if other_prefixes:
         hint = (
-            f"; workers are registered under another prefix ({', '.join(map(repr, other_prefixes))}): "
+            "; workers are registered under another prefix "
+            f"({', '.join(map(repr, other_prefixes))}): "
             "the workers run from a different AtoM root path or workers_key than the web app"
         )
     for c in missing:
@@ -480,8 +522,11 @@ def _pool_checks(data: dict[str, Any], site: AtomSite | None = None) -> list[Che
                 up = [w for w in workers if w.get("state") in ("idle", "busy", "draining")]
                 starting = len(workers) - len(up)
                 checks.append(
-                    Check("OK", f"pool {name}: {len(up)} worker(s) registered"
-                                + (f", {starting} starting" if starting else ""))
+                    Check(
+                        "OK",
+                        f"pool {name}: {len(up)} worker(s) registered"
+                        + (f", {starting} starting" if starting else ""),
+                    )
                 )
     return checks
 
@@ -503,9 +548,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "site_base_url": args.site_base_url,
         "culture": args.culture,
     }
-    checks = run_doctor(
-        args.atom_root, host, port, cfg, timeout=args.timeout, site_options=opts
-    )
+    checks = run_doctor(args.atom_root, host, port, cfg, timeout=args.timeout, site_options=opts)
     for c in checks:
         print(c)
     return 1 if any(c.level == "FAIL" for c in checks) else 0

@@ -39,7 +39,7 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
     while pos < end:
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise PhpSyntaxError(f"unexpected text at offset {pos}: {text[pos:pos + 20]!r}")
+            raise PhpSyntaxError(f"unexpected text at offset {pos}: {text[pos : pos + 20]!r}")
         pos = m.end()
         kind = m.lastgroup or ""
         if kind != "comment":
