@@ -24,6 +24,25 @@ from daemon_harness import Daemon
 from test_durability import drain_all
 
 
+@pytest.fixture(autouse=True)
+def _no_stray_daemons(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that fails midway must not leave its daemon running: every daemon started
+    here is killed at teardown if it still runs."""
+    started: list[Daemon] = []
+    real_start = Daemon.start
+
+    def start(self: Daemon, *args: object, **kwargs: object) -> Daemon:
+        started.append(self)
+        return real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(Daemon, "start", start)
+    yield
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(10)
+
+
 def wait_for_log(d: Daemon, text: str, timeout: float = 10.0) -> str:
     """The daemon's log once it contains ``text`` (a file written by another process:
     polled, there is no event to wait on)."""
