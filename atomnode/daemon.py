@@ -42,8 +42,11 @@ from .system.config import (
 )
 from .gearman.server import Server
 from .queue import commands
+from .queue.reads import StoreReader, StoreReadError
 from .queue.store import Store, StoreError, parse_handle
+from .system import memory
 from .system.values import connectable, format_address
+from .workers import keeper, procinfo
 from .workers.supervisor import ConnInfo
 from .system.systemd import Notifier, listen_fds, status_task, watchdog_interval, watchdog_task
 
@@ -137,6 +140,9 @@ class Daemon:
         self._atom_markers: list[Any] = []
         self._atom_pending: list[tuple[Any, int, str]] = []
         self._atom_wake: trio.Event | None = None
+        self._trim_wanted = False  # freed memory to hand back (see _gc_task)
+        self.owner_token = ""  # ATOMNODE_OWNER of this run's processes (workers.keeper)
+        self.keeper: Any = None
 
     # ----------------------------------------------------------------- config
     def max_attempts(self, function: bytes) -> int:
@@ -263,13 +269,13 @@ class Daemon:
         return self._failed_cache[1] if self._failed_cache is not None else None
 
     def _count_failed(self) -> dict[str, int] | None:
-        """In a worker thread: a short read-only query; WAL readers never block the writer."""
-        from .queue.reads import StoreReader, StoreReadError
-
+        """In a worker thread: a short read-only query; WAL readers never block the writer.
+        Out of file descriptors (or any OS error) it says "unknown", never kills the
+        daemon."""
         try:
             with StoreReader(self.cfg.database, timeout=0.5) as reader:
                 return reader.failed_by_function()
-        except StoreReadError:
+        except (StoreReadError, OSError):
             return None
 
     async def refresh_failed_count(self) -> None:
@@ -460,6 +466,11 @@ class Daemon:
     async def _run(self, sigs: Any, task_status: Any) -> int:
         cfg = self.cfg
         self.shutdown = trio.Event()
+        # Every process this run starts carries its owner token; what an earlier run of
+        # this daemon left behind (a kill -9 whose keeper was killed too) goes first.
+        self.owner_token = keeper.new_token(cfg.database)
+        procinfo.set_owner(self.owner_token)
+        keeper.kill_strays(self.owner_token)
         self.store = Store(cfg.database, synchronous=cfg.synchronous,
                            retention_days=cfg.retention_days, hostname=self.hostname)
         # A million recovered jobs are a million long-lived objects: without this the
@@ -492,10 +503,15 @@ class Daemon:
             extra_status=self.extra_status,
             jobs_command=None,
             on_shutdown=self.request_shutdown,
+            operator_networks=cfg.operator_networks,
         )
-        server = self.server = Server(broker, store=self.store, admin=admin,
-                                      max_packet_size=cfg.max_packet_size,
-                                      allow=parse_networks(cfg.allow))
+        server = self.server = Server(
+            broker, store=self.store, admin=admin, max_packet_size=cfg.max_packet_size,
+            allow=parse_networks(cfg.allow),
+            max_output_per_connection=cfg.max_output_per_connection,
+            max_output_total=cfg.max_output_total, max_input_total=cfg.max_input_total,
+        )
+        server.on_memory_freed = self._memory_freed
         admin.jobs_command = lambda conn, args: self.jobs_command(server, conn, args)
         # Durable acknowledgements go store -> server -> broker.
         self.store.start(server.store_listener())
@@ -560,6 +576,8 @@ class Daemon:
         finally:
             self.store.close()
             self.notifier.close()
+            if self.keeper is not None:
+                self.keeper.close()
         log.info("stopped")
         return 0
 
@@ -598,8 +616,19 @@ class Daemon:
 
         await serve(self, sock, task_status=task_status)
 
+    def _ensure_keeper(self) -> None:
+        """Start the keeper (workers die with the daemon) before the first process."""
+        if self.keeper is None:
+            try:
+                self.keeper = keeper.Keeper(self.owner_token)
+            except OSError as e:
+                log.warning("cannot start the keeper process (%s): after a kill -9 of the "
+                            "daemon its workers would survive until its next start", e)
+
     async def _start_workers(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
+        if cfg.handlers or cfg.pools:
+            self._ensure_keeper()
         if cfg.handlers:
             for h in cfg.handlers:
                 await self._start_handler(nursery, h)
@@ -632,6 +661,7 @@ class Daemon:
     async def _start_handler(self, nursery: trio.Nursery, h: Any) -> None:
         from .workers.handlers import HandlerPool
 
+        self._ensure_keeper()
         servers = tuple(h.servers) or self._pool_servers()
         pool = HandlerPool(h, servers)
         scope = trio.CancelScope()
@@ -696,6 +726,11 @@ class Daemon:
     #: Above this many live jobs, the garbage collector's view is frozen every second.
     GC_FREEZE_ABOVE = 20000
 
+    def _memory_freed(self) -> None:
+        """The server freed many MiB of buffers (greedy clients left): give them back to
+        the system now rather than never (glibc keeps freed heap memory)."""
+        self._trim_wanted = True
+
     async def _gc_task(self) -> None:
         """Keep the cyclic garbage collector off the queued jobs.
 
@@ -707,14 +742,26 @@ class Daemon:
         unfrozen and collected once, so nothing cyclic is kept for good.
         """
         assert self.broker is not None
+        high_water = len(self.broker.jobs)
         while True:
             await trio.sleep(1.0)
-            if len(self.broker.jobs) >= self.GC_FREEZE_ABOVE:
+            live = len(self.broker.jobs)
+            if live >= self.GC_FREEZE_ABOVE:
                 gc.collect(1)
                 gc.freeze()
             elif gc.get_freeze_count():
                 gc.unfreeze()
                 gc.collect()
+            # Memory back to the system once a deep queue has drained (by a lot: a
+            # trim costs a few ms on a large heap) or greedy connections have gone.
+            high_water = max(high_water, live)
+            if high_water - live >= self.GC_FREEZE_ABOVE:
+                self._trim_wanted = True
+            if self._trim_wanted:
+                high_water = live
+                self._trim_wanted = False
+                took = memory.trim()
+                log.debug("memory handed back to the system in %.1f ms", took * 1000)
 
     async def _signals(self, sigs: Any) -> None:
         async for signum in sigs:
@@ -735,6 +782,16 @@ class Daemon:
                           "force:\n%s", e)
                 return
             old = self.cfg
+            running = bool(self.handlers) or (
+                self.supervisor is not None and bool(old.pools))
+            if new.empty_file and running:
+                log.error(
+                    "configuration reload REFUSED: %s is empty (no settings at all: 0 bytes, "
+                    "only comments or null); applying it would stop every pool and handler. "
+                    "The running configuration stays in force. If you really mean to stop "
+                    "them, write an explicit 'pools: []' and 'handlers: []' and reload again.",
+                    self.config_path or new.source)
+                return
             if new.listen != old.listen or new.database != old.database:
                 log.warning("listen and database changes take effect only after a restart")
                 new = dataclasses.replace(new, listen=old.listen, database=old.database)
@@ -748,6 +805,8 @@ class Daemon:
                                 ", ".join(old.listen))
             logging.getLogger().setLevel(new.log_level.upper())
             self._apply_runtime_config()
+            if self.admin is not None:
+                self.admin.operator_networks = parse_networks(new.operator_networks)
             if self.supervisor is not None or new.pools:
                 if self.supervisor is None:
                     log.warning("pools added by a reload start after a restart")

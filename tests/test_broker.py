@@ -1421,6 +1421,8 @@ def _check_invariants(w: World) -> None:
         assert f.total == len(mine), f.name
         assert f.running == sum(1 for j in mine if j.state == "running"), f.name
         assert f.queued == sum(1 for j in mine if j.state == "queued"), f.name
+        assert f.by_priority == [sum(1 for j in mine if j.state == "queued" and j.priority == p)
+                                 for p in range(3)], f.name
         assert f.queued >= 0 and f.running >= 0
         for c in f.workers:
             assert f in c.functions and not c.closed
@@ -1438,8 +1440,12 @@ def _check_invariants(w: World) -> None:
     for c in b.conns.values():
         for hd, j in c.held.items():
             assert b.jobs.get(hd) is j and j.worker is c
-    for (fname, _key), j in b.uniques.items():
-        assert b.jobs.get(j.handle) is j and j.function.name == fname
+    indexed = 0
+    for (fname, key), j in b.unique_index():
+        assert b.jobs.get(j.handle) is j and j.function.name == fname and j.key == key
+        indexed += 1
+    assert indexed == len({(j.function.name, j.key) for j in live if j.key is not None})
+    assert b.scheduled_count == sum(1 for j in live if j.state == "scheduled")
 
 
 def _admin_listings_are_well_formed(w: World) -> None:

@@ -153,7 +153,28 @@ def test_bad_overrides_are_reported() -> None:
 
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
-    assert dataclasses.replace(load_config(write(tmp_path, "")), source=None) == Config()
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.empty_file  # a reload refuses it while pools or handlers run
+    assert dataclasses.replace(cfg, source=None, empty_file=False) == Config()
+    for said_nothing in ("# only a comment\n", "null\n", "{}\n", "---\n...\n"):
+        assert load_config(write(tmp_path, said_nothing)).empty_file, said_nothing
+    assert not load_config(write(tmp_path, "pools: []\n")).empty_file
+
+
+def test_limits_in_the_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "limits:\n  output_per_connection: 80MiB\n"
+                                      "  output_total: 128MiB\n  input_total: 1G\n"))
+    assert cfg.max_output_per_connection == 80 * 1024 * 1024
+    assert cfg.max_output_total == 128 * 1024 * 1024
+    assert cfg.max_input_total == 1024 ** 3
+    with pytest.raises(ConfigError, match="must be at least max_packet_size"):
+        load_config(write(tmp_path, "limits: {output_per_connection: 1MiB}\n"))
+    with pytest.raises(ConfigError, match="must be at least max_packet_size"):
+        load_config(write(tmp_path, "max_packet_size: 200MiB\n"))
+    with pytest.raises(ConfigError, match="unknown key 'output'"):
+        load_config(write(tmp_path, "limits: {output: 1MiB}\n"))
+    with pytest.raises(ConfigError, match="expected at least 64KiB"):
+        load_config(write(tmp_path, "max_packet_size: 1024\nlimits: {input_total: 1000}\n"))
 
 
 def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:

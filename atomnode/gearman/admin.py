@@ -3,7 +3,10 @@
 gearmand's commands keep gearmand's exact output (OK/ERR lines end with CRLF, listings
 with LF and a final ``.``); AtoM parses ``status`` strictly and gearadmin stops reading
 after 5 ms of silence, so every reply is returned as one bytes object and written in one
-send. atomnode's own commands use names gearmand does not have (``atomnode-...``).
+send -- except the listings of the whole queue (``show jobs``, ``show unique jobs``,
+``atomnode-jobs list``), streamed in chunks (:meth:`Admin.stream`). atomnode's own
+commands use names gearmand does not have (``atomnode-...``). Who may run what:
+:meth:`Admin.permitted`.
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from . import hosts
+from ..system import memory
+from ..system.access import is_loopback, parse_networks, peer_allowed
+from ..system.logs import Repeats
 from ..system.names import split_atom_prefix
-from ..system.access import is_loopback
-from .broker import PENDING, PRIORITY_NAMES, RUNNING, SCHEDULED, Conn
+from .broker import PENDING, PRIORITY_NAMES, RUNNING, Conn
 
 if TYPE_CHECKING:
     from .server import Server
@@ -39,6 +45,19 @@ def _unknown(verb: bytes) -> bytes:
     return b"ERR UNKNOWN_COMMAND Unknown+server+command" + verb + b"\r\n"
 
 
+#: Commands that change state. ``atomnode-jobs`` changes state except ``list``.
+STATE_CHANGING = frozenset({b"cancel", b"maxqueue", b"shutdown", b"create", b"drop"})
+
+
+def changes_state(words: list[bytes]) -> bool:
+    """True for an admin command that changes state (see :data:`STATE_CHANGING`); every
+    other command (status, workers, show jobs, version, ...) is read-only."""
+    verb = words[0].lower()
+    if verb == b"atomnode-jobs":
+        return not (len(words) >= 2 and words[1].lower() == b"list")
+    return verb in STATE_CHANGING
+
+
 class Admin:
     """Answers admin lines for one daemon. Hooks let the daemon add what only it knows
     (pools, handlers, store health, job retry/purge, shutdown)."""
@@ -50,19 +69,65 @@ class Admin:
         extra_status: Callable[[], dict[str, Any]] | None = None,
         jobs_command: Callable[[Conn, list[bytes]], bytes] | None = None,
         on_shutdown: Callable[[bool], None] | None = None,
+        operator_networks: Iterable[str] = (),
     ):
         self.verbose = verbose
         self.extra_status = extra_status
         self.jobs_command = jobs_command
         self.on_shutdown = on_shutdown
+        #: Networks besides loopback allowed to change state (config ``operator_networks``).
+        self.operator_networks = parse_networks(operator_networks)
+        self._denied_log = Repeats(60.0)
+
+    # ------------------------------------------------------------ who may do what
+    def permitted(self, server: Server, conn: Conn, words: list[bytes]) -> bool:
+        """THE access rule of the admin protocol, in one place.
+
+        Read-only commands are open to every peer allowed to connect (``allow:``).
+        Commands that change state (:func:`changes_state`) are accepted from loopback
+        (and the local control socket) and from the configured ``operator_networks``;
+        anything else is refused. ``atomnode-host`` (a worker host draining or releasing
+        its own connections) checks its own rule in :mod:`.hosts`. Extend the rule here.
+        """
+        if hosts.exempt_from_operator_rule(words) or not changes_state(words):
+            return True
+        return self.is_operator(conn)
+
+    def is_operator(self, conn: Conn) -> bool:
+        """The peer is loopback (or the local control socket) or in operator_networks."""
+        return is_loopback(conn.peer) or peer_allowed(conn.peer, self.operator_networks)
+
+    def _deny(self, conn: Conn, words: list[bytes]) -> bytes:
+        verb = words[0].decode("utf-8", "replace")
+        if self._denied_log.should_log(conn.peer):
+            more = self._denied_log.suppressed
+            log.warning("refused admin command %r from %s: state-changing commands are "
+                        "accepted only from loopback or operator_networks%s",
+                        b" ".join(words[:3]).decode("utf-8", "replace")[:100], conn.peer,
+                        f" ({more} more refused since)" if more else "")
+        return (b"ERR PERMISSION_DENIED " + verb.encode() +
+                b"+is+accepted+only+from+loopback+or+operator_networks\r\n")
 
     def __call__(self, server: Server, conn: Conn, line: bytes) -> bytes:
+        """The whole reply to one admin line, as one bytes object."""
+        reply = self.stream(server, conn, line)
+        return reply if isinstance(reply, bytes) else b"".join(reply)
+
+    def stream(self, server: Server, conn: Conn, line: bytes) -> bytes | Iterator[bytes]:
+        """The reply to one admin line: bytes, or for listings whose size grows with the
+        queue (``show jobs``, ``show unique jobs``, ``atomnode-jobs list``) an iterator
+        of chunks (each made in about LISTING_CHUNK_SECONDS), which the server pulls one
+        per round while the peer reads (so one listing of a deep queue neither stalls
+        the workers nor piles up in memory). The listing is of the jobs live when the
+        first chunk is made."""
         words = line.split()
         if not words:
             return _unknown(b"")
         command = _COMMANDS.get(words[0].lower())
         if command is None:
             return _unknown(words[0])
+        if not self.permitted(server, conn, words):
+            return self._deny(conn, words)
         return command(self, server, conn, words)
 
     # One method per verb, all (self, server, conn, words) with words[0] the verb as sent;
@@ -104,26 +169,18 @@ class Admin:
             return OK if server.broker.cancel(words[2]) else b"ERR UNKNOWN_JOB\r\n"
         return b"ERR UNKNOWN_ERROR\r\n"
 
-    def _show(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+    def _show(self, server: Server, conn: Conn, words: list[bytes]
+              ) -> bytes | Iterator[bytes]:
         argc = len(words)
         if argc < 2:
             return _unknown(words[0])
         broker = server.broker
         if argc == 3 and words[1].lower() == b"unique" and words[2].lower() == b"jobs":
             # As gearmand: every job's unique, an empty line for an empty unique.
-            out = [j.unique + b"\n" for j in broker.jobs.values() if j.state is not PENDING]
-            out.append(b".\n")
-            return b"".join(out)
+            return _listing(broker, _unique_row, b"", b".\n")
         if argc == 2 and words[1].lower() == b"jobs":
-            out = []
-            for j in broker.jobs.values():
-                if j.state is PENDING:
-                    continue
-                retries = j.attempts - (1 if j.state is RUNNING else 0)
-                out.append(b"%s\t%d\t0\t%d\n" % (j.handle, retries, 1 if (
-                    j.background and broker.durable) else 0))
-            out.append(b".\n")
-            return b"".join(out)
+            durable = broker.durable
+            return _listing(broker, lambda j: _job_row(j, durable), b"", b".\n")
         return b"ERR UNKNOWN_SHOW_ARGUMENTS\r\n"
 
     def _create(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
@@ -161,8 +218,6 @@ class Admin:
         return f"OK {GEARMAND_VERSION}-atomnode-{__version__}\n".encode()
 
     def _shutdown(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
-        if not is_loopback(conn.peer):
-            return b"ERR PERMISSION_DENIED shutdown+is+accepted+only+from+loopback\r\n"
         argc = len(words)
         if argc == 1 or (argc == 2 and words[1].lower() == b"graceful"):
             graceful = argc == 2
@@ -179,9 +234,10 @@ class Admin:
         )
 
     def _atomnode_host(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
-        return hosts.command(server, conn, words[1:])
+        return hosts.command(server, conn, words[1:], operator=self.is_operator(conn))
 
-    def _atomnode_jobs(self, server: Server, conn: Conn, words: list[bytes]) -> bytes:
+    def _atomnode_jobs(self, server: Server, conn: Conn, words: list[bytes]
+                       ) -> bytes | Iterator[bytes]:
         if len(words) >= 2 and words[1].lower() == b"list":
             return self.jobs_listing(server, words[2:])
         if self.jobs_command is None:
@@ -227,7 +283,7 @@ class Admin:
             "listen": [f"{h}:{p}" for h, p in server.bound],
             "queue": {
                 "queued": queued,
-                "scheduled": len([1 for j in broker.jobs.values() if j.state is SCHEDULED]),
+                "scheduled": broker.scheduled_count,
                 "running": running,
                 "durable": broker.durable,
                 "store_healthy": True,
@@ -236,6 +292,20 @@ class Admin:
             },
             "stats": dict(broker.stats),
             "connections": len(broker.conns),
+            "buffers": {
+                # Bytes held for peers: replies not read yet, unfinished input packets.
+                "output": getattr(server, "out_total", 0),
+                "input": getattr(server, "in_total", 0),
+                "output_limit": getattr(server, "max_output_total", None),
+                "input_limit": getattr(server, "max_input_total", None),
+                "rss": memory.rss_bytes(),
+            },
+            "loop": {
+                # CPU of the longest I/O round, and rounds over 20 ms: what one peer's
+                # requests may delay everybody else's.
+                "longest_round_ms": round(getattr(server, "longest_round", 0.0) * 1000, 2),
+                "slow_rounds": getattr(server, "slow_rounds", 0),
+            },
             "functions": functions,
             "concurrency": self.concurrency_listing(broker),
             "pools": [],
@@ -274,38 +344,85 @@ class Admin:
         return out
 
     @staticmethod
-    def jobs_listing(server: Server, args: list[bytes]) -> bytes:
+    def jobs_listing(server: Server, args: list[bytes]) -> Iterator[bytes]:
         """``atomnode-jobs list [json]``: live jobs with function, state, age, attempts,
-        worker. Text: tab-separated lines then ``.``; ``json``: one JSON line then ``.``."""
+        worker. Text: tab-separated lines then ``.``; ``json``: one JSON line (an array)
+        then ``.``."""
         broker = server.broker
         now = broker.clock()
-        rows = []
-        for j in broker.jobs.values():
-            rows.append({
-                "handle": j.handle.decode(),
-                "function": j.function.name.decode("utf-8", "replace"),
-                "unique": j.unique.decode("utf-8", "replace"),
-                "state": j.state,
-                "priority": PRIORITY_NAMES[j.priority],
-                "background": j.background,
-                "age": round(now - j.submitted_at, 3),
-                "attempts": j.attempts,
-                "worker": j.worker.client_id.decode("utf-8", "replace") if j.worker else None,
-                "when": j.when or None,
-            })
         if args and args[0].lower() == b"json":
-            return json.dumps(rows, separators=(",", ":")).encode() + b"\n.\n"
-        out = [
-            "\t".join(str(r[k]) for k in ("handle", "function", "state", "priority", "age",
-                                            "attempts", "worker")).encode() + b"\n"
-            for r in rows
-        ]
-        out.append(b".\n")
-        return b"".join(out)
+            return _listing(broker, lambda j: _json_row(j, now), b"[", b"]\n.\n",
+                            all_states=True, separator=b",")
+        return _listing(broker, lambda j: _text_row(j, now), b"", b".\n", all_states=True)
+
+
+#: A chunk of a streamed listing holds at most this many jobs, and is cut earlier once
+#: it took LISTING_CHUNK_SECONDS to make (JSON rows cost ten times text rows).
+LISTING_CHUNK = 4096
+LISTING_CHUNK_SECONDS = 0.002
+
+
+def _listing(broker: Any, row: Callable[[Any], bytes], head: bytes, tail: bytes, *,
+             all_states: bool = False, separator: bytes = b"") -> Iterator[bytes]:
+    """Chunks of ``head``, one ``row(job)`` per live job, ``tail`` (see Admin.stream).
+
+    The jobs are taken when the first chunk is made (a list of references: 8 bytes a
+    job); a job that ended since is still listed, as it was."""
+    clock = time.perf_counter
+    started = clock()
+    jobs = [j for j in broker.jobs.values() if all_states or j.state is not PENDING]
+    out = [head]
+    n = 0
+    for j in jobs:
+        if separator and n:
+            out.append(separator)
+        out.append(row(j))
+        n += 1
+        if not n & 31 and (len(out) >= LISTING_CHUNK
+                           or clock() - started > LISTING_CHUNK_SECONDS):
+            yield b"".join(out)
+            out = []
+            started = clock()
+    out.append(tail)
+    yield b"".join(out)
+
+
+def _unique_row(j: Any) -> bytes:
+    return j.unique + b"\n"
+
+
+def _job_row(j: Any, durable: bool) -> bytes:
+    retries = j.attempts - (1 if j.state is RUNNING else 0)
+    return b"%s\t%d\t0\t%d\n" % (j.handle, retries, 1 if j.background and durable else 0)
+
+
+def _row_dict(j: Any, now: float) -> dict[str, Any]:
+    return {
+        "handle": j.handle.decode(),
+        "function": j.function.name.decode("utf-8", "replace"),
+        "unique": j.unique.decode("utf-8", "replace"),
+        "state": j.state,
+        "priority": PRIORITY_NAMES[j.priority],
+        "background": j.background,
+        "age": round(now - j.submitted_at, 3),
+        "attempts": j.attempts,
+        "worker": j.worker.client_id.decode("utf-8", "replace") if j.worker else None,
+        "when": j.when or None,
+    }
+
+
+def _json_row(j: Any, now: float) -> bytes:
+    return json.dumps(_row_dict(j, now), separators=(",", ":")).encode()
+
+
+def _text_row(j: Any, now: float) -> bytes:
+    r = _row_dict(j, now)
+    return "\t".join(str(r[k]) for k in ("handle", "function", "state", "priority", "age",
+                                          "attempts", "worker")).encode() + b"\n"
 
 
 #: Admin verb (lower case) -> handler.
-_COMMANDS: dict[bytes, Callable[[Admin, Server, Conn, list[bytes]], bytes]] = {
+_COMMANDS: dict[bytes, Callable[[Admin, Server, Conn, list[bytes]], Any]] = {
     b"workers": Admin._workers,
     b"status": Admin._status,
     b"prioritystatus": Admin._priority_status,

@@ -26,7 +26,7 @@ import logging
 import operator
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..queue import commands
@@ -200,13 +200,14 @@ class Job:
 class Function:
     """A function name: its queues (one deque per priority), workers and counters."""
 
-    __slots__ = ("name", "queues", "queued", "running", "total", "workers", "max_queue", "groups",
-                 "stats")
+    __slots__ = ("name", "queues", "queued", "by_priority", "running", "total", "workers",
+                 "max_queue", "groups", "stats")
 
     def __init__(self, name: bytes):
         self.name = name
         self.queues: tuple[deque[Job], deque[Job], deque[Job]] = (deque(), deque(), deque())
         self.queued = 0  # jobs in state QUEUED
+        self.by_priority = [0, 0, 0]  # the same, per priority (prioritystatus in O(1))
         self.running = 0
         self.total = 0  # every live job: pending, scheduled, queued, running
         self.workers: dict[Conn, None] = {}
@@ -215,7 +216,7 @@ class Function:
         self.stats = FunctionStats()  # counters and histograms for /metrics and charts
 
     def counts_by_priority(self) -> list[int]:
-        return [sum(1 for j in q if j.state is QUEUED) for q in self.queues]
+        return list(self.by_priority)
 
 
 class GroupState:
@@ -318,7 +319,11 @@ class Broker:
         self.functions: dict[bytes, Function] = {}
         self.conns: dict[int, Conn] = {}
         self.jobs: dict[bytes, Job] = {}  # live jobs by handle
-        self.uniques: dict[tuple[bytes, bytes], Job] = {}
+        # Coalescing index: unique key -> the live job of that key (a Job), or, in the rare
+        # case several functions use the same key, a dict function name -> Job. Keyed by
+        # the unique alone so GET_STATUS_UNIQUE (which names no function) is one lookup.
+        self.uniques: dict[bytes, Job | dict[bytes, Job]] = {}
+        self.scheduled_count = 0  # jobs in state SCHEDULED
         self.groups: list[GroupState] = []
         self.group_specs: list[tuple[str, tuple[str, ...], int, bool]] = []
         self._group_index: dict[tuple[int, str | None], GroupState] = {}
@@ -591,8 +596,7 @@ class Broker:
             key: bytes | None = data if data else None
         else:
             key = unique or None
-        ukey = (function, key)
-        job = self.uniques.get(ukey) if key is not None else None
+        job = self._unique_get(function, key) if key is not None else None
         if job is not None:
             # Coalesce: same handle, payload and priority of the new submission ignored.
             if background and self.durable and not job.background:
@@ -643,7 +647,7 @@ class Broker:
         fn.total += 1
         self.jobs[handle] = job
         if key is not None:
-            self.uniques[ukey] = job
+            self._unique_add(job)
         if conn is not None and not background:
             job.clients = [conn]
             conn.waiting.append(job)
@@ -770,14 +774,18 @@ class Broker:
                 )
             fn.total += 1
             jobs[job.handle] = job
-            if key is not None and (fn_name, key) not in uniques:
-                uniques[(fn_name, key)] = job
+            if key is not None:
+                if key not in uniques:
+                    uniques[key] = job
+                else:
+                    self._unique_add(job)
             if job.when and job.when > now:
                 self._enqueue(job, wake=False)  # scheduled
             else:
                 job.state = QUEUED
                 fn.queues[job.priority].append(job)
                 fn.queued += 1
+                fn.by_priority[job.priority] += 1
             n += 1
         self._reserve_ids()
         return n
@@ -795,22 +803,65 @@ class Broker:
             self.next_seq = s.seq + 1
         fn.total += 1
         self.jobs[job.handle] = job
-        if key is not None and (fn.name, key) not in self.uniques:
-            self.uniques[(fn.name, key)] = job
+        if key is not None:
+            self._unique_add(job)
         self._enqueue(job)
         return job
+
+    # ----------------------------------------------------------- unique index
+    def _unique_get(self, function: bytes, key: bytes) -> Job | None:
+        entry = self.uniques.get(key)
+        if entry is None:
+            return None
+        if type(entry) is dict:
+            return entry.get(function)
+        return entry if entry.function.name == function else None  # type: ignore[union-attr]
+
+    def _unique_add(self, job: Job) -> None:
+        """Index ``job`` under its key unless a live job of its function has it already."""
+        key = job.key
+        assert key is not None
+        entry = self.uniques.get(key)
+        if entry is None:
+            self.uniques[key] = job
+        elif type(entry) is dict:
+            entry.setdefault(job.function.name, job)
+        elif entry.function is not job.function:  # type: ignore[union-attr]
+            self.uniques[key] = {entry.function.name: entry,  # type: ignore[union-attr]
+                                 job.function.name: job}
+
+    def _unique_del(self, job: Job) -> None:
+        key = job.key
+        entry = self.uniques.get(key)  # type: ignore[arg-type]
+        if entry is job:
+            del self.uniques[key]  # type: ignore[arg-type]
+        elif type(entry) is dict and entry.get(job.function.name) is job:
+            del entry[job.function.name]
+            if len(entry) == 1:
+                self.uniques[key] = next(iter(entry.values()))  # type: ignore[index]
+
+    def unique_index(self) -> Iterator[tuple[tuple[bytes, bytes], Job]]:
+        """Every indexed job as ((function name, key), job): for checks and tools."""
+        for key, entry in self.uniques.items():
+            if type(entry) is dict:
+                for name, job in entry.items():
+                    yield (name, key), job
+            else:
+                yield (entry.function.name, key), entry  # type: ignore[union-attr]
 
     # ------------------------------------------------------------ queue state
     def _enqueue(self, job: Job, wake: bool = True) -> None:
         fn = job.function
         if job.when and job.when > self.clock():
             job.state = SCHEDULED
+            self.scheduled_count += 1
             heapq.heappush(self.scheduled, (job.when, job.seq, job))
             self.out.timers = True
             return
         job.state = QUEUED
         fn.queues[job.priority].append(job)
         fn.queued += 1
+        fn.by_priority[job.priority] += 1
         if wake:
             self._wake(fn)
 
@@ -827,6 +878,9 @@ class Broker:
         fn = job.function
         if job.state is QUEUED:
             fn.queued -= 1  # its deque entry is skipped lazily
+            fn.by_priority[job.priority] -= 1
+        elif job.state is SCHEDULED:
+            self.scheduled_count -= 1
         elif job.state is RUNNING:
             fn.running -= 1
             for g in fn.groups:
@@ -836,9 +890,7 @@ class Broker:
         fn.total -= 1
         self.jobs.pop(job.handle, None)
         if job.key is not None:
-            ukey = (fn.name, job.key)
-            if self.uniques.get(ukey) is job:
-                del self.uniques[ukey]
+            self._unique_del(job)
         for c in job.clients:
             try:
                 c.waiting.remove(job)
@@ -866,6 +918,7 @@ class Broker:
             g.running -= 1
         job.state = QUEUED  # transiently, for the accounting below
         fn.queued += 1
+        fn.by_priority[job.priority] += 1
         limit = self.max_attempts(fn.name)
         if limit and job.attempts >= limit:
             msg = f"{reason}; gave up after {job.attempts} attempts"
@@ -973,6 +1026,7 @@ class Broker:
         fn = job.function
         fn.queues[job.priority].popleft()
         fn.queued -= 1
+        fn.by_priority[job.priority] -= 1
         fn.running += 1
         for g in fn.groups:
             g.running += 1
@@ -1073,10 +1127,11 @@ class Broker:
 
     def _get_status_unique(self, conn: Conn, unique: bytes) -> None:
         job = None
-        for (_f, key), j in self.uniques.items():
-            if key == unique and j.state is not PENDING:
-                job = j
-                break
+        entry = self.uniques.get(unique)
+        if type(entry) is dict:
+            job = next((j for j in entry.values() if j.state is not PENDING), None)
+        elif entry is not None and entry.state is not PENDING:  # type: ignore[union-attr]
+            job = entry  # type: ignore[assignment]
         if job is None:
             self.send(conn, encode(T.STATUS_RES_UNIQUE, unique, b"0", b"0", b"0", b"0", b"0"))
         else:
@@ -1113,9 +1168,11 @@ class Broker:
             _w, _s, job = heapq.heappop(self.scheduled)
             if job.state is SCHEDULED:
                 job.state = QUEUED
+                self.scheduled_count -= 1
                 fn = job.function
                 fn.queues[job.priority].append(job)
                 fn.queued += 1
+                fn.by_priority[job.priority] += 1
                 self._wake(fn)
         while self.deadlines and self.deadlines[0][0] <= now:
             entry = heapq.heappop(self.deadlines)

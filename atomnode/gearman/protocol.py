@@ -297,6 +297,16 @@ class Decoder:
                 self._pos = 0
             buf += data
 
+    def compact(self) -> None:
+        """Drop the bytes already decoded now rather than at the next :meth:`feed` (an
+        idle connection then keeps no buffer, however large its last packet was)."""
+        if self._pos:
+            if self._pos == len(self._buf):
+                self._buf = bytearray()
+            else:
+                del self._buf[: self._pos]
+            self._pos = 0
+
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos

@@ -11,6 +11,22 @@ pipelined clients and workers, per-connection tasks spent more time being schedu
 re-arming epoll for each socket) than the broker spent on the jobs.
 A socket the kernel cannot take more bytes from is watched for EPOLLOUT until its
 buffer drains.
+
+Memory is bounded whatever the peers do (docs/durability.md, "Greedy clients"):
+
+* replies a peer does not read: per connection (``max_output_per_connection``) and in
+  total (``max_output_total``). A connection past its own limit is closed at once; past
+  the total, the connections holding the most are closed until it holds again;
+* unfinished input packets: each at most ``max_packet_size``, all together at most
+  ``max_input_total`` (past it, the connections holding the largest unfinished packets
+  are closed);
+* a connection whose unread replies pass :data:`PAUSE_OUTPUT` is not read from until
+  they are written: a client pipelining requests without reading the answers waits for
+  itself instead of growing the daemon;
+* admin work is rationed per round: at most :data:`ADMIN_ROUND_LINES` lines or
+  :data:`ADMIN_ROUND_BYTES` of replies per connection, then the connection waits for the
+  next round (after every other ready peer); listings of the whole queue come as a
+  stream of chunks, at most :data:`MAX_STREAMS` at once, one chunk per round each.
 """
 
 from __future__ import annotations
@@ -21,7 +37,8 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -29,25 +46,50 @@ import trio
 from . import protocol
 from .broker import Broker, Conn
 from ..system.access import Network, RefusalLog, peer_allowed
+from ..system.logs import Repeats
 from ..system.values import parse_address
 from .protocol import AdminLine, Decoder, ProtocolError, error_packet
 
 log = logging.getLogger("atomnode.server")
 
-#: A peer that stops reading gets this much buffered before it is disconnected.
-MAX_OUTBUF = 256 * 1024 * 1024
+#: Defaults of the memory limits (config ``limits``; see the module docstring).
+MAX_OUTPUT_PER_CONNECTION = 96 * 1024 * 1024
+MAX_OUTPUT_TOTAL = 256 * 1024 * 1024
+MAX_INPUT_TOTAL = 256 * 1024 * 1024
+#: A connection with more unread replies than this is not read from until they drain.
+PAUSE_OUTPUT = 1024 * 1024
+#: Work one connection gets per round: seconds (checked every 64 packets and after each
+#: admin line), admin lines, bytes of admin replies. The rest waits for the next round,
+#: after every other ready connection had its turn.
+ROUND_BUDGET = 0.002
+ADMIN_ROUND_LINES = 8
+ADMIN_ROUND_BYTES = 64 * 1024
+#: Streamed listings (show jobs ...) produced at once; more wait their turn.
+MAX_STREAMS = 4
 READ_SIZE = 256 * 1024
 #: Rounds the hub may serve back to back before yielding to trio's scheduler.
 HUB_SPIN = 8
+#: A failing accept (EMFILE...) is logged at most once per this many seconds.
+ACCEPT_LOG_INTERVAL = 30.0
+#: A hub round that takes more CPU than this is counted as slow (atomnode-status).
+SLOW_ROUND = 0.020
+#: After this many bytes of buffers were freed, memory is handed back to the system.
+TRIM_AFTER = 16 * 1024 * 1024
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _IN_OUT = _IN | select.EPOLLOUT
+# Paused or streaming: write, do not read. Not EPOLLRDHUP either: a peer that sent its
+# last request and shut down its side (``printf 'show jobs\n' | nc``) still reads the
+# answer; EPOLLHUP and EPOLLERR (gone for good) are always reported.
+_OUT = select.EPOLLOUT
+_HUP = 0  # waiting for a stream slot: only notice the peer going away
 
 
 class _Peer:
     """I/O state of one connection, beside the broker's :class:`Conn`."""
 
-    __slots__ = ("conn", "fd", "sock", "pending", "closing", "decoder")
+    __slots__ = ("conn", "fd", "sock", "pending", "closing", "decoder", "inbuf", "paused",
+                 "stream", "stream_waiting", "mask")
 
     def __init__(self, conn: Conn, fd: int, sock: Any, decoder: Decoder):
         self.conn = conn
@@ -56,6 +98,11 @@ class _Peer:
         self.pending = bytearray()  # bytes the kernel did not take yet
         self.closing = False
         self.decoder = decoder
+        self.inbuf = 0  # unprocessed input bytes, as counted in Server.in_total
+        self.paused = False  # complete requests wait in the decoder (rationed or backlogged)
+        self.stream: Iterator[bytes] | None = None  # an admin listing being produced
+        self.stream_waiting = False  # ... waiting for a stream slot
+        self.mask = _IN  # what the epoll set watches for
 
 
 class Server:
@@ -75,6 +122,9 @@ class Server:
         admin: Callable[[Server, Conn, bytes], bytes] | None = None,
         max_packet_size: int = protocol.DEFAULT_MAX_PACKET_SIZE,
         allow: tuple[Network, ...] = (),
+        max_output_per_connection: int = MAX_OUTPUT_PER_CONNECTION,
+        max_output_total: int = MAX_OUTPUT_TOTAL,
+        max_input_total: int = MAX_INPUT_TOTAL,
     ):
         self.broker = broker
         #: Networks allowed to connect besides loopback (``allow:``); see system/access.py.
@@ -82,7 +132,28 @@ class Server:
         self.refusals = RefusalLog()
         self.store = store
         self.admin = admin
+        # An admin object with a ``stream`` method may answer with chunks (Admin.stream).
+        self._admin_reply: Callable[[Server, Conn, bytes], bytes | Iterator[bytes]] | None = (
+            getattr(admin, "stream", None) or admin)
         self.max_packet_size = max_packet_size
+        self.max_output_per_connection = max_output_per_connection
+        self.max_output_total = max_output_total
+        self.max_input_total = max_input_total
+        self.out_total = 0  # bytes of every peer's ``pending``
+        self.in_total = 0  # bytes of every peer's unprocessed input
+        self._backlogged: set[_Peer] = set()  # peers with pending output
+        self._partial: set[_Peer] = set()  # peers with unprocessed input
+        self._streams = 0  # listings being produced
+        self._stream_queue: deque[_Peer] = deque()  # listings waiting for a slot
+        self._limit_log = Repeats(10.0)
+        #: Called (without arguments) when a lot of buffered memory was just freed; the
+        #: daemon hands it back to the system (malloc_trim).
+        self.on_memory_freed: Callable[[], None] | None = None
+        self.freed_since_trim = 0
+        #: CPU seconds of the longest hub round, and rounds longer than SLOW_ROUND: every
+        #: peer waits for a round, so these bound what one peer's work costs the others.
+        self.longest_round = 0.0
+        self.slow_rounds = 0
         self.peers: dict[Conn, _Peer] = {}
         self._next_id = 1
         self._timer_wakeup = trio.Event()
@@ -94,6 +165,7 @@ class Server:
         self.idle_events: dict[Conn, trio.Event] = {}
         self.started_at = broker.clock()
         self.control_path: str | None = None
+        self._accept_errors = Repeats(ACCEPT_LOG_INTERVAL)
 
     # ------------------------------------------------------------- listening
     async def open_listeners(
@@ -171,7 +243,15 @@ class Server:
                 stream = await listener.accept()
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed (%s); retrying in 100 ms", e)
+                    # Out of file descriptors (or memory): new peers wait in the backlog
+                    # until a connection closes. Said once, then every ACCEPT_LOG_INTERVAL
+                    # with a count, not ten times a second.
+                    if self._accept_errors.should_log(e.errno):
+                        more = self._accept_errors.suppressed
+                        log.error("cannot accept connections: %s (%d open); retrying every "
+                                  "100 ms%s", os.strerror(e.errno or 0), len(self.peers),
+                                  f"; {more} more failures since the last message"
+                                  if more else "")
                     await trio.sleep(0.1)
                     continue
                 raise
@@ -216,6 +296,7 @@ class Server:
 
     def _forget_peer(self, peer: _Peer) -> None:
         """Unregister and close a connection (the broker is told separately)."""
+        self._release(peer)
         if self._by_fd.get(peer.fd) is peer:
             del self._by_fd[peer.fd]
             try:
@@ -228,6 +309,30 @@ class Server:
             peer.sock.close()
         except OSError:
             pass
+
+    def _release(self, peer: _Peer) -> None:
+        """Drop what a closing peer holds from the memory accounting (and free it)."""
+        if peer.pending:
+            self.out_total -= len(peer.pending)
+            self.freed_since_trim += len(peer.pending)
+            peer.pending = bytearray()
+        self._backlogged.discard(peer)
+        if peer.inbuf:
+            self.in_total -= peer.inbuf
+            self.freed_since_trim += peer.inbuf
+            peer.inbuf = 0
+        self._partial.discard(peer)
+        peer.decoder = Decoder(max_packet_size=self.max_packet_size)  # frees its buffer
+        if peer.stream is not None:
+            peer.stream = None
+            if peer.stream_waiting:
+                peer.stream_waiting = False
+                try:
+                    self._stream_queue.remove(peer)
+                except ValueError:
+                    pass
+            else:
+                self._stream_done()
 
     def _close(self, peer: _Peer) -> None:
         """A connection ends: the broker requeues what it held, drops what it waited for."""
@@ -243,6 +348,7 @@ class Server:
         ep = self._ep
         by_fd = self._by_fd
         wait_readable = trio.lowlevel.wait_readable
+        thread_time = time.thread_time
         while True:
             await wait_readable(ep)
             # Under load, more bytes arrive while a round is processed: poll again at
@@ -253,15 +359,27 @@ class Server:
                 events = ep.poll(0)
                 if not events:
                     break
+                cpu = thread_time()
                 for fd, ev in events:
                     peer = by_fd.get(fd)
                     if peer is None:
                         continue
                     if ev & select.EPOLLOUT:
-                        self._write_pending(peer)
-                    if ev & ~select.EPOLLOUT:
-                        self._read(peer)
+                        self._writable(peer)
+                    if ev & ~select.EPOLLOUT and peer.conn in self.peers:
+                        if peer.mask & select.EPOLLIN:
+                            self._read(peer)
+                        elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                            self._close(peer)  # a paused peer is gone
                 self.flush()
+                if self.freed_since_trim >= TRIM_AFTER and self.on_memory_freed is not None:
+                    self.freed_since_trim = 0
+                    self.on_memory_freed()
+                cpu = thread_time() - cpu
+                if cpu > self.longest_round:
+                    self.longest_round = cpu
+                if cpu > SLOW_ROUND:
+                    self.slow_rounds += 1
 
     def _read(self, peer: _Peer) -> None:
         try:
@@ -274,29 +392,176 @@ class Server:
         if not data:
             self._close(peer)
             return
+        peer.decoder.feed(data)
+        self._process(peer)
+
+    def _process(self, peer: _Peer) -> None:
+        """Handle the complete requests buffered for ``peer``, until none is left or the
+        peer must wait (its replies are backlogged, its admin ration for this round is
+        used, or a listing is being streamed to it)."""
         conn = peer.conn
         broker = self.broker
         decoder = peer.decoder
+        admin_lines = 0
+        admin_bytes = 0
+        handled = 0
+        started = time.perf_counter()
+        paused = False
         try:
-            for ev in decoder.events(data):
+            while True:
+                if peer.stream is not None or len(peer.pending) > PAUSE_OUTPUT:
+                    paused = True
+                    break
+                ev = decoder.next_event()
+                if ev is None:
+                    break
                 if type(ev) is AdminLine:
-                    if self.admin is None:
-                        reply = b"ERR UNKNOWN_COMMAND Unknown+server+command\r\n"
+                    if self._admin_reply is None:
+                        reply: Any = b"ERR UNKNOWN_COMMAND Unknown+server+command\r\n"
                     else:
-                        reply = self.admin(self, conn, ev.line)
-                    if reply:
-                        broker.send(conn, reply)
+                        reply = self._admin_reply(self, conn, ev.line)
+                    if type(reply) is bytes:
+                        if reply:
+                            broker.send(conn, reply)
+                            admin_bytes += len(reply)
+                    else:
+                        self._start_stream(peer, reply)
+                    admin_lines += 1
+                    if (admin_lines >= ADMIN_ROUND_LINES or admin_bytes >= ADMIN_ROUND_BYTES
+                            or time.perf_counter() - started > ROUND_BUDGET):
+                        paused = decoder.buffered > 0 or peer.stream is not None
+                        break
                 else:
                     broker.handle(conn, ev)
+                    handled += 1
+                    if not handled & 63 and time.perf_counter() - started > ROUND_BUDGET:
+                        paused = decoder.buffered > 0
+                        break
         except ProtocolError as e:
             log.warning("closing connection %d from %s: %s", conn.id, conn.peer, e)
             broker.send(conn, error_packet(e.code, e.message))
             self.flush()  # best effort: the ERROR goes out before the close
             self._close(peer)
+            return
         except Exception:  # noqa: BLE001 - a bug must cost one connection, not the daemon
             log.exception("internal error on connection %d from %s; closing it",
                           conn.id, conn.peer)
             self._close(peer)
+            return
+        peer.paused = paused
+        self._account_input(peer)
+        self._rearm(peer)
+
+    # ------------------------------------------------------------ flow control
+    def _rearm(self, peer: _Peer) -> None:
+        """Watch ``peer`` for what it needs now: input unless paused or streaming,
+        writability while replies are pending or it has work waiting."""
+        if peer.closing:
+            return
+        if peer.stream_waiting:
+            mask = _HUP
+        elif peer.paused or peer.stream is not None:
+            mask = _OUT
+        elif peer.pending:
+            mask = _IN_OUT
+        else:
+            mask = _IN
+        if mask != peer.mask:
+            peer.mask = mask
+            try:
+                self._ep.modify(peer.fd, mask)
+            except OSError:
+                pass
+
+    def _writable(self, peer: _Peer) -> None:
+        """EPOLLOUT: write what is pending; once it is all written, make the next chunk
+        of a listing, or carry on with requests that were waiting."""
+        if peer.pending:
+            self._write_pending(peer)
+            if peer.pending or peer.closing:
+                return
+        if peer.stream is not None and not peer.stream_waiting:
+            chunk = next(peer.stream, None)
+            if chunk is None:
+                peer.stream = None
+                self._stream_done()
+            else:
+                self.broker.send(peer.conn, chunk)
+                return
+        if peer.paused:
+            self._process(peer)
+        else:
+            self._rearm(peer)
+
+    def _start_stream(self, peer: _Peer, stream: Iterator[bytes]) -> None:
+        peer.stream = stream
+        if self._streams < MAX_STREAMS:
+            self._streams += 1
+        else:
+            peer.stream_waiting = True
+            self._stream_queue.append(peer)
+
+    def _stream_done(self) -> None:
+        """A listing ended (or its peer left): the next waiting one gets the slot."""
+        self._streams -= 1
+        while self._stream_queue:
+            nxt = self._stream_queue.popleft()
+            if nxt.stream is not None and not nxt.closing:
+                nxt.stream_waiting = False
+                self._streams += 1
+                self._rearm(nxt)
+                return
+
+    def _account_input(self, peer: _Peer) -> None:
+        """Count ``peer``'s unprocessed input in the total; enforce max_input_total."""
+        decoder = peer.decoder
+        n = decoder.buffered
+        if n == 0:
+            decoder.compact()  # an idle connection keeps no buffer
+        if n != peer.inbuf:
+            self.in_total += n - peer.inbuf
+            if n < peer.inbuf:
+                self.freed_since_trim += peer.inbuf - n
+            peer.inbuf = n
+            if n:
+                self._partial.add(peer)
+            else:
+                self._partial.discard(peer)
+        if self.in_total > self.max_input_total:
+            self._shed(self._partial, lambda p: p.inbuf, lambda: self.in_total,
+                       self.max_input_total, "unfinished input packets")
+
+    def _shed(self, candidates: set[_Peer], size: Callable[[_Peer], int],
+              total: Callable[[], int], limit: int, what: str) -> None:
+        """Close the connections holding the most until ``total()`` <= ``limit``."""
+        for victim in sorted(candidates, key=size, reverse=True):
+            if total() <= limit:
+                break
+            held = size(victim)
+            if self._limit_log.should_log(what):
+                more = self._limit_log.suppressed
+                log.warning("closing connection %d from %s: it holds %d bytes of %s and "
+                            "all connections together hold more than the limit of %d "
+                            "(limits in the configuration)%s", victim.conn.id,
+                            victim.conn.peer, held, what, limit,
+                            f"; {more} more closed for this since" if more else "")
+            self._close(victim)
+
+    def _add_pending(self, peer: _Peer, data: bytes) -> None:
+        """Keep bytes the kernel did not take; enforce the output limits."""
+        peer.pending += data
+        self.out_total += len(data)
+        self._backlogged.add(peer)
+        if len(peer.pending) > self.max_output_per_connection:
+            if self._limit_log.should_log(peer.conn.peer):
+                log.warning("closing connection %d from %s: it does not read its replies "
+                            "(%d bytes unread, limit %d per connection)", peer.conn.id,
+                            peer.conn.peer, len(peer.pending), self.max_output_per_connection)
+            self._close(peer)
+            return
+        if self.out_total > self.max_output_total:
+            self._shed(self._backlogged, lambda p: len(p.pending), lambda: self.out_total,
+                       self.max_output_total, "unread replies")
 
     def _write_pending(self, peer: _Peer) -> None:
         try:
@@ -306,9 +571,15 @@ class Server:
         except OSError:
             self._close(peer)
             return
-        del peer.pending[:n]
-        if not peer.pending:
-            self._ep.modify(peer.fd, _IN)
+        self.out_total -= n
+        if n == len(peer.pending):
+            if n > PAUSE_OUTPUT:
+                self.freed_since_trim += n
+            peer.pending = bytearray()  # not del[:n]: that may keep the allocation
+            self._backlogged.discard(peer)
+            self._rearm(peer)
+        else:
+            del peer.pending[:n]
 
     def flush(self) -> None:
         """After the broker ran: take its outbox, hand the store commands to the store,
@@ -335,11 +606,7 @@ class Server:
             if peer is None:
                 continue
             if peer.pending:
-                peer.pending += data
-                if len(peer.pending) > MAX_OUTBUF:
-                    log.warning("connection %d from %s does not read its replies; closing",
-                                conn.id, conn.peer)
-                    self._close(peer)
+                self._add_pending(peer, data)
                 continue
             try:
                 n = os.write(peer.fd, data)
@@ -348,11 +615,9 @@ class Server:
             except OSError:
                 continue  # the hub sees the error on the next read and cleans up
             if n < len(data):
-                peer.pending += data[n:]
-                try:
-                    self._ep.modify(peer.fd, _IN_OUT)
-                except OSError:
-                    pass
+                self._add_pending(peer, data[n:] if n else data)
+                if not peer.closing:
+                    self._rearm(peer)
 
     # ------------------------------------------------------------------ timers
     async def _timer_task(self) -> None:

@@ -365,6 +365,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if problem:
         raise CliError(f"the configuration is refused:\n{problem}")
     sys.stdout.write(format_config(cfg))
+    if cfg.empty_file:
+        print(f"atomnode: warning: {cfg.source} is empty (0 bytes, only comments or null): "
+              "it means the embedded defaults, with no pools and no handlers; a running "
+              "daemon refuses to reload from it while pools or handlers run",
+              file=sys.stderr)
     print(f"configuration OK ({cfg.source or 'embedded defaults'})", file=sys.stderr)
     return 0
 

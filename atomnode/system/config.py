@@ -144,6 +144,17 @@ class Config:
     max_attempts: int = 5
     retention_days: float = 7.0
     max_packet_size: int = 64 * 1024 * 1024
+    #: Replies a connection has not read yet (``limits.output_per_connection``); past
+    #: it the connection is closed. At least ``max_packet_size``.
+    max_output_per_connection: int = 96 * 1024 * 1024
+    #: Unread replies of all connections together (``limits.output_total``); past it the
+    #: connection holding the most is closed, until the total is under the limit again.
+    max_output_total: int = 256 * 1024 * 1024
+    #: Unfinished input packets of all connections together (``limits.input_total``).
+    max_input_total: int = 256 * 1024 * 1024
+    #: Networks (CIDR) besides loopback whose peers may run state-changing admin
+    #: commands (cancel, maxqueue, shutdown, create/drop function, atomnode-jobs ...).
+    operator_networks: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
     status_interval: float = 5.0
     functions: Mapping[str, FunctionConfig] = field(default_factory=empty_map)
@@ -160,6 +171,9 @@ class Config:
     http_read_only: bool = False
     atom_sites: tuple[AtomSiteConfig, ...] = ()
     source: str | None = None
+    #: The file was read but said nothing (0 bytes, only comments, ``null``, ``{}``):
+    #: a reload from it is refused while pools or handlers run (docs/configuration.md).
+    empty_file: bool = False
 
 
 class ConfigError(Exception):
@@ -172,11 +186,12 @@ class ConfigError(Exception):
 
 
 _TOP_KEYS = [
-    "listen", "database", "log_level", "queue", "max_packet_size", "shutdown_timeout",
-    "status_interval", "functions", "concurrency", "pools", "handlers", "http", "allow",
-    "control_socket", "atom_sites",
+    "listen", "database", "log_level", "queue", "max_packet_size", "limits",
+    "operator_networks", "shutdown_timeout", "status_interval", "functions", "concurrency",
+    "pools", "handlers", "http", "allow", "control_socket", "atom_sites",
 ]  # fmt: skip
 _HTTP_KEYS = ["listen", "user", "password_hash", "read_only"]
+_LIMIT_KEYS = ["output_per_connection", "output_total", "input_total"]
 _QUEUE_KEYS = ["synchronous", "max_attempts", "retention_days"]
 _FUNCTION_KEYS = ["max_attempts", "max_queue"]
 _GROUP_KEYS = ["name", "functions", "max", "span_sites"]
@@ -184,6 +199,13 @@ _SITE_KEYS = ["root", "prefix", "mark_failed_jobs"]
 _POOL_KEYS = [f.name for f in dataclasses.fields(PoolConfig)]
 _HANDLER_KEYS = [f.name for f in dataclasses.fields(HandlerConfig)]
 _WAIT_KEYS = ["name", "address", "path"]
+
+
+_LIMIT_FIELDS = {
+    "output_per_connection": "max_output_per_connection",
+    "output_total": "max_output_total",
+    "input_total": "max_input_total",
+}
 
 
 def _build(data: Any, doc: Doc) -> Config:
@@ -241,6 +263,25 @@ def _build(data: Any, doc: Doc) -> Config:
             v.err(("max_packet_size",), f"expected at least 1024 bytes, got {size}")
             size = None
         put("max_packet_size", size)
+    if "limits" in top:
+        lim = v.mapping(top["limits"], ("limits",))
+        if lim is not None:
+            v.keys(lim, ("limits",), _LIMIT_KEYS)
+            for key in _LIMIT_KEYS:
+                if key in lim:
+                    n = v.size(lim[key], ("limits", key))
+                    if n is not None and n < 65536:
+                        v.err(("limits", key), f"expected at least 64KiB, got {n}")
+                        n = None
+                    put(_LIMIT_FIELDS[key], n)
+    per_conn = kw.get("max_output_per_connection", Config.max_output_per_connection)
+    packet = kw.get("max_packet_size", Config.max_packet_size)
+    if per_conn < packet:
+        v.err(("limits", "output_per_connection") if "limits" in top else ("max_packet_size",),
+              f"limits.output_per_connection ({per_conn} bytes) must be at least "
+              f"max_packet_size ({packet} bytes): a reply of the largest allowed size must fit")
+    if "operator_networks" in top:
+        put("operator_networks", v.networks(top["operator_networks"], ("operator_networks",)))
     for name in ("shutdown_timeout", "status_interval"):
         if name in top:
             put(name, v.duration(top[name], (name,), positive=name == "status_interval"))
@@ -584,6 +625,8 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         cfg = Config()
     if doc.errors:
         raise ConfigError(doc.errors)
+    if data is None or data == {}:
+        cfg = dataclasses.replace(cfg, empty_file=True)
     return cfg
 
 
@@ -707,6 +750,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "retention_days": cfg.retention_days,
         },
         "max_packet_size": cfg.max_packet_size,
+        "limits": {
+            key: getattr(cfg, field_name) for key, field_name in _LIMIT_FIELDS.items()
+        },
+        "operator_networks": list(cfg.operator_networks),
         "shutdown_timeout": cfg.shutdown_timeout,
         "status_interval": cfg.status_interval,
         "functions": {

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import TextIO
 
 #: syslog priorities (sd-daemon.h SD_*) for Python levels.
@@ -93,3 +95,36 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> logging.
     root.addHandler(handler)
     root.setLevel(levelno)
     return handler
+
+
+class Repeats:
+    """Rate limit for a message that may repeat many times a second (accept failing with
+    EMFILE, refused admin commands from one peer, ...).
+
+    ``should_log(key)`` is true for the first occurrence of ``key`` and then at most once
+    every ``interval`` seconds; the occurrences in between are counted and
+    ``should_log`` returns how many were suppressed through :attr:`suppressed`, so the
+    next line can say "(N more since)". At most ``max_keys`` keys are remembered (the
+    oldest are forgotten), so a flood of distinct keys cannot grow it.
+    """
+
+    def __init__(self, interval: float = 10.0, *, max_keys: int = 1024,
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.max_keys = max_keys
+        self.clock = clock
+        self._last: dict[object, tuple[float, int]] = {}
+        self.suppressed = 0
+
+    def should_log(self, key: object = None) -> bool:
+        now = self.clock()
+        entry = self._last.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            self._last[key] = (entry[0], entry[1] + 1)
+            return False
+        self.suppressed = entry[1] if entry is not None else 0
+        self._last.pop(key, None)
+        self._last[key] = (now, 0)
+        while len(self._last) > self.max_keys:
+            del self._last[next(iter(self._last))]
+        return True

@@ -189,6 +189,16 @@ def find_tcp_owner(
 
 # --------------------------------------------------------------------------- spawning
 
+#: ATOMNODE_OWNER given to every process spawned (see atomnode.workers.keeper).
+_owner: str | None = None
+
+
+def set_owner(token: str | None) -> None:
+    """From now on, every process started through :func:`spawn_options` carries
+    ``ATOMNODE_OWNER=token`` (its children inherit it)."""
+    global _owner
+    _owner = token
+
 
 def spawn_options(
     *,
@@ -225,6 +235,8 @@ def spawn_options(
         env.update(extra_env)
     if environment:
         env.update(environment)
+    if _owner:
+        env["ATOMNODE_OWNER"] = _owner  # after the pool's environment: it cannot unset it
     opts["env"] = env
     if directory is not None:
         opts["cwd"] = directory

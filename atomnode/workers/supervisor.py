@@ -85,6 +85,12 @@ WAIT_CONNECT_TIMEOUT = 2.0
 #: Lines per second (sustained) and burst logged per worker; the rest is counted.
 LOG_RATE = 200.0
 LOG_BURST = 1000.0
+#: Bytes per second (sustained) and burst logged per pool, whatever the lines look like
+#: (a worker printing megabytes without a newline is cut into MAX_LINE pieces, each one
+#: paid for here and in lines). Each line costs its length plus LINE_OVERHEAD.
+LOG_BYTES_RATE = 64 * 1024.0
+LOG_BYTES_BURST = 512 * 1024.0
+LINE_OVERHEAD = 64
 #: Longest line logged; longer lines are cut.
 MAX_LINE = 8192
 #: How often "dropped N lines" is reported while a worker floods.
@@ -153,13 +159,16 @@ class _Worker:
 
 
 class _Pool:
-    def __init__(self, cfg: PoolConfig):
+    def __init__(self, cfg: PoolConfig, log_bytes_burst: float = LOG_BYTES_BURST):
         self.cfg = cfg
         self.workers: list[_Worker] = []
         self.next_index = 0
         self.removed = False
         #: A worker registered one of the pool's ``functions`` since the pool started.
         self.proven = False
+        # log volume of all the pool's workers together (bytes)
+        self.log_bytes = log_bytes_burst
+        self.log_bytes_at = 0.0
 
 
 class Supervisor:
@@ -184,6 +193,8 @@ class Supervisor:
         stable_after: float = STABLE_AFTER,
         log_rate: float = LOG_RATE,
         log_burst: float = LOG_BURST,
+        log_bytes_rate: float = LOG_BYTES_RATE,
+        log_bytes_burst: float = LOG_BYTES_BURST,
         drop_report_interval: float = DROP_REPORT_INTERVAL,
         rng: random.Random | None = None,
         register_grace: float = REGISTER_GRACE,
@@ -196,6 +207,8 @@ class Supervisor:
         self.stable_after = stable_after
         self.log_rate = log_rate
         self.log_burst = log_burst
+        self.log_bytes_rate = log_bytes_rate
+        self.log_bytes_burst = log_bytes_burst
         self.drop_report_interval = drop_report_interval
         self.register_grace = register_grace
         self._rng = rng or random.Random()
@@ -456,7 +469,8 @@ class Supervisor:
         return "starting", w.detail
 
     def _add_pool(self, cfg: PoolConfig) -> None:
-        pool = _Pool(cfg)
+        pool = _Pool(cfg, self.log_bytes_burst)
+        pool.log_bytes_at = self._now()
         self._pools[cfg.name] = pool
         for _ in range(cfg.count):
             self._add_worker(pool)
@@ -505,6 +519,11 @@ class Supervisor:
                     continue
                 w.spawned_once.set()
                 try:
+                    if w.retiring or self._shutting_down:
+                        # Stopped while it was being spawned (a shutdown during a planned
+                        # restart): _stop found no process to stop, so stop it here.
+                        w.planned_stop = True
+                        await self._terminate(w, proc, min(cfg.stop_grace, 5.0))
                     await self._supervise_process(w, proc)
                 finally:
                     if proc.returncode is None:
@@ -728,19 +747,22 @@ class Supervisor:
                 nl = buf.rfind(b"\n")
                 if nl < 0:
                     if len(buf) > MAX_LINE:
-                        self._emit(w, logger, level, name, pid, [buf[:MAX_LINE]], 1)
+                        # No newline in sight: log a piece, drop the rest of the run;
+                        # the piece pays like any line (bytes and lines).
+                        self._emit(w, logger, level, name, pid, self._ration(w, [buf], 1), 1)
                         buf = b""
                     continue
                 complete, buf = buf[:nl], buf[nl + 1 :]
                 n = complete.count(b"\n") + 1
                 allowed = self._take_tokens(w, n)
                 lines = complete.split(b"\n", allowed)[:allowed] if allowed else []
-                self._emit(w, logger, level, name, pid, lines, n)
+                self._emit(w, logger, level, name, pid, self._ration(w, lines, allowed), n)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
             if buf:
-                self._emit(w, logger, level, name, pid, [buf[:MAX_LINE]], 1)
+                self._emit(w, logger, level, name, pid,
+                           self._ration(w, [buf], self._take_tokens(w, 1)), 1)
             eof.set()
 
     def _take_tokens(self, w: _Worker, n: int) -> int:
@@ -750,6 +772,23 @@ class Supervisor:
         allowed = min(n, int(w.tokens))
         w.tokens -= allowed
         return allowed
+
+    def _ration(self, w: _Worker, lines: list[bytes], allowed: int) -> list[bytes]:
+        """The first of ``lines`` (at most ``allowed``) that the pool's byte budget pays
+        for; each line costs its logged length (at most MAX_LINE) plus LINE_OVERHEAD."""
+        pool = w.pool
+        now = self._now()
+        pool.log_bytes = min(self.log_bytes_burst,
+                             pool.log_bytes + (now - pool.log_bytes_at) * self.log_bytes_rate)
+        pool.log_bytes_at = now
+        out = []
+        for line in lines[:allowed]:
+            cost = min(len(line), MAX_LINE) + LINE_OVERHEAD
+            if cost > pool.log_bytes:
+                break
+            pool.log_bytes -= cost
+            out.append(line)
+        return out
 
     def _emit(self, w: _Worker, logger: logging.Logger, level: int, name: str,
               pid: int | None, lines: list[bytes], total: int) -> None:
@@ -769,8 +808,9 @@ class Supervisor:
         now = self._now()
         if force or now - w.dropped_reported_at >= self.drop_report_interval:
             logging.getLogger(f"atomnode.worker.{w.name}").warning(
-                "[%s pid %s] dropped %d lines of output (more than %g lines/s)",
-                w.name, w.pid, w.dropped, self.log_rate,
+                "[%s pid %s] dropped %d lines of output (more than %g lines/s per worker "
+                "or %g KiB/s per pool)",
+                w.name, w.pid, w.dropped, self.log_rate, self.log_bytes_rate / 1024,
             )
             w.dropped = 0
             w.dropped_reported_at = now
