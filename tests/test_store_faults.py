@@ -474,6 +474,18 @@ def test_lost_index_write_costs_no_job(tmp_path: Path) -> None:
     con.close()
 
 
+def test_first_start_on_a_new_database_is_not_called_unclean(tmp_path: Path) -> None:
+    """A database atomnode has just built was never used: its first open must not be
+    reported (nor integrity-checked) as "after an unclean shutdown"."""
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        c.submit_bg(b"fresh", b"u", b"x")
+    d.stop()
+    log = d.log()
+    assert "does not exist: creating it" in log
+    assert "unclean shutdown" not in log, log
+
+
 def test_unclean_shutdown_runs_a_full_integrity_check_in_the_background(tmp_path: Path) -> None:
     """After kill -9 the restart serves first and then runs integrity_check in a thread;
     damage it finds (here: a stale index page of the finished-jobs index, which recovery

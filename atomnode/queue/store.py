@@ -585,6 +585,9 @@ class Store:
             conn = sqlite3.connect(tmp, isolation_level=None, check_same_thread=False)
             try:
                 self._check_and_migrate(conn)
+                # Nothing has run on it yet: its first open is not "after an unclean
+                # shutdown" (which would also cost a full integrity check for nothing).
+                conn.execute("UPDATE meta SET value = 1 WHERE key = 'clean_shutdown'")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 conn.close()
