@@ -393,10 +393,9 @@ class Daemon:
         """May a peer at ``ip`` change state (retry, cancel) from the console? The admin
         protocol's rule: loopback (a local proxy included: its users have logged in), or
         the admin's operator networks where configured."""
-        if is_loopback(ip):
-            return True
-        check = getattr(self.admin, "is_operator_address", None)
-        return bool(check is not None and check(ip))
+        if self.admin is None:
+            return is_loopback(ip)
+        return self.admin.is_operator_address(ip)
 
     def peer_allowed(self, ip: str) -> bool:
         """May a peer at ``ip`` use this daemon's ports (Gearman and the web console)?

@@ -413,6 +413,16 @@ async def test_remote_peers_obey_allow_list_and_credential(tmp_path):
             method="POST", body=b'{"handles": ["H:x:1"]}')
         assert status == 403 and b"operator networks" in body
         assert d.may_operate("127.0.0.1") and not d.may_operate("192.0.2.10")
+    # operator_networks widens the console's rule exactly as it widens the admin protocol's.
+    async with console_daemon(tmp_path, allow=("192.0.2.0/24",), http_user="archivist",
+                              http_password_hash=pw_hash,
+                              operator_networks=("192.0.2.0/28",)) as d:
+        assert d.may_operate("192.0.2.10") and not d.may_operate("192.0.2.100")
+        status, body = await _asgi_get(
+            ConsoleApp(d), "/api/jobs/retry", "192.0.2.10",
+            [(b"authorization", good), (b"content-type", b"application/json")],
+            method="POST", body=b'{"handles": ["H:x:1"]}')
+        assert status != 403, body
     async with console_daemon(tmp_path, allow=("192.0.2.0/24",)) as d:
         status, body = await _asgi_get(ConsoleApp(d), "/", "192.0.2.10")
         assert status == 403 and b"only requests made on this machine" in body

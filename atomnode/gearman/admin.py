@@ -95,7 +95,11 @@ class Admin:
 
     def is_operator(self, conn: Conn) -> bool:
         """The peer is loopback (or the local control socket) or in operator_networks."""
-        return is_loopback(conn.peer) or peer_allowed(conn.peer, self.operator_networks)
+        return self.is_operator_address(conn.peer)
+
+    def is_operator_address(self, ip: str) -> bool:
+        """The operator rule for an address alone (the web console's peers use it too)."""
+        return is_loopback(ip) or peer_allowed(ip, self.operator_networks)
 
     def _deny(self, conn: Conn, words: list[bytes]) -> bytes:
         verb = words[0].decode("utf-8", "replace")
