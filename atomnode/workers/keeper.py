@@ -29,6 +29,8 @@ import os
 import signal
 import subprocess
 
+from . import procinfo
+
 log = logging.getLogger("atomnode.supervisor")
 
 OWNER_ENV = "ATOMNODE_OWNER"
@@ -70,17 +72,12 @@ def owned_processes(prefix: str) -> dict[int, str]:
     want = f"{OWNER_ENV}={prefix}".encode()
     me = os.getpid()
     out: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
+    for pid, env in procinfo.each_process("environ"):
+        if pid == me:
             continue
         for item in env.split(b"\0"):
             if item.startswith(want):
-                out[int(name)] = item.split(b"=", 1)[1].decode("ascii", "replace")
+                out[pid] = item.split(b"=", 1)[1].decode("ascii", "replace")
                 break
     return out
 

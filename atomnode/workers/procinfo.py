@@ -12,7 +12,7 @@ import logging
 import os
 import pwd
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger("atomnode.procinfo")  # stable name: operators see it in the journal
@@ -26,22 +26,28 @@ Address = tuple[str, int]
 # --------------------------------------------------------------------------- processes
 
 
-def children_map() -> dict[int, list[int]]:
-    """parent pid -> child pids, for every process visible in /proc."""
-    kids: dict[int, list[int]] = {}
+def each_process(file: str) -> Iterator[tuple[int, bytes]]:
+    """``(pid, contents of /proc/<pid>/<file>)`` for every process whose file can be
+    read now (processes that vanish or are not ours to read are passed over)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
+            with open(f"/proc/{name}/{file}", "rb") as f:
+                yield int(name), f.read()
         except OSError:
             continue
+
+
+def children_map() -> dict[int, list[int]]:
+    """parent pid -> child pids, for every process visible in /proc."""
+    kids: dict[int, list[int]] = {}
+    for pid, data in each_process("stat"):
         # The command name (field 2) is in parentheses and may contain spaces.
         rest = data[data.rfind(b")") + 2 :].split()
         if len(rest) < 2:
             continue
-        kids.setdefault(int(rest[1]), []).append(int(name))
+        kids.setdefault(int(rest[1]), []).append(pid)
     return kids
 
 
