@@ -260,7 +260,7 @@ c_install() {
     inside test -f /etc/atomnode/atomnode.yml || { echo "no /etc/atomnode/atomnode.yml"; return 1; }
     inside test -f /usr/share/man/man8/atomnode.8.gz || { echo "no man page"; return 1; }
     inside getent passwd atomnode || { echo "no atomnode user"; return 1; }
-    inside dpkg-query -W -f='${Conffiles}\n' atomnode | grep -q /etc/atomnode/atomnode.yml ||
+    inside dpkg-query -W -f='${Conffiles}\n' atomnode | grep /etc/atomnode/atomnode.yml >/dev/null ||
         { echo "/etc/atomnode/atomnode.yml is not a conffile"; return 1; }
     inside atomnode --version
 }
@@ -312,7 +312,7 @@ c_jobs_done() {
     # The durable history shows the round-trip job as done.
     local out
     out=$(inside atomnode jobs list --function pkgtest-roundtrip --json) || { echo "$out"; return 1; }
-    echo "$out" | grep -q '"done"' || { echo "no done job in: $out"; return 1; }
+    echo "$out" | grep '"done"' >/dev/null || { echo "no done job in: $out"; return 1; }
     echo "jobs list shows pkgtest-roundtrip done"
 }
 
@@ -326,9 +326,9 @@ for path in ("/metrics", "/"):
     print("==", path, len(body), "bytes")
     sys.stdout.write(body)
 ') || { echo "$out"; inside journalctl -u atomnode --no-pager -n 30; return 1; }
-    echo "$out" | grep -q '^atomnode_jobs_completed_total{function="pkgtest-roundtrip"' ||
+    echo "$out" | grep '^atomnode_jobs_completed_total{function="pkgtest-roundtrip"' >/dev/null ||
         { echo "/metrics has no completed count for pkgtest-roundtrip:"; echo "$out" | head -40; return 1; }
-    echo "$out" | grep -q '<tr data-function="pkgtest-roundtrip">' ||
+    echo "$out" | grep '<tr data-function="pkgtest-roundtrip">' >/dev/null ||
         { echo "the overview page does not list pkgtest-roundtrip:"; echo "$out" | tail -60; return 1; }
     echo "/metrics and the overview page answer on 127.0.0.1:4731"
 }
@@ -425,9 +425,9 @@ EOF'
         { inside atomnode status; inside journalctl -u atomnode --no-pager -n 30; return 1; }
     [ "$got" = FROM-THE-POOL-TEST ] || { echo "pool worker answered '$got'"; return 1; }
     users=$(inside ps -o user= -C python3 2>/dev/null || inside sh -c 'for p in /proc/[0-9]*; do grep -l gearman_helper $p/cmdline >/dev/null 2>&1 && stat -c %U $p; done')
-    echo "$users" | grep -q nobody || { echo "no worker process running as nobody: $users"; return 1; }
-    echo "$users" | grep -q root && { echo "a worker runs as root: $users"; return 1; }
-    inside atomnode status | grep -q pkgtest || { echo "'atomnode status' does not show the pool:"; inside atomnode status; return 1; }
+    echo "$users" | grep nobody >/dev/null || { echo "no worker process running as nobody: $users"; return 1; }
+    echo "$users" | grep root >/dev/null && { echo "a worker runs as root: $users"; return 1; }
+    inside atomnode status | grep pkgtest >/dev/null || { echo "'atomnode status' does not show the pool:"; inside atomnode status; return 1; }
     echo "2 pool workers as nobody; job answered"
 }
 
@@ -442,7 +442,7 @@ c_port_in_use() {
     journal=$(inside journalctl -u atomnode --no-pager -n 50 -o cat)
     inside systemctl stop pkgtest-porthog
     inside systemctl reset-failed atomnode
-    echo "$journal" | grep -i "port $PORT.*in use" | grep -qi gearman ||
+    echo "$journal" | grep -i "port $PORT.*in use" | grep -i gearman >/dev/null ||
         { echo "the journal does not say port $PORT is inside use / gearman:"; echo "$journal" | tail -n 15; return 1; }
     wait_for 10 "port $PORT free" sh -c "! ss -Hltn 'sport = :$PORT' | grep -q ." || return 1
     inside systemctl start atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
@@ -462,7 +462,7 @@ c_watchdog_kills_frozen() {
     pid2=$(prop MainPID)
     r2=$(prop NRestarts)
     [ "$pid2" != "$pid1" ] || { echo "MainPID unchanged"; return 1; }
-    inside journalctl -u atomnode --no-pager -o cat | grep -q "Watchdog timeout" ||
+    inside journalctl -u atomnode --no-pager -o cat | grep "Watchdog timeout" >/dev/null ||
         { echo "no 'Watchdog timeout' in the journal"; return 1; }
     echo "watchdog restarted it: MainPID $pid1 -> $pid2, NRestarts $r1 -> $r2"
 }
