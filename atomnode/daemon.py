@@ -123,6 +123,8 @@ class Daemon:
         self.supervisor: Any = None
         self.handlers: dict[str, Any] = {}
         self._handler_scopes: dict[str, trio.CancelScope] = {}
+        self.runners: dict[str, Any] = {}  # per-job AtoM runners (workers/atom_runner.py)
+        self._runner_scopes: dict[str, trio.CancelScope] = {}
         self.shutdown: trio.Event | None = None  # created inside trio.run
         self.graceful = True
         self.ready = False
@@ -255,6 +257,8 @@ class Daemon:
             doc["pools"] = self.supervisor.snapshot()
         if self.handlers:
             doc["handlers"] = [h.snapshot() for h in self.handlers.values()]
+        if self.runners:
+            doc["runners"] = [r.snapshot() for r in self.runners.values()]
         doc["ready"] = self.ready
         doc["access"] = {"error": self.access_error}
         if self.remote_registry is not None:
@@ -631,6 +635,8 @@ class Daemon:
         if cfg.handlers:
             for h in cfg.handlers:
                 await self._start_handler(nursery, h)
+        for r in cfg.atom_runners:
+            await self._start_runner(nursery, r)
         if cfg.pools:
             from .workers.supervisor import Supervisor
 
@@ -673,6 +679,35 @@ class Daemon:
 
         await nursery.start(runner)
 
+    async def _start_runner(self, nursery: trio.Nursery, r: Any) -> None:
+        from .workers.atom_runner import RunnerPool
+
+        self._ensure_keeper()
+        pool = RunnerPool(r, self.server)
+        scope = trio.CancelScope()
+        self.runners[r.name] = pool
+        self._runner_scopes[r.name] = scope
+
+        async def runner(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await pool.run(task_status=task_status)
+
+        await nursery.start(runner)
+
+    async def _reload_runners(self, old: Config, new: Config) -> None:
+        """A changed runner is drained and started again with its new settings."""
+        old_r = {r.name: r for r in old.atom_runners}
+        new_r = {r.name: r for r in new.atom_runners}
+        for name, r in old_r.items():
+            if new_r.get(name) != r and name in self.runners:
+                await self.runners[name].shutdown(self.cfg.shutdown_timeout)
+                self._runner_scopes.pop(name).cancel()
+                del self.runners[name]
+        added = [r for name, r in new_r.items() if old_r.get(name) != r]
+        if added and self._nursery_for_handlers is not None:
+            for r in added:
+                await self._start_runner(self._nursery_for_handlers, r)
+
     async def _stop(self, nursery: trio.Nursery) -> None:
         assert self.server is not None
         self.notifier.stopping()
@@ -687,6 +722,8 @@ class Daemon:
                 n.start_soon(self.supervisor.shutdown, timeout)
             for pool in self.handlers.values():
                 n.start_soon(pool.shutdown, timeout)
+            for runner in self.runners.values():
+                n.start_soon(runner.shutdown, timeout)
         nursery.cancel_scope.cancel()
 
     #: Seconds between two chart samples (the console's charts; see take_sample).
@@ -781,7 +818,7 @@ class Daemon:
                           "force:\n%s", e)
                 return
             old = self.cfg
-            running = bool(self.handlers) or (
+            running = bool(self.handlers) or bool(self.runners) or (
                 self.supervisor is not None and bool(old.pools))
             if new.empty_file and running:
                 log.error(
@@ -812,6 +849,7 @@ class Daemon:
                 else:
                     await self.supervisor.reload(new.pools)
             await self._reload_handlers(old, new)
+            await self._reload_runners(old, new)
             log.info("configuration reloaded from %s", self.config_path or "defaults")
         finally:
             self.notifier.ready(self.status_line())

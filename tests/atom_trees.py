@@ -25,6 +25,7 @@ Facts used, per family (verified on the artefactual/atom tags):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -222,4 +223,75 @@ def make_atom_release(
             + php_literal({"servers": {"default": srv}, "worker_types": types}).lstrip()
             + ";\n"
         )
+    return root
+
+
+# ---------------------------------------------------------------- a runnable tree (issue 16)
+
+RUNTIME = Path(__file__).parent / "atom_runtime"
+
+#: How each family's ``tools:run`` (runCustomLogicTask) boots before it includes the file
+#: (verified on the tags): 2.0-2.1 open the database only; 2.2-2.4 also create a symfony
+#: context from the task's configuration (environment cli) but load no settings; 2.5 and
+#: later extend arBaseTask, whose execute() creates the context and loads the settings.
+_TOOLS_RUN = {
+    "none": (
+        "class runCustomLogicTask extends sfBaseTask\n{\n"
+        "  public function execute($arguments = array(), $options = array())\n  {\n"
+        "    $databaseManager = new sfDatabaseManager($this->configuration);\n"
+        "    include($arguments['filename']);\n  }\n}\n"
+    ),
+    "context": (
+        "class runCustomLogicTask extends sfBaseTask\n{\n"
+        "  public function execute($arguments = array(), $options = array())\n  {\n"
+        "    $sf_context = sfContext::createInstance($this->configuration);\n"
+        "    $databaseManager = new sfDatabaseManager($this->configuration);\n"
+        "    include($arguments['filename']);\n  }\n}\n"
+    ),
+    "full": (
+        "class runCustomLogicTask extends arBaseTask\n{\n"
+        "  public function execute($arguments = array(), $options = array())\n  {\n"
+        "    parent::execute($arguments, $options);\n"
+        "    include $arguments['filename'];\n  }\n}\n"
+    ),
+}
+
+
+def tools_run_boot(family: str, version: str) -> str:
+    """none | context | full: what the release's tools:run boots (see _TOOLS_RUN)."""
+    if family in ("2.0.0-2.0.1", "2.0.2-2.1"):
+        return "none"
+    return "full" if version >= "2.5" else "context"
+
+
+def add_runtime(root: Path, family: str = "2.5.2+", *, version: str | None = None,
+                settings: dict[str, Any] | None = None) -> Path:
+    """Make a tree written by :func:`make_atom_release` runnable by atomnode's per-job
+    runner: a ``symfony`` entry implementing ``tools:run FILE`` as the family does, the
+    few symfony/AtoM classes it needs, Net_Gearman's job classes and the test job class
+    ``arFixtureJob`` (tests/atom_runtime/). ``settings``: the site's settings table."""
+    version = version or dict(RELEASES)[family]
+    lib = root / "vendor" / "symfony" / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    (lib / "fixture.php").write_text((RUNTIME / "framework.php").read_text())
+    (lib / "fixture_release.php").write_text(
+        f"<?php\ndefine('FIXTURE_FAMILY', {php_literal(family)});\n"
+        f"define('FIXTURE_VERSION', {php_literal(version)});\n"
+    )
+    (root / "symfony").write_text((RUNTIME / "symfony").read_text())
+    gearman = root / "vendor" / "net_gearman" / "Net" / "Gearman"
+    gearman.mkdir(parents=True, exist_ok=True)
+    (gearman / "Job.php").write_text((RUNTIME / "Job.php").read_text())
+    tools = root / "lib" / "task" / "tools"
+    tools.mkdir(parents=True, exist_ok=True)
+    (tools / "runCustomLogicTask.class.php").write_text(
+        "<?php\n" + _TOOLS_RUN[tools_run_boot(family, version)])
+    (root / "lib" / "job").mkdir(parents=True, exist_ok=True)
+    (root / "lib" / "job" / "arFixtureJob.class.php").write_text(
+        (RUNTIME / "arFixtureJob.class.php").read_text())
+    om = root / "lib" / "model" / "om"
+    om.mkdir(parents=True, exist_ok=True)
+    (om / "BaseJob.php").write_text("<?php\nclass BaseJob\n{\n}\n")
+    (root / "config" / "settings.json").write_text(
+        json.dumps(settings if settings is not None else {"app_siteTitle": "Fixture archive"}))
     return root

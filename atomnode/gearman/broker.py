@@ -1197,6 +1197,17 @@ class Broker:
         self._forget(job)
         return True
 
+    def release(self, conn: Conn, handle: bytes, reason: str) -> bool:
+        """A worker gives back a job it holds without a result (atomnode's own workers:
+        a job process timed out or was stopped): the job is queued again with ``reason``,
+        or fails past its max attempts, as when a worker disconnects. False if ``conn``
+        does not hold it."""
+        job = conn.held.get(handle)
+        if job is None:
+            return False
+        self._requeue(job, reason)
+        return True
+
     def drain(self, conn: Conn) -> None:
         """From now on this worker's GRAB_JOB gets NO_JOB."""
         conn.draining = True

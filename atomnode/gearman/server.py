@@ -163,6 +163,8 @@ class Server:
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
         self.idle_events: dict[Conn, trio.Event] = {}
+        #: In-process workers (:meth:`attach_local`): connection -> where its replies go.
+        self.local: dict[Conn, Callable[[bytes], None]] = {}
         self.started_at = broker.clock()
         self.control_path: str | None = None
         self._accept_errors = Repeats(ACCEPT_LOG_INTERVAL)
@@ -604,6 +606,9 @@ class Server:
             data = out[0] if len(out) == 1 else b"".join(out)
             peer = peers.get(conn)
             if peer is None:
+                deliver = self.local.get(conn)
+                if deliver is not None:
+                    deliver(data)
                 continue
             if peer.pending:
                 self._add_pending(peer, data)
@@ -618,6 +623,41 @@ class Server:
                 self._add_pending(peer, data[n:] if n else data)
                 if not peer.closing:
                     self._rearm(peer)
+
+    # ------------------------------------------------------- in-process workers
+    def attach_local(self, deliver: Callable[[bytes], None], client_id: bytes = b"-") -> Conn:
+        """A connection that lives inside the daemon (atomnode's own workers): it talks
+        to the broker directly, without a socket. Its requests go in through
+        :meth:`handle_local`; the broker's replies (encoded packets) are passed to
+        ``deliver`` when the round's outbox is written. It shows in ``workers`` with
+        address ``local`` and counts in ``status`` like any worker."""
+        conn = Conn(self._next_id, peer="local")
+        conn.client_id = client_id
+        self._next_id += 1
+        self.local[conn] = deliver
+        self.broker.connect(conn)
+        return conn
+
+    def handle_local(self, conn: Conn, packets: list[protocol.Packet]) -> None:
+        """Requests from an in-process connection: the broker handles them now, and the
+        outbox is written (replies delivered, store commands handed on)."""
+        if conn not in self.local:
+            return
+        broker = self.broker
+        for pkt in packets:
+            broker.handle(conn, pkt)
+        self.flush()
+
+    def detach_local(self, conn: Conn) -> None:
+        """An in-process connection ends: as when a socket closes, the broker requeues
+        the jobs it still holds."""
+        if self.local.pop(conn, None) is None:
+            return
+        self.broker.disconnect(conn)
+        ev = self.idle_events.pop(conn, None)
+        if ev is not None:
+            ev.set()
+        self.flush()
 
     # ------------------------------------------------------------------ timers
     async def _timer_task(self) -> None:

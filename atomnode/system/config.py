@@ -119,6 +119,33 @@ class HandlerConfig:
     servers: tuple[str, ...] = ()
 
 
+#: Where the package installs the per-job runner script (atom_runners' ``script``).
+RUNNER_SCRIPT = "/usr/share/atomnode/atom-job-runner.php"
+ON_TIMEOUT = ("fail", "requeue")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """An AtoM site whose jobs atomnode runs itself, one ``php symfony tools:run`` process
+    per job (workers/atom_runner.py; docs/workers.md, "Per-job mode")."""
+
+    name: str
+    root: str
+    #: The Gearman function names served (the site's prefix + job class), exactly.
+    functions: tuple[str, ...]
+    user: str | None = None
+    group: str | None = None
+    concurrency: int = 1
+    timeout: float | None = None  # seconds per job; None: no limit
+    on_timeout: str = "fail"  # fail | requeue
+    memory_limit: int | None = None  # bytes of RSS per job (its process group)
+    php: str = "php"
+    #: None: the script shipped with atomnode (RUNNER_SCRIPT, else the package's copy).
+    script: str | None = None
+    environment: Mapping[str, str] = field(default_factory=empty_map)
+    wait_for: tuple[WaitFor, ...] = ()
+
+
 @dataclass(frozen=True)
 class AtomSiteConfig:
     """An AtoM site whose job records atomnode may update (see docs/workers.md)."""
@@ -161,6 +188,7 @@ class Config:
     concurrency: tuple[ConcurrencyGroup, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
     handlers: tuple[HandlerConfig, ...] = ()
+    atom_runners: tuple[RunnerConfig, ...] = ()
     #: The web console and /metrics (``http.listen``); None = off.
     http_listen: str | None = DEFAULT_HTTP_LISTEN
     #: ``http.user`` and ``http.password_hash`` (``atomnode console-password``): the
@@ -188,7 +216,7 @@ class ConfigError(Exception):
 _TOP_KEYS = [
     "listen", "database", "log_level", "queue", "max_packet_size", "limits",
     "operator_networks", "shutdown_timeout", "status_interval", "functions", "concurrency",
-    "pools", "handlers", "http", "allow", "control_socket", "atom_sites",
+    "pools", "handlers", "http", "allow", "control_socket", "atom_sites", "atom_runners",
 ]  # fmt: skip
 _HTTP_KEYS = ["listen", "user", "password_hash", "read_only"]
 _LIMIT_KEYS = ["output_per_connection", "output_total", "input_total"]
@@ -198,6 +226,7 @@ _GROUP_KEYS = ["name", "functions", "max", "span_sites"]
 _SITE_KEYS = ["root", "prefix", "mark_failed_jobs"]
 _POOL_KEYS = [f.name for f in dataclasses.fields(PoolConfig)]
 _HANDLER_KEYS = [f.name for f in dataclasses.fields(HandlerConfig)]
+_RUNNER_KEYS = [f.name for f in dataclasses.fields(RunnerConfig)]
 _WAIT_KEYS = ["name", "address", "path"]
 
 
@@ -367,7 +396,8 @@ def _build(data: Any, doc: Doc) -> Config:
                 out_s.append(AtomSiteConfig(root=root, prefix=prefix, mark_failed_jobs=mark))
         kw["atom_sites"] = tuple(out_s)
 
-    for key, build in (("pools", _build_pool), ("handlers", _build_handler)):
+    for key, build in (("pools", _build_pool), ("handlers", _build_handler),
+                       ("atom_runners", _build_runner)):
         if key in top:
             items = v.seq(top[key], (key,), key)
             seen: dict[str, int] = {}
@@ -383,6 +413,10 @@ def _build(data: Any, doc: Doc) -> Config:
                     v.err((key, i, "servers"), "required with listen: [] (a worker host has "
                           "no listener of its own): name the job server, e.g. "
                           "servers: [jobs1:4730]")
+        if kw.get("atom_runners"):
+            v.err(("atom_runners",), "not available with listen: [] (a worker host): the "
+                  "per-job runner takes its jobs from this daemon's own queue; run it on the "
+                  "job server, or use pools: on the worker host")
 
     return Config(**kw)
 
@@ -473,6 +507,41 @@ def _entry(
     return data, value, ok, {}
 
 
+def _one_wait(v: Validator, w: Any, wq: Path) -> WaitFor | None:
+    if isinstance(w, str):  # shorthand: "127.0.0.1:3306"
+        w = {"address": w}
+    wd = v.mapping(w, wq)
+    if wd is None:
+        return None
+    v.keys(wd, wq, _WAIT_KEYS)
+    if "address" not in wd and "path" not in wd:
+        v.err(wq, "missing required key 'address' (host:port; or path: a Unix socket)")
+        return None
+    if "address" in wd and "path" in wd:
+        v.err(wq, "expected address (host:port) or path (a Unix socket), not both")
+        return None
+    if "path" in wd:
+        path = v.string(wd["path"], wq + ("path",))
+        if path is not None and not os.path.isabs(path):
+            v.err(wq + ("path",), f"expected an absolute path, got {path!r}")
+            path = None
+        if path is None:
+            return None
+        return WaitFor(name=v.string(wd.get("name", path), wq + ("name",)) or path,
+                       host="", port=0, path=path)
+    addr = v.address(wd["address"], wq + ("address",))
+    if addr is None:
+        return None
+    host, port = parse_address(addr)
+    wname = v.string(wd.get("name", addr), wq + ("name",)) or addr
+    return WaitFor(name=wname, host=host, port=port)
+
+
+def _wait_for(v: Validator, x: Any, q: Path) -> tuple[WaitFor, ...] | None:
+    """``wait_for``: endpoints (MySQL, Elasticsearch) to wait for before starting work."""
+    return v.each(x, q, "{name, address: host:port}", lambda w, wq: _one_wait(v, w, wq))
+
+
 def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolConfig | None:
     if (entry := _entry(v, raw, p, _POOL_KEYS, "name", seen, "pool name {!r} already used by "
                         "pools[{}]")) is None:
@@ -498,38 +567,6 @@ def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolCo
             vals.append(n)
         return tuple(c for c in vals if c is not None) if all(c is not None for c in vals) else None
 
-    def one_wait(w: Any, wq: Path) -> WaitFor | None:
-        if isinstance(w, str):  # shorthand: "127.0.0.1:3306"
-            w = {"address": w}
-        wd = v.mapping(w, wq)
-        if wd is None:
-            return None
-        v.keys(wd, wq, _WAIT_KEYS)
-        if "address" not in wd and "path" not in wd:
-            v.err(wq, "missing required key 'address' (host:port; or path: a Unix socket)")
-            return None
-        if "address" in wd and "path" in wd:
-            v.err(wq, "expected address (host:port) or path (a Unix socket), not both")
-            return None
-        if "path" in wd:
-            path = v.string(wd["path"], wq + ("path",))
-            if path is not None and not os.path.isabs(path):
-                v.err(wq + ("path",), f"expected an absolute path, got {path!r}")
-                path = None
-            if path is None:
-                return None
-            return WaitFor(name=v.string(wd.get("name", path), wq + ("name",)) or path,
-                           host="", port=0, path=path)
-        addr = v.address(wd["address"], wq + ("address",))
-        if addr is None:
-            return None
-        host, port = parse_address(addr)
-        wname = v.string(wd.get("name", addr), wq + ("name",)) or addr
-        return WaitFor(name=wname, host=host, port=port)
-
-    def wait_for(x: Any, q: Path) -> tuple[WaitFor, ...] | None:
-        return v.each(x, q, "{name, address: host:port}", one_wait)
-
     def pool_functions(x: Any, q: Path) -> tuple[str, ...] | None:
         if isinstance(x, str):
             x = [x]
@@ -551,7 +588,7 @@ def _build_pool(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> PoolCo
         "max_rss_mb": lambda x, q: v.integer(x, q, minimum=1, optional=True),
         "max_age": lambda x, q: v.duration(x, q, optional=True, positive=True),
         "age_jitter": lambda x, q: v.number(x, q, minimum=0, maximum=1),
-        "wait_for": wait_for,
+        "wait_for": lambda x, q: _wait_for(v, x, q),
         "functions": pool_functions,
         "drain_timeout": lambda x, q: v.duration(x, q),
         "stop_grace": lambda x, q: v.duration(x, q),
@@ -600,6 +637,63 @@ def _build_handler(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> Han
     if not ok or function is None or command is None:
         return None
     return HandlerConfig(function=function, command=command, **kw)
+
+
+def _build_runner(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> RunnerConfig | None:
+    data = v.mapping(raw, p)
+    if data is None:
+        return None
+    v.keys(data, p, _RUNNER_KEYS, required=("name", "root", "functions"))
+    ok = True
+    name = v.string(data["name"], p + ("name",)) if "name" in data else None
+    if name is not None:
+        if name in seen:
+            v.err(p + ("name",), f"runner name {name!r} already used by atom_runners[{seen[name]}]")
+            ok = False
+        seen.setdefault(name, int(p[-1]))
+    root = v.string(data["root"], p + ("root",)) if "root" in data else None
+    if root is not None and not os.path.isabs(root):
+        v.err(p + ("root",), f"expected an absolute path (the AtoM site's root), got {root!r}")
+        root = None
+    functions: tuple[str, ...] | None = None
+    if "functions" in data:
+        x = data["functions"]
+        items = v.seq([x] if isinstance(x, str) else x, p + ("functions",), "function names")
+        if items is not None:
+            names = [v.string(f, p + ("functions", j)) for j, f in enumerate(items)]
+            if all(names) and names:
+                functions = tuple(n for n in names if n)
+            elif not names:
+                v.err(p + ("functions",), "expected at least one function name (the site's "
+                      "job prefix + job class, as `atomnode atom-config --per-job` writes)")
+
+    def opt_str(x: Any, q: Path) -> str | None:
+        return v.string(x, q, optional=True)
+
+    def abs_path(x: Any, q: Path) -> str | None:
+        s_ = v.string(x, q, optional=True)
+        if s_ is not None and not os.path.isabs(s_):
+            v.err(q, f"expected an absolute path, got {s_!r}")
+            return None
+        return s_
+
+    kw: dict[str, Any] = {}
+    spec: dict[str, Callable[[Any, Path], Any]] = {
+        "user": opt_str,
+        "group": opt_str,
+        "concurrency": lambda x, q: v.integer(x, q, minimum=1),
+        "timeout": lambda x, q: v.duration(x, q, optional=True, positive=True),
+        "on_timeout": lambda x, q: v.choice(x, q, ON_TIMEOUT),
+        "memory_limit": lambda x, q: v.size(x, q),
+        "php": lambda x, q: v.string(x, q),
+        "script": abs_path,
+        "environment": v.environment,
+        "wait_for": lambda x, q: _wait_for(v, x, q),
+    }
+    ok = _optional_fields(v, data, p, kw, spec) and ok
+    if not ok or name is None or root is None or functions is None:
+        return None
+    return RunnerConfig(name=name, root=root, functions=functions, **kw)
 
 
 # --------------------------------------------------------------------------- loading
@@ -722,7 +816,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             return [plain(x) for x in obj]
         return obj
 
-    def pool(pc: PoolConfig) -> dict[str, Any]:
+    def pool(pc: PoolConfig | RunnerConfig) -> dict[str, Any]:
         d = {f.name: plain(getattr(pc, f.name)) for f in dataclasses.fields(pc)}
         d["wait_for"] = [
             {"name": w.name, "path": w.path}
@@ -767,6 +861,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         ],
         "pools": [pool(p) for p in cfg.pools],
         "handlers": [handler(h) for h in cfg.handlers],
+        "atom_runners": [pool(r) for r in cfg.atom_runners],
         "http": {
             "listen": cfg.http_listen or "none",
             "user": cfg.http_user,

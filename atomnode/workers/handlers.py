@@ -99,6 +99,70 @@ class _Conn:
             await self.stream.aclose()
 
 
+class LocalConn:
+    """The same worker-side interface as :class:`_Conn`, for a worker inside the daemon:
+    it talks to the broker through the server's in-process connections
+    (``Server.attach_local``), so a job costs no TCP round trip to ourselves. It shows
+    in ``workers`` (address ``local``) and counts in ``status`` like any worker."""
+
+    def __init__(self, server: Any, client_id: bytes):
+        self.server = server
+        self.decoder = Decoder(expect_requests=False)
+        self._requests = Decoder()
+        self._arrived = trio.Event()
+        self.closed = False
+        self.conn = server.attach_local(self._deliver, client_id)
+
+    def _deliver(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        self._arrived.set()
+
+    async def send(self, *packets: bytes) -> None:
+        if self.closed:
+            raise ConnectionLost("connection closed")
+        self._requests.feed(b"".join(packets))
+        self.server.handle_local(self.conn, self._requests.next_events())
+
+    async def receive(self, wanted: Iterable[int]) -> Packet:
+        """Next packet of one of the ``wanted`` types; NOOPs in between are skipped."""
+        wanted = set(wanted)
+        while True:
+            ev = self.decoder.next_event()
+            if ev is None:
+                if self.closed:
+                    raise ConnectionLost("connection closed")
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+                continue
+            assert isinstance(ev, Packet)
+            if ev.type in wanted:
+                return ev
+            if ev.type == T.NOOP:
+                continue
+            if ev.type == T.ERROR:
+                raise ConnectionLost(
+                    "server error: " + b": ".join(ev.args).decode("utf-8", "replace"))
+            raise ConnectionLost(f"unexpected {ev.name}")
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.detach_local(self.conn)
+            self._arrived.set()
+
+
+async def kill_group(proc: trio.Process, grace: float = KILL_GRACE) -> None:
+    """SIGTERM to the process group of ``proc``, SIGKILL ``grace`` seconds later if it has
+    not exited, then SIGKILL to whatever else is left in the group."""
+    procinfo.signal_group(proc.pid, signal.SIGTERM)
+    with trio.move_on_after(grace):
+        await proc.wait()
+    if proc.returncode is None:
+        procinfo.signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    procinfo.signal_group(proc.pid, signal.SIGKILL)
+
+
 def _req(type_: int, *args: bytes) -> bytes:
     return encode(type_, *args, request=True)
 
@@ -354,11 +418,4 @@ class HandlerPool:
         return True, bytes(out)
 
     async def _kill(self, proc: trio.Process) -> None:
-        procinfo.signal_group(proc.pid, signal.SIGTERM)
-        with trio.move_on_after(KILL_GRACE):
-            await proc.wait()
-        if proc.returncode is None:
-            procinfo.signal_group(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        # Whatever else is left in the group goes too.
-        procinfo.signal_group(proc.pid, signal.SIGKILL)
+        await kill_group(proc)

@@ -606,22 +606,7 @@ class Supervisor:
         return any(c in live for c in w.conns)
 
     async def _first_down(self, deps: Sequence[WaitFor]) -> WaitFor | None:
-        for dep in deps:
-            ok = False
-            with trio.move_on_after(WAIT_CONNECT_TIMEOUT):
-                try:
-                    if dep.path:
-                        stream = await trio.open_unix_socket(dep.path)
-                    else:
-                        stream = await trio.open_tcp_stream(dep.host, dep.port)
-                except OSError:
-                    pass
-                else:
-                    ok = True
-                    await stream.aclose()
-            if not ok:
-                return dep
-        return None
+        return await first_down(deps)
 
     async def _spawn(self, w: _Worker, cfg: PoolConfig) -> trio.Process:
         servers = self._servers(cfg)
@@ -953,6 +938,26 @@ class Supervisor:
                 log.exception("supervisor monitor pass failed")
             self._notify()
             await trio.sleep(self.check_interval)
+
+
+async def first_down(deps: Sequence[WaitFor]) -> WaitFor | None:
+    """The first of ``deps`` that does not accept a connection now, or None."""
+    for dep in deps:
+        ok = False
+        with trio.move_on_after(WAIT_CONNECT_TIMEOUT):
+            try:
+                if dep.path:
+                    stream = await trio.open_unix_socket(dep.path)
+                else:
+                    stream = await trio.open_tcp_stream(dep.host, dep.port)
+            except OSError:
+                pass
+            else:
+                ok = True
+                await stream.aclose()
+        if not ok:
+            return dep
+    return None
 
 
 def _client_id_pid(client_id: str | None) -> int | None:

@@ -1,0 +1,235 @@
+"""Per-job mode (issue 16): atomnode's own worker tasks run each AtoM job in a fresh
+``php symfony tools:run`` process with the shipped runner script.
+
+The AtoM trees are fixtures (tests/atom_trees.py, tests/atom_runtime/): their ``symfony``
+implements ``tools:run`` as each release family boots, their Net_Gearman job class writes
+real Gearman packets on the socket it is handed, and the job class ``arFixtureJob`` does
+what the workload says. PHP is Debian's php-cli; the daemon is a real atomnode process.
+Waits are on events: a client's WORK_* packets, a FIFO a job blocks on (opening it for
+writing returns when the job has opened it), the daemon's exit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from atom_trees import RELEASES, add_runtime, make_atom_release
+from daemon_harness import Client, Daemon
+
+from atomnode.gearman.protocol import T
+
+pytestmark = pytest.mark.interop
+
+KEY_PREFIX = "2.5.2+"
+
+
+def prefix_of(root: Path, family: str) -> str:
+    """The site's job prefix as the family's QubitJob::getJobPrefix() builds it."""
+    if family in ("2.0.0-2.0.1", "2.0.2-2.1"):
+        return ""
+    if family == "2.2":
+        return f"{root} - "
+    if family == "2.3-2.5.1":  # md5(siteTitle . siteBaseUrl . root); no base URL here
+        return hashlib.md5(f"Fixture archive{root}".encode()).hexdigest() + "-"
+    return hashlib.md5(str(root).encode()).hexdigest() + "-"
+
+
+def site(tmp_path: Path, family: str = KEY_PREFIX, name: str = "atom") -> tuple[Path, str]:
+    root = tmp_path / name
+    make_atom_release(root, family)
+    add_runtime(root, family)
+    return root, prefix_of(root, family) + "arFixtureJob"
+
+
+def runner_config(root: Path, fn: str, **extra: object) -> str:
+    lines = [
+        "atom_runners:",
+        "  - name: site",
+        f"    root: {json.dumps(str(root))}",
+        f"    functions: [{json.dumps(fn)}]",
+    ]
+    for k, v in extra.items():
+        lines.append(f"    {k}: {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def run_job(client: Client, fn: str, payload: dict, exceptions: bool = True
+            ) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
+    """Submit a foreground job; (final packet name, its data, statuses seen)."""
+    if exceptions:
+        client.send(T.OPTION_REQ, b"exceptions")
+        client.expect(T.OPTION_RES)
+    client.send(T.SUBMIT_JOB, fn.encode(), b"", json.dumps(payload).encode())
+    client.expect(T.JOB_CREATED)
+    statuses = []
+    while True:
+        p = client.recv(timeout=60)
+        if p.type == T.WORK_STATUS:
+            statuses.append((p.args[1], p.args[2]))
+        elif p.type in (T.WORK_COMPLETE, T.WORK_EXCEPTION):
+            return p.name, p.args[1], statuses
+        elif p.type == T.WORK_FAIL:
+            return p.name, b"", statuses
+
+
+def status_doc(admin: Client) -> dict:
+    return json.loads(admin.admin("atomnode-status").split(b"\n", 1)[0])
+
+
+def capable(admin: Client, fn: str) -> int | None:
+    """``status``'s capable workers for ``fn`` (what AtoM's availability check reads)."""
+    for line in admin.admin("status").decode().splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] == fn:
+            return int(parts[3])
+    return None
+
+
+@pytest.fixture
+def php() -> str:
+    path = shutil.which("php")
+    if path is None:
+        pytest.fail("php missing (scripts/sysdeps.sh test installs php-cli)")
+    return path
+
+
+# ------------------------------------------------------------------------- the basics
+
+
+@pytest.mark.parametrize("family,version", RELEASES[:5])
+def test_every_release_family_boots_and_runs_a_job(tmp_path: Path, php: str, family: str,
+                                                  version: str) -> None:
+    root, fn = site(tmp_path, family)
+    d = Daemon(tmp_path, config=runner_config(root, fn)).start()
+    try:
+        with Client(d.port) as c:
+            kind, data, _ = run_job(c, fn, {"id": 41, "do": "boot"})
+            assert kind == "WORK_COMPLETE", (data, d.log())
+            doc = json.loads(data)
+            assert doc["class"] == "arFixtureJob"
+            assert doc["arg"] == {"id": 41, "do": "boot"}
+            # The settings are in sfConfig however the release's tools:run booted, and
+            # loaded once; Net_Gearman's class prefix is '' as in the worker task.
+            assert doc["title"] == "Fixture archive"
+            assert doc["boot"].count("settings") == 1
+            assert doc["prefix_constant"] == ""
+            if family in ("2.0.0-2.0.1", "2.0.2-2.1"):
+                # tools:run made no context: the runner made the worker task's.
+                assert doc["env"] == "worker"
+                assert "context worker" in doc["boot"]
+            else:
+                assert doc["env"] == "cli"
+        log = d.log()
+        assert "AtoM job 41" in log
+    finally:
+        d.stop()
+
+
+def test_results_statuses_failures_and_logs(tmp_path: Path, php: str) -> None:
+    root, fn = site(tmp_path)
+    d = Daemon(tmp_path, config=runner_config(root, fn, concurrency=2)).start()
+    try:
+        with Client(d.port) as c, Client(d.port) as admin:
+            assert capable(admin, fn) == 2
+            workers = admin.admin("workers").decode()
+            assert workers.count("atomnode-runner:site:") == 2, workers
+
+            kind, data, statuses = run_job(c, fn, {"id": 1, "do": "status"})
+            assert (kind, json.loads(data)) == ("WORK_COMPLETE", {"result": "counted"})
+            assert statuses == [(b"1", b"3"), (b"2", b"3")]
+
+            # run() throws Net_Gearman_Job_Exception: the job's fail(), with the message.
+            kind, data, _ = run_job(c, fn, {"id": 2, "do": "fail"})
+            assert (kind, data) == ("WORK_EXCEPTION", b"the fixture job failed on purpose")
+        with Client(d.port) as c:
+            kind, _, _ = run_job(c, fn, {"id": 3, "do": "fail"}, exceptions=False)
+            assert kind == "WORK_FAIL"
+        with Client(d.port) as c:
+            kind, data, _ = run_job(c, fn, {"id": 4, "do": "throw"})
+            assert kind == "WORK_EXCEPTION"
+            assert data == b"RuntimeException: unexpected trouble in the fixture job"
+            kind, data, _ = run_job(c, fn, {"id": 5, "do": "fatal"})
+            assert kind == "WORK_EXCEPTION"
+            assert data.startswith(b"PHP fatal error: Allowed memory size"), data
+            kind, data, _ = run_job(c, fn, {"id": 6, "do": "exit"})
+            assert kind == "WORK_EXCEPTION"
+            assert b"exited with code 3 without a result" in data, data
+            assert b"leaving without a result" in data
+            # One process per job.
+            pids = {json.loads(run_job(c, fn, {"id": 7, "do": "pid"})[1])["pid"]
+                    for _ in range(2)}
+            assert len(pids) == 2
+
+            # A background job: the outcome is in the store, the log names AtoM's job id.
+            handle = c.submit_bg(fn.encode(), b"", json.dumps({"id": 77, "do": "fail"}).encode())
+            while True:  # until the server no longer knows the job (each check a round trip)
+                c.send(T.GET_STATUS, handle)
+                if c.expect(T.STATUS_RES).args[1] == b"0":
+                    break
+        with Client(d.port) as admin:
+            doc = status_doc(admin)
+            (runner,) = doc["runners"]
+            assert runner["problem"] is None
+            assert runner["startup_ms"]["jobs"] >= 6
+        d.stop()
+        assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+        log = d.log()
+        tag = f"[site {handle.decode()} AtoM job 77]"
+        assert f"{tag} job failed: the fixture job failed on purpose" in log, log
+        assert "[site H:" in log and "AtoM job 4] RuntimeException" in log
+        out = subprocess.run(
+            [str(Path(".venv/bin/atomnode").resolve()), "jobs", "show", "--db", str(d.db),
+             handle.decode()], capture_output=True, text=True)
+        assert "the fixture job failed on purpose" in out.stdout + out.stderr, out
+    finally:
+        d.stop()
+
+
+def test_timeout_kills_the_process_group_and_fails_or_requeues(tmp_path: Path, php: str
+                                                              ) -> None:
+    root, fn = site(tmp_path)
+    d = Daemon(tmp_path, config=runner_config(root, fn, timeout="1s")).start()
+    try:
+        with Client(d.port) as c:
+            kind, data, _ = run_job(c, fn, {"id": 8, "do": "hang",
+                                            "marker": str(tmp_path / "m1")})
+            assert (kind, data) == ("WORK_EXCEPTION", b"timed out after 1s")
+    finally:
+        d.stop()
+    config = runner_config(root, fn, timeout="1s", on_timeout="requeue")
+    config += "queue: {max_attempts: 2}\n"
+    d = Daemon(tmp_path, config=config, db=tmp_path / "q2.db").start()
+    try:
+        with Client(d.port) as c:
+            kind, _, _ = run_job(c, fn, {"id": 9, "do": "hang", "marker": str(tmp_path / "m2")})
+            # Requeued once (attempt 1 timed out), then given up after attempt 2.
+            assert kind == "WORK_FAIL"
+        log = d.log()
+        assert "timed out after 1s; the job goes back to the queue" in log
+        assert "gave up after 2 attempts" in log
+    finally:
+        d.stop()
+
+
+def test_memory_limit_kills_the_job(tmp_path: Path, php: str) -> None:
+    root, fn = site(tmp_path)
+    d = Daemon(tmp_path, config=runner_config(root, fn, memory_limit="64M")).start()
+    try:
+        with Client(d.port) as c:
+            kind, data, _ = run_job(c, fn, {"id": 10, "do": "grow", "mib": 100,
+                                            "marker": str(tmp_path / "g")})
+            assert kind == "WORK_EXCEPTION"
+            assert data.startswith(b"memory limit exceeded: "), data
+            assert b"> memory_limit 64 MiB" in data
+            # The next job runs normally.
+            kind, data, _ = run_job(c, fn, {"id": 11, "do": "echo"})
+            assert kind == "WORK_COMPLETE"
+    finally:
+        d.stop()
