@@ -712,6 +712,8 @@ class Daemon:
         assert self.server is not None
         self.notifier.stopping()
         self.ready = False
+        for runner in self.runners.values():
+            runner.stop_taking()  # at once: no job starts after STOPPING=1
         timeout = self.cfg.shutdown_timeout if self.graceful else 0.0
         log.info("shutting down: no new jobs handed out; waiting up to %gs for running jobs",
                  timeout)

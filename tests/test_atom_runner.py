@@ -15,13 +15,15 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from atom_trees import RELEASES, add_runtime, make_atom_release
-from daemon_harness import Client, Daemon
+from daemon_harness import Client, Daemon, free_port
 
 from atomnode.gearman.protocol import T
 
@@ -231,5 +233,173 @@ def test_memory_limit_kills_the_job(tmp_path: Path, php: str) -> None:
             # The next job runs normally.
             kind, data, _ = run_job(c, fn, {"id": 11, "do": "echo"})
             assert kind == "WORK_COMPLETE"
+    finally:
+        d.stop()
+
+
+# ------------------------------------------------------------------ availability
+
+
+def test_atoms_check_passes_at_every_moment_while_jobs_start_and_end(tmp_path: Path, php: str
+                                                                    ) -> None:
+    """QubitJob::runJob: ``status`` must list the function with capable workers > 0
+    before each submission. atomnode's slots stay registered while each job's PHP
+    process starts, runs and exits, so the check never fails; ``workers`` shows them."""
+    root, fn = site(tmp_path)
+    d = Daemon(tmp_path, config=runner_config(root, fn, concurrency=2)).start()
+    try:
+        with Client(d.port) as admin, Client(d.port) as client:
+            handles = []
+            for i in range(40):
+                assert capable(admin, fn) == 2
+                assert admin.admin("workers").decode().count("atomnode-runner:site:") == 2
+                handles.append(client.submit_bg(
+                    fn.encode(), b"", json.dumps({"id": i, "do": "echo"}).encode()))
+            for h in handles:  # checked while the jobs run and end too
+                while True:
+                    assert capable(admin, fn) == 2
+                    client.send(T.GET_STATUS, h)
+                    if client.expect(T.STATUS_RES).args[1] == b"0":
+                        break
+            doc = status_doc(admin)
+            assert doc["runners"][0]["done"] == 40
+            (f,) = [f for f in doc["functions"] if f["name"] == fn]
+            assert f["queued"] == 0 and f["running"] == 0
+    finally:
+        d.stop()
+
+
+def test_a_runner_that_cannot_work_shows_no_worker_and_doctor_says_why(tmp_path: Path,
+                                                                      php: str) -> None:
+    root, fn = site(tmp_path)
+    closed = free_port()
+    bad_site = tmp_path / "not-atom"
+    bad_site.mkdir()
+    config = (
+        "atom_runners:\n"
+        f"  - {{name: nophp, root: {json.dumps(str(root))}, functions: [{json.dumps(fn)}],"
+        " php: /nonexistent/php}\n"
+        f"  - {{name: nosymfony, root: {json.dumps(str(bad_site))}, functions: [x-arOtherJob]}}\n"
+        f"  - {{name: nomysql, root: {json.dumps(str(root))}, functions: [y-arThirdJob],"
+        f" wait_for: [{{name: mysql, address: '127.0.0.1:{closed}'}}]}}\n"
+    )
+    d = Daemon(tmp_path, config=config).start()
+    try:
+        with Client(d.port) as admin:
+            for f in (fn, "x-arOtherJob", "y-arThirdJob"):
+                assert not capable(admin, f)  # AtoM refuses at once, nothing waits in vain
+            assert "atomnode-runner" not in admin.admin("workers").decode()
+        out = subprocess.run(
+            [str(Path(".venv/bin/atomnode").resolve()), "doctor", "--host", "127.0.0.1",
+             "--port", str(d.port)], capture_output=True, text=True)
+        text = out.stdout
+        assert out.returncode == 1, text
+        assert "FAIL  runner nophp" in text and "PHP not found (/nonexistent/php" in text, text
+        assert f"{bad_site}/symfony is missing" in text, text
+        assert f"waiting for mysql (127.0.0.1:{closed})" in text, text
+        status = subprocess.run(
+            [str(Path(".venv/bin/atomnode").resolve()), "status", "--host", "127.0.0.1",
+             "--port", str(d.port)], capture_output=True, text=True).stdout
+        assert "CANNOT RUN JOBS: PHP not found" in status, status
+    finally:
+        d.stop()
+
+
+# ------------------------------------------------------------------------ stopping
+
+
+def _open_writer(fifo: Path, timeout: float = 60.0) -> int:
+    """Open ``fifo`` for writing: returns once the job has opened it to read (the job
+    is running). Fails the test if that does not happen within ``timeout``."""
+    box: list[int] = []
+    t = threading.Thread(target=lambda: box.append(os.open(fifo, os.O_WRONLY)), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert box, "the job did not start"
+    return box[0]
+
+
+def _job_state(d: Daemon, handle: bytes) -> str:
+    out = subprocess.run(
+        [str(Path(".venv/bin/atomnode").resolve()), "jobs", "show", "--json", "--db",
+         str(d.db), handle.decode()], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["state"]
+
+
+def test_stop_drains_running_jobs_and_starts_no_new_one(tmp_path: Path, php: str) -> None:
+    root, fn = site(tmp_path)
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    d = Daemon(tmp_path, config=runner_config(root, fn)).start()
+    try:
+        with Client(d.port) as c:
+            a = c.submit_bg(fn.encode(), b"", json.dumps(
+                {"id": 1, "do": "wait", "fifo": str(fifo), "marker": str(tmp_path / "a")}
+            ).encode())
+            b = c.submit_bg(fn.encode(), b"", json.dumps({"id": 2, "do": "echo"}).encode())
+        w = _open_writer(fifo)  # job a runs; b waits (concurrency 1)
+        assert d.proc is not None and d.notify is not None
+        d.proc.send_signal(signal.SIGTERM)
+        d.notify.wait_for("STOPPING", 15, proc=d.proc)
+        os.write(w, b"go\n")
+        os.close(w)
+        assert d.proc.wait(30) == 0
+        assert _job_state(d, a) == "done"
+        assert _job_state(d, b) == "queued"  # not started after the stop began
+        log = d.log()
+        assert log.index("shutting down") < log.index("AtoM job 1] job done"), log
+    finally:
+        d.stop()
+
+
+def test_stop_kills_a_job_past_the_shutdown_timeout_and_requeues_it(tmp_path: Path, php: str
+                                                                   ) -> None:
+    root, fn = site(tmp_path)
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)
+    d = Daemon(tmp_path, config=runner_config(root, fn) + "shutdown_timeout: 1s\n").start()
+    try:
+        with Client(d.port) as c:
+            a = c.submit_bg(fn.encode(), b"", json.dumps(
+                {"id": 5, "do": "wait", "fifo": str(fifo), "marker": str(tmp_path / "a")}
+            ).encode())
+        w = _open_writer(fifo)
+        assert d.stop() == 0
+        os.close(w)
+        assert _job_state(d, a) == "queued"  # runs again after the restart
+        assert "still running at shutdown; killing pid" in d.log()
+    finally:
+        d.stop()
+
+
+# ------------------------------------------------------------------ atom-config --per-job
+
+
+def test_atom_config_per_job_writes_a_working_runner(tmp_path: Path, php: str) -> None:
+    import pwd
+
+    root = tmp_path / "atom"
+    make_atom_release(root, "2.5.2+", worker_types={"general": ["arFixtureJob"]},
+                      dsn=None, search=None)
+    add_runtime(root, "2.5.2+")
+    user = pwd.getpwuid(os.getuid()).pw_name
+    out = subprocess.run(
+        [str(Path(".venv/bin/atomnode").resolve()), "atom-config", str(root), "--per-job",
+         "--no-mysql", "--plugins", "", "--user", user, "--workers", "1"],
+        capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "pools:" not in text and "atom_runners:" in text
+    fn = prefix_of(root, "2.5.2+") + "arFixtureJob"
+    from atomnode.system.config import parse_config
+
+    (runner,) = parse_config(text).atom_runners
+    assert runner.functions == (fn,) and runner.concurrency == 1 and runner.user == user
+    d = Daemon(tmp_path, config=text).start()
+    try:
+        with Client(d.port) as c:
+            assert capable(c, fn) == 1
+            kind, data, _ = run_job(c, fn, {"id": 3, "do": "echo"})
+            assert (kind, json.loads(data)) == ("WORK_COMPLETE", {"id": 3, "do": "echo"})
     finally:
         d.stop()

@@ -508,3 +508,29 @@ def test_yaml_is_parsed_by_libyaml_where_pyyaml_has_it() -> None:
     with pytest.raises(ConfigError, match=r"x\.yml:3: pools\[0\]\.count"):
         parse_config("listen: [127.0.0.1:4730]\npools:\n  - {name: a, command: [x], count: -1}\n",
                      "x.yml")
+
+
+def test_atom_runners_are_validated() -> None:
+    from atomnode.system.config import parse_config as parse
+
+    cfg = parse(
+        "atom_runners:\n  - name: atom\n    root: /srv/atom\n    functions: [p-arFindingAidJob]\n"
+        "    timeout: 2h\n    on_timeout: requeue\n    memory_limit: 1GiB\n    concurrency: 3\n"
+        "    wait_for: [127.0.0.1:3306]\n"
+    )
+    (r,) = cfg.atom_runners
+    assert (r.timeout, r.on_timeout, r.memory_limit, r.concurrency) == (
+        7200.0, "requeue", 1024**3, 3)
+    assert r.wait_for[0].port == 3306 and r.script is None and r.php == "php"
+    with pytest.raises(ConfigError) as e:
+        parse("atom_runners:\n  - {name: a, root: srv, functions: [], on_timeout: later,"
+              " concurrency: 0, script: x.php}\n  - {name: a, root: /x, functions: f}\n")
+    text = str(e.value)
+    assert "atom_runners[0].root: expected an absolute path" in text
+    assert "atom_runners[0].functions: expected at least one function name" in text
+    assert "atom_runners[0].on_timeout: expected one of fail, requeue" in text
+    assert "atom_runners[0].concurrency" in text
+    assert "atom_runners[0].script: expected an absolute path" in text
+    assert "atom_runners[1].name: runner name 'a' already used by atom_runners[0]" in text
+    with pytest.raises(ConfigError, match="not available with listen: \\[\\]"):
+        parse("listen: []\natom_runners:\n  - {name: a, root: /x, functions: [f]}\n")

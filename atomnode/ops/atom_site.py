@@ -764,12 +764,17 @@ def atom_config_yaml(
     layout: str = "shared",
     workers: int = 2,
     php: str = "php",
+    per_job: bool = False,
 ) -> str:
     """A ready atomnode configuration for ``site`` (YAML text with comments).
 
     ``layout``: ``shared`` (default) — one pool of ``workers`` processes (at most 2)
     serving every enabled job class; ``per-type`` — one pool per gearman.yml worker type
-    (one process each), as AtoM's ``--types`` splits them."""
+    (one process each), as AtoM's ``--types`` splits them.
+
+    ``per_job``: no pool; an ``atom_runners`` entry instead: atomnode's own worker tasks
+    (``workers`` of them) run each job in its own ``php symfony tools:run`` process
+    (docs/workers.md, "Per-job mode"). Needs the job prefix."""
     prefix = site.prefix
     served = site.served_classes
     lines = [
@@ -848,6 +853,33 @@ def atom_config_yaml(
             waits.append(f"{{name: mysql, address: {_y(addr)}}}")
     for host, port in site.search:
         waits.append(f"{{name: elasticsearch, address: {_y(format_address(host, port))}}}")
+
+    if per_job:
+        n = max(1, workers)
+        lines += [
+            "# Per-job mode: atomnode itself is the Gearman worker for these functions (one",
+            f"# registered worker per slot, {n} slot(s): at most {n} job(s) at once) and runs",
+            "# each job in its own `php symfony tools:run` process with atomnode's runner",
+            "# script: no long-lived PHP worker, nothing to recycle, and AtoM's \"is a worker",
+            "# available?\" check passes while the runner can work. See docs/workers.md.",
+            "atom_runners:",
+            "  - name: atom",
+            f"    root: {_y(site.root)}",
+            f"    user: {_y(user)}",
+            f"    concurrency: {n}",
+            f"    functions: {_y([(prefix or '') + c for c in served])}",
+            "    # Per-job limits (off by default: an AtoM import may rightly run for hours):",
+            "    # timeout: 6h          # then the job's process group is killed and the job",
+            "    # on_timeout: fail     # fails (or: requeue, counted against max_attempts)",
+            "    # memory_limit: 2GiB   # resident memory of the job's processes",
+        ]
+        if php != "php":
+            lines.append(f"    php: {_y(php)}")
+        if site.database is None:
+            lines.append("    # MySQL: the site's database settings could not be read; no wait_for")
+        if waits:
+            lines.append(f"    wait_for: [{', '.join(waits)}]")
+        return "\n".join(lines) + "\n"
 
     pools: list[tuple[str, list[str], int, list[str], str]] = []
     if layout == "per-type" and site.worker_task == "jobs:worker":
@@ -937,9 +969,15 @@ def cmd_atom_config(args: argparse.Namespace) -> int:
     for m in site.missing:
         print(f"atomnode: missing: {m}", file=sys.stderr)
     layout = "per-type" if args.layout == "per-type" else "shared"
+    per_job = bool(getattr(args, "per_job", False))
+    if per_job and site.prefix is None:
+        print("atomnode: --per-job needs the site's job prefix, which is not known (see the "
+              "notes above): atomnode registers the exact function names", file=sys.stderr)
+        return 1
     sys.stdout.write(
         atom_config_yaml(
-            site, user=args.user, database=args.database, layout=layout, workers=args.workers
+            site, user=args.user, database=args.database, layout=layout, workers=args.workers,
+            per_job=per_job,
         )
     )
     return 0
@@ -967,7 +1005,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         choices=(1, 2),
         default=2,
-        help="worker processes of the shared pool (default: 2)",
+        help="worker processes of the shared pool, or with --per-job jobs at once (default: 2)",
+    )
+    p.add_argument(
+        "--per-job",
+        action="store_true",
+        help="no worker pool: atomnode runs each job in its own `php symfony tools:run` "
+        "process (atom_runners; --workers = jobs at once; see docs/workers.md)",
     )
     p.add_argument("--single-pool", action="store_true", help=argparse.SUPPRESS)  # old default
     add_site_options(p)

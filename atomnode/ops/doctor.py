@@ -149,6 +149,7 @@ def run_doctor(
                     )
                 )
         checks.extend(_pool_checks(data, site))
+        checks.extend(_runner_checks(data))
         access_error = (data.get("access") or {}).get("error")
         if access_error:
             checks.append(Check("FAIL", "the daemon serves loopback only: " + access_error))
@@ -528,6 +529,27 @@ def _pool_checks(data: dict[str, Any], site: AtomSite | None = None) -> list[Che
                         + (f", {starting} starting" if starting else ""),
                     )
                 )
+    return checks
+
+
+def _runner_checks(data: dict[str, Any]) -> list[Check]:
+    """Per-job AtoM runners (atom_runners): can they run jobs, and if not why."""
+    checks: list[Check] = []
+    for r in data.get("runners") or []:
+        name, n = r.get("name"), r.get("concurrency")
+        if r.get("problem"):
+            checks.append(Check(
+                "FAIL",
+                f"runner {name} ({r.get('root')}) cannot run jobs: {r['problem']}; until "
+                "this is fixed `status` shows no worker for its functions and AtoM refuses "
+                "new jobs (\"No Gearman worker available\")"))
+        else:
+            st = r.get("startup_ms") or {}
+            cost = (f"; job start-up p50 {st['p50']:g} ms over the last {st['jobs']} jobs"
+                    if st.get("p50") is not None else "")
+            checks.append(Check(
+                "OK", f"runner {name}: {n} slot(s) registered for "
+                f"{len(r.get('functions') or [])} function(s), one process per job{cost}"))
     return checks
 
 

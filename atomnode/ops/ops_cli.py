@@ -251,6 +251,24 @@ def render_status(data: dict[str, Any]) -> str:
                 [[h.get("function"), h.get("concurrency"), h.get("running")] for h in handlers],
             )
         )
+    for r in data.get("runners") or []:
+        out.append("")
+        head = f"runner {r.get('name')} ({r.get('root')}): one process per job"
+        if r.get("problem"):
+            head += f"; CANNOT RUN JOBS: {r['problem']} (no worker registered)"
+        st = r.get("startup_ms") or {}
+        if st.get("p50") is not None:
+            head += f"; start-up p50 {st['p50']:g} ms"
+        out.append(head)
+        out.append(format_table(
+            ["SLOT", "STATE", "JOB", "ATOM JOB", "PID", "RSS MB", "RUNNING S"],
+            [[i, s.get("state"), s.get("job") or "-", s.get("atom_job_id") or "-",
+              s.get("pid") or "-", s.get("rss_mb") if s.get("rss_mb") is not None else "-",
+              s.get("running") if s.get("running") is not None else "-"]
+             for i, s in enumerate(r.get("slots") or [])]))
+        out.append(f"done {r.get('done', 0)}, failed {r.get('failed', 0)} (timed out "
+                   f"{r.get('timed_out', 0)}, over memory {r.get('memory', 0)}), requeued "
+                   f"{r.get('requeued', 0)}")
     conns = data.get("connections")
     if isinstance(conns, list) and conns:  # from `workers` (older daemon)
         out.append("")

@@ -197,12 +197,17 @@ class RunnerPool:
         finally:
             self._finished.set()
 
-    async def shutdown(self, timeout: float) -> None:
-        """Take no new job; let running ones finish for up to ``timeout`` seconds, then
-        kill their process groups (those jobs go back to the queue)."""
+    def stop_taking(self) -> None:
+        """From now on no slot takes a job (the first step of :meth:`shutdown`; the
+        daemon calls it the moment it starts stopping)."""
         self._stopping = True
         for scope in list(self._scopes):
             scope.cancel()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Take no new job; let running ones finish for up to ``timeout`` seconds, then
+        kill their process groups (those jobs go back to the queue)."""
+        self.stop_taking()
         with trio.move_on_after(timeout):
             await self.wait_until(lambda: not any(s.proc for s in self.slots))
         for slot in self.slots:
