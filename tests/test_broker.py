@@ -1446,6 +1446,7 @@ def _check_invariants(w: World) -> None:
         indexed += 1
     assert indexed == len({(j.function.name, j.key) for j in live if j.key is not None})
     assert b.scheduled_count == sum(1 for j in live if j.state == "scheduled")
+    assert b.sleepers == sum(1 for c in b.conns.values() if c.sleeping and not c.noop_sent)
 
 
 def _admin_listings_are_well_formed(w: World) -> None:

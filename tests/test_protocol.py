@@ -526,6 +526,42 @@ def test_batched_decoding_gives_the_same_events_and_errors(data, cuts, requests)
     assert _run_batched([data], requests) == _run([data], requests)
 
 
+def _run_limited(chunks: list[bytes], requests: bool, limit: int) -> tuple[list, str | None]:
+    """As _run_batched, at most ``limit`` events per call; checks that every batch keeps
+    to the limit and that a text line is always the last event of its batch."""
+    dec = Decoder(expect_requests=requests, max_packet_size=4096)
+    events: list = []
+    try:
+        for c in chunks:
+            dec.feed(c)
+            while batch := dec.next_events(limit):
+                assert len(batch) <= limit
+                assert not any(type(ev) is AdminLine for ev in batch[:-1])
+                events.extend(batch)
+    except ProtocolError as e:
+        return events, e.code
+    return events, None
+
+
+@_FAST
+@given(near_valid_streams(), st.lists(st.integers(min_value=0), max_size=12), st.booleans(),
+       st.integers(min_value=1, max_value=4))
+def test_limited_batches_give_the_same_events_and_errors(data, cuts, requests, limit):
+    """next_events(limit), the server's rationed path, loses and reorders nothing."""
+    chunks = _split(data, cuts)
+    assert _run_limited(chunks, requests, limit) == _run(chunks, requests)
+
+
+def test_a_text_line_ends_a_batch():
+    grab = wire(b"\0REQ", T.GRAB_JOB, ())
+    dec = Decoder()
+    dec.feed(grab + b"status\r\n" + grab + grab)
+    assert dec.next_events() == [Packet(T.GRAB_JOB, ()), AdminLine(b"status")]
+    assert dec.next_events(1) == [Packet(T.GRAB_JOB, ())]
+    assert dec.next_events() == [Packet(T.GRAB_JOB, ())]
+    assert dec.next_events() == []
+
+
 def test_events_before_a_malformed_packet_come_first_then_the_error():
     good = wire(b"\0REQ", T.SUBMIT_JOB, (b"f", b"u", b"data"))
     dec = Decoder()

@@ -340,6 +340,9 @@ class Broker:
         self.deadlines: list[tuple[float, int, Job, int]] = []  # (deadline, seq, job, attempt)
         self.out = Outbox()
         self._spare = Outbox()
+        #: Workers asleep and not yet woken (``sleeping and not noop_sent``): a submission
+        #: looks for one to wake only while there are any.
+        self.sleepers = 0
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "requeued": 0}
         #: What worker hosts reported about their pools (``atomnode-host report``), by
         #: address: {"host", "pools", "aware", "reported_at"}. For status and the console.
@@ -441,6 +444,9 @@ class Broker:
         if conn.closed:
             return
         conn.closed = True
+        if conn.sleeping and not conn.noop_sent:
+            self.sleepers -= 1
+            conn.sleeping = False
         self.conns.pop(conn.id, None)
         self.out.sends.pop(conn, None)
         for job in list(conn.held.values()):
@@ -466,15 +472,26 @@ class Broker:
         t = packet.type
         _HANDLERS.get(t, Broker._on_unexpected)(self, conn, packet.args, t)
 
+    def handle_many(self, conn: Conn, packets: Iterable[Packet]) -> None:
+        """Process request packets from ``conn`` in order (what :meth:`handle` does for
+        each, in one call: the server's path for a decoded read)."""
+        get = _HANDLERS.get
+        unexpected = Broker._on_unexpected
+        for t, args, _request in packets:
+            get(t, unexpected)(self, conn, args, t)
+
     # One method per request type, all (self, conn, args, type): the table at the end of
     # the module maps each packet type to one of them.
     def _on_pre_sleep(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
+        if conn.sleeping and not conn.noop_sent:
+            self.sleepers -= 1
         if not conn.draining and self._peek(conn):
             conn.sleeping = False
             self.send(conn, NOOP)
         else:
             conn.sleeping = True
             conn.noop_sent = False
+            self.sleepers += 1
 
     def _on_work_complete(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
         self._work_end(conn, args[0], t, args[1])
@@ -866,11 +883,12 @@ class Broker:
             self._wake(fn)
 
     def _wake(self, fn: Function) -> None:
-        if fn.groups and any(g.full() for g in fn.groups):
+        if not self.sleepers or (fn.groups and any(g.full() for g in fn.groups)):
             return
         for w in fn.workers:
             if w.sleeping and not w.noop_sent and not w.draining:
                 w.noop_sent = True
+                self.sleepers -= 1
                 self.send(w, NOOP)
 
     def _forget(self, job: Job) -> None:
@@ -971,6 +989,7 @@ class Broker:
             # A sleeping worker that gains an ability with work waiting is woken now,
             # not at the next submission.
             conn.noop_sent = True
+            self.sleepers -= 1
             self.send(conn, NOOP)
 
     def _runnable(self, fn: Function) -> bool:
@@ -1006,7 +1025,10 @@ class Broker:
         return best
 
     def _grab(self, conn: Conn, args: tuple[bytes, ...], t: int) -> None:
-        conn.sleeping = False
+        if conn.sleeping:
+            if not conn.noop_sent:
+                self.sleepers -= 1
+            conn.sleeping = False
         conn.noop_sent = False
         if conn.draining:
             self.send(conn, NO_JOB)
@@ -1109,8 +1131,30 @@ class Broker:
             self.stats["failed"] += 1
             if job.background and self.durable:
                 self.out.store.append((commands.FAIL, job.id, now, reason))
+        # _forget(job), inlined for a running job: this is the job path.
         job.worker = None
-        self._forget(job)
+        job.state = DONE
+        fn = job.function
+        fn.running -= 1
+        fn.total -= 1
+        self.jobs.pop(handle, None)
+        key = job.key
+        if key is not None:
+            if self.uniques.get(key) is job:
+                del self.uniques[key]
+            else:
+                self._unique_del(job)
+        if job.clients:
+            for c in job.clients:
+                try:
+                    c.waiting.remove(job)
+                except ValueError:
+                    pass
+            job.clients = ()
+        if fn.groups:
+            for g in fn.groups:
+                g.running -= 1
+                self._wake_group(g)
         if not held:
             self.out.idle.append(conn)
 
@@ -1217,6 +1261,7 @@ class Broker:
         NOOP if one of its functions has work."""
         if conn.sleeping and not conn.noop_sent and not conn.draining and self._peek(conn):
             conn.noop_sent = True
+            self.sleepers -= 1
             self.send(conn, NOOP)
 
     def report_host(self, address: str, report: dict[str, Any]) -> None:

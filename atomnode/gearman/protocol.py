@@ -315,9 +315,11 @@ class Decoder:
         """The next complete event, or None when more bytes are needed."""
         return self._next_event_checked()
 
-    def next_events(self) -> list[Packet | AdminLine]:
-        """Every complete event buffered, in order; an empty list when more bytes are
-        needed. Malformed input raises :class:`ProtocolError`, but only once the events
+    def next_events(self, limit: int = 1 << 30) -> list[Packet | AdminLine]:
+        """The complete events buffered, in order, at most ``limit`` of them; an empty list
+        when more bytes are needed. A text admin line ends a batch (it is the last event
+        of the list), so that a caller can ration admin work without handing events
+        back. Malformed input raises :class:`ProtocolError`, but only once the events
         before it have been returned: call again until the list is empty."""
         buf = self._buf
         pos = self._pos
@@ -334,7 +336,8 @@ class Decoder:
         nargs_of = self._nargs
         max_size = self.max_packet_size
         request = self.expect_requests
-        while pos < n:
+        while pos < n and limit:
+            limit -= 1
             start = pos + HEADER_SIZE
             if n >= start and not buf[pos]:
                 magic, type_, size = _unpack_header(buf, pos)
@@ -370,6 +373,8 @@ class Decoder:
             if ev is None:
                 return out
             append(ev)
+            if type(ev) is AdminLine:
+                return out
             buf = self._buf
             pos = self._pos
             n = len(buf)

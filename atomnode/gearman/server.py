@@ -67,6 +67,8 @@ ADMIN_ROUND_BYTES = 64 * 1024
 #: Streamed listings (show jobs ...) produced at once; more wait their turn.
 MAX_STREAMS = 4
 READ_SIZE = 256 * 1024
+#: Packets decoded and handled per call (the round's time budget is checked between).
+BATCH = 64
 #: Rounds the hub may serve back to back before yielding to trio's scheduler.
 HUB_SPIN = 8
 #: A failing accept (EMFILE...) is logged at most once per this many seconds.
@@ -414,31 +416,39 @@ class Server:
                 if peer.stream is not None or len(peer.pending) > PAUSE_OUTPUT:
                     paused = True
                     break
-                ev = decoder.next_event()
-                if ev is None:
+                # A batch of packets, decoded in one call; an admin line ends a batch.
+                batch = decoder.next_events(BATCH)
+                if not batch:
                     break
-                if type(ev) is AdminLine:
-                    if self._admin_reply is None:
-                        reply: Any = b"ERR UNKNOWN_COMMAND Unknown+server+command\r\n"
-                    else:
-                        reply = self._admin_reply(self, conn, ev.line)
-                    if type(reply) is bytes:
-                        if reply:
-                            broker.send(conn, reply)
-                            admin_bytes += len(reply)
-                    else:
-                        self._start_stream(peer, reply)
-                    admin_lines += 1
-                    if (admin_lines >= ADMIN_ROUND_LINES or admin_bytes >= ADMIN_ROUND_BYTES
-                            or time.perf_counter() - started > ROUND_BUDGET):
-                        paused = decoder.buffered > 0 or peer.stream is not None
-                        break
+                ev = batch[-1]
+                if type(ev) is not AdminLine:
+                    broker.handle_many(conn, batch)
+                    handled += len(batch)
+                    if handled >= BATCH:
+                        # The round's time budget, checked once per BATCH packets.
+                        if time.perf_counter() - started > ROUND_BUDGET:
+                            paused = decoder.buffered > 0
+                            break
+                        handled = 0
+                    continue
+                if len(batch) > 1:
+                    batch.pop()
+                    broker.handle_many(conn, batch)
+                if self._admin_reply is None:
+                    reply: Any = b"ERR UNKNOWN_COMMAND Unknown+server+command\r\n"
                 else:
-                    broker.handle(conn, ev)
-                    handled += 1
-                    if not handled & 63 and time.perf_counter() - started > ROUND_BUDGET:
-                        paused = decoder.buffered > 0
-                        break
+                    reply = self._admin_reply(self, conn, ev.line)
+                if type(reply) is bytes:
+                    if reply:
+                        broker.send(conn, reply)
+                        admin_bytes += len(reply)
+                else:
+                    self._start_stream(peer, reply)
+                admin_lines += 1
+                if (admin_lines >= ADMIN_ROUND_LINES or admin_bytes >= ADMIN_ROUND_BYTES
+                        or time.perf_counter() - started > ROUND_BUDGET):
+                    paused = decoder.buffered > 0 or peer.stream is not None
+                    break
         except ProtocolError as e:
             log.warning("closing connection %d from %s: %s", conn.id, conn.peer, e)
             broker.send(conn, error_packet(e.code, e.message))
