@@ -75,6 +75,8 @@ def run_job(client: Client, fn: str, payload: dict, exceptions: bool = True
         p = client.recv(timeout=60)
         if p.type == T.WORK_STATUS:
             statuses.append((p.args[1], p.args[2]))
+        elif p.type == T.WORK_DATA:
+            statuses.append((b"data", p.args[1]))
         elif p.type in (T.WORK_COMPLETE, T.WORK_EXCEPTION):
             return p.name, p.args[1], statuses
         elif p.type == T.WORK_FAIL:
@@ -146,6 +148,8 @@ def test_results_statuses_failures_and_logs(tmp_path: Path, php: str) -> None:
             kind, data, statuses = run_job(c, fn, {"id": 1, "do": "status"})
             assert (kind, json.loads(data)) == ("WORK_COMPLETE", {"result": "counted"})
             assert statuses == [(b"1", b"3"), (b"2", b"3")]
+            kind, data, seen = run_job(c, fn, {"id": 1, "do": "data"})
+            assert kind == "WORK_COMPLETE" and seen == [(b"data", b"partial output")]
 
             # run() throws Net_Gearman_Job_Exception: the job's fail(), with the message.
             kind, data, _ = run_job(c, fn, {"id": 2, "do": "fail"})
@@ -401,5 +405,35 @@ def test_atom_config_per_job_writes_a_working_runner(tmp_path: Path, php: str) -
             assert capable(c, fn) == 1
             kind, data, _ = run_job(c, fn, {"id": 3, "do": "echo"})
             assert (kind, json.loads(data)) == ("WORK_COMPLETE", {"id": 3, "do": "echo"})
+    finally:
+        d.stop()
+
+
+def test_concurrency_groups_apply_to_the_runner(tmp_path: Path, php: str) -> None:
+    root, fn = site(tmp_path)
+    fifos = [tmp_path / "one", tmp_path / "two"]
+    for f in fifos:
+        os.mkfifo(f)
+    config = runner_config(root, fn, concurrency=2) + (
+        "concurrency:\n  - {name: serial, functions: [arFixtureJob], max: 1}\n")
+    d = Daemon(tmp_path, config=config).start()
+    try:
+        with Client(d.port) as c:
+            c.submit_bg(fn.encode(), b"", json.dumps(
+                {"id": 1, "do": "wait", "fifo": str(fifos[0]), "marker": str(tmp_path / "a")}
+            ).encode())
+            w1 = _open_writer(fifos[0])  # job 1 runs
+            c.submit_bg(fn.encode(), b"", json.dumps(
+                {"id": 2, "do": "wait", "fifo": str(fifos[1]), "marker": str(tmp_path / "b")}
+            ).encode())
+            # Committed and queued; the group is full, so the idle slot was not woken.
+            (f,) = [f for f in status_doc(c)["functions"] if f["name"] == fn]
+            assert (f["running"], f["queued"]) == (1, 1)
+            assert capable(c, fn) == 2
+            os.write(w1, b"1\n")
+            os.close(w1)
+            w2 = _open_writer(fifos[1])  # job 2 runs once job 1 has ended
+            os.write(w2, b"2\n")
+            os.close(w2)
     finally:
         d.stop()

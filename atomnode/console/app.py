@@ -488,7 +488,7 @@ class ConsoleApp:
             job = next(iter(conn.held.values()), None)
             others.append({
                 "address": f"{conn.peer}:{conn.peer_port}" if conn.peer_port else conn.peer,
-                "remote": not _is_loopback(conn.peer),
+                "remote": conn.peer != "local" and not _is_loopback(conn.peer),
                 "client_id": conn.client_id.decode("utf-8", "replace"),
                 "functions": [strip_atom_prefix(f.name.decode("utf-8", "replace"))
                               for f in conn.functions],

@@ -22,6 +22,11 @@ class arFixtureJob extends Net_Gearman_Job_Common
                 $this->status(2, 3);
 
                 return 'counted';
+            case 'data':
+                // Net_Gearman's job class has no data(); a job may still write the packet.
+                $this->send(28, array($this->handle, 'partial output'));
+
+                return 'sent';
             case 'fail':
                 throw new Net_Gearman_Job_Exception('the fixture job failed on purpose');
             case 'throw':
