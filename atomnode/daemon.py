@@ -231,6 +231,8 @@ class Daemon:
             summary = self.supervisor.summary()
             if summary:
                 text += "; " + summary
+        for runner in self.runners.values():
+            text += "; " + runner.summary()
         return text
 
     def extra_status(self) -> dict[str, Any]:

@@ -249,6 +249,13 @@ class RunnerPool:
             },
         }
 
+    def summary(self) -> str:
+        """For systemd's STATUS=: ``runner atom busy 1/2`` or why it cannot work."""
+        if self.problem:
+            return f"runner {self.cfg.name} CANNOT RUN JOBS: {self.problem}"
+        busy = sum(1 for s in self.slots if s.state == "busy")
+        return f"runner {self.cfg.name} busy {busy}/{len(self.slots)}"
+
     async def wait_until(self, predicate: Any) -> None:
         """Return once ``predicate()`` is true; re-checked at each slot change."""
         while not predicate():
@@ -321,7 +328,11 @@ class RunnerPool:
                 ready.set()
                 job = await self._grab(conn)
                 if job is not None:
-                    await self._run_job(slot, conn, job)
+                    try:
+                        await self._run_job(slot, conn, job)
+                    except Exception:  # noqa: BLE001 - a bug must cost one job, not the daemon
+                        log.exception("runner %s slot %d: internal error while running job "
+                                      "%s", cfg.name, slot.index, job.args[0][:100])
         except ConnectionLost as e:  # pragma: no cover - the broker refused a request
             log.error("runner %s slot %d: %s", cfg.name, slot.index, e)
         finally:
@@ -514,6 +525,8 @@ class RunnerPool:
         except ProtocolError as e:
             log.warning("[%s] the job process sent something that is not a Gearman packet "
                         "(%s); the rest of its channel is ignored", tag, e.message)
+            if not outcome.ended:
+                outcome.message = f"the job process sent a bad packet: {e.message}".encode()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
