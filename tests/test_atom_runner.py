@@ -437,3 +437,31 @@ def test_concurrency_groups_apply_to_the_runner(tmp_path: Path, php: str) -> Non
             os.close(w2)
     finally:
         d.stop()
+
+
+def test_each_job_runs_as_the_sites_user_in_its_root_in_its_own_process_group(
+        php: str) -> None:
+    """As root (CI), the job process runs as ``www-data``; otherwise as the current user."""
+    import pwd
+    import tempfile
+
+    user = "www-data" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    # A tree the site's user can read (pytest's tmp_path is private to root).
+    work = Path(tempfile.mkdtemp(prefix="atomnode-runner-"))
+    try:
+        os.chmod(work, 0o755)
+        root, fn = site(work)
+        d = Daemon(work, config=runner_config(root, fn, user=user)).start()
+        try:
+            with Client(d.port) as c:
+                kind, data, _ = run_job(c, fn, {"id": 1, "do": "who"})
+                assert kind == "WORK_COMPLETE", data
+                doc = json.loads(data)
+                assert doc["user"] == user
+                assert doc["cwd"] == str(root)
+                assert doc["pgid"] == doc["pid"]  # its own process group: kills reach it all
+                assert doc["owner"] == "set"  # the keeper ends it if the daemon dies
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -59,6 +59,11 @@ class arFixtureJob extends Net_Gearman_Job_Common
                 return array('released' => $line);
             case 'pid':
                 return array('pid' => getmypid());
+            case 'who':
+                $pw = posix_getpwuid(posix_geteuid());
+
+                return array('user' => $pw['name'], 'cwd' => getcwd(), 'pgid' => posix_getpgid(0),
+                             'pid' => getmypid(), 'owner' => getenv('ATOMNODE_OWNER') ? 'set' : 'unset');
             default:
                 return $arg;
         }
