@@ -201,8 +201,9 @@ def remote_hosts(server: Server) -> list[dict[str, Any]]:
 
 
 def _local(server: Server, c: Conn) -> bool:
-    """A connection from this host: loopback, or an in-process worker (attach_local)."""
-    return c in server.local or is_loopback(c.peer)
+    """A connection from this host: loopback, or an in-process worker (its address is
+    ``local``: Server.attach_local)."""
+    return c.peer == "local" or is_loopback(c.peer)
 
 
 __all__ = ["STATE_CHANGING", "command", "conn_info", "exempt_from_operator_rule",
