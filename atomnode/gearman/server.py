@@ -648,14 +648,12 @@ class Server:
         self.broker.connect(conn)
         return conn
 
-    def handle_local(self, conn: Conn, packets: list[protocol.Packet]) -> None:
+    def handle_local(self, conn: Conn, packets: list[Any]) -> None:
         """Requests from an in-process connection: the broker handles them now, and the
         outbox is written (replies delivered, store commands handed on)."""
         if conn not in self.local:
             return
-        broker = self.broker
-        for pkt in packets:
-            broker.handle(conn, pkt)
+        self.broker.handle_many(conn, packets)
         self.flush()
 
     def detach_local(self, conn: Conn) -> None:

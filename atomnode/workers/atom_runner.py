@@ -518,10 +518,10 @@ class RunnerPool:
                 if not chunk:
                     return
                 decoder.feed(chunk)
-                for pkt in decoder.next_events():
-                    if not isinstance(pkt, Packet):
-                        continue
-                    await self._from_job(pkt, conn, handle, tag, outcome, spawned)
+                while batch := decoder.next_events():
+                    for pkt in batch:
+                        if isinstance(pkt, Packet):
+                            await self._from_job(pkt, conn, handle, tag, outcome, spawned)
         except ProtocolError as e:
             log.warning("[%s] the job process sent something that is not a Gearman packet "
                         "(%s); the rest of its channel is ignored", tag, e.message)

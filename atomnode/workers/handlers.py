@@ -121,7 +121,8 @@ class LocalConn:
         if self.closed:
             raise ConnectionLost("connection closed")
         self._requests.feed(b"".join(packets))
-        self.server.handle_local(self.conn, self._requests.next_events())
+        while batch := self._requests.next_events():
+            self.server.handle_local(self.conn, batch)
 
     async def receive(self, wanted: Iterable[int]) -> Packet:
         """Next packet of one of the ``wanted`` types; NOOPs in between are skipped."""
