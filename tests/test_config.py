@@ -68,6 +68,7 @@ def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(
         config_mod, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent" / "atomnode.yml")
     )
+    monkeypatch.setattr(config_mod, "DEFAULT_DROPIN_DIR", str(tmp_path / "absent" / "conf.d"))
 
 
 # ----------------------------------------------------------------------------- happy paths

@@ -6,7 +6,10 @@ file, the line, the key path (``pools[0].count``) and what was expected; unknown
 :class:`ConfigError` (one per line).
 
 Where the file comes from (:func:`load_config`): an explicit path, else ``$ATOMNODE_CONFIG``,
-else ``/etc/atomnode/atomnode.yml`` if it exists, else the embedded defaults.
+else ``/etc/atomnode/atomnode.yml`` if it exists, else the embedded defaults. The drop-ins
+``conf.d/*.yml`` beside that file (``/etc/atomnode/conf.d``) are laid over it in name order
+and the result is validated as one configuration: sites keep their settings there, so a
+package upgrade never has to touch a file they edited.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import difflib
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -34,6 +37,8 @@ from .values import format_address, parse_address, parse_duration, parse_size  #
 log = logging.getLogger("atomnode.config")  # stable name: operators see it in the journal
 
 DEFAULT_CONFIG_PATH = "/etc/atomnode/atomnode.yml"
+#: Sites' settings: ``*.yml`` here are laid over the main file in name order.
+DEFAULT_DROPIN_DIR = "/etc/atomnode/conf.d"
 ENV_CONFIG = "ATOMNODE_CONFIG"
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -199,6 +204,8 @@ class Config:
     http_read_only: bool = False
     atom_sites: tuple[AtomSiteConfig, ...] = ()
     source: str | None = None
+    #: The drop-in files laid over ``source``, in the order they were merged.
+    dropins: tuple[str, ...] = ()
     #: The file was read but said nothing (0 bytes, only comments, ``null``, ``{}``):
     #: a reload from it is refused while pools or handlers run (docs/configuration.md).
     empty_file: bool = False
@@ -699,19 +706,50 @@ def _build_runner(v: Validator, raw: Any, p: Path, seen: dict[str, int]) -> Runn
 # --------------------------------------------------------------------------- loading
 
 
-def parse_config(text: str, filename: str = "<config>") -> Config:
-    """Validate YAML ``text`` (named ``filename`` in messages). Raises ConfigError."""
-    doc = Doc(filename)
+def _compose(doc: Doc, text: str) -> tuple[Any, str | None]:
+    """YAML ``text`` converted by ``doc``: (value, None), or (None, the syntax error)."""
+    filename = doc.filename
     try:
         node = yaml.compose(text, Loader=YAML_LOADER)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark else ""
         problem = e.problem or e.context or "invalid YAML"
-        raise ConfigError(f"{filename}{line}: not valid YAML: {problem}") from None
+        return None, f"{filename}{line}: not valid YAML: {problem}"
     except yaml.YAMLError as e:
-        raise ConfigError(f"{filename}: not valid YAML: {e}") from None
-    data = None if node is None else doc.convert(node, ())
+        return None, f"{filename}: not valid YAML: {e}"
+    try:
+        return (None if node is None else doc.convert(node, ())), None
+    except yaml.YAMLError as e:  # e.g. an unknown tag (!!python/object)
+        return None, f"{filename}: {e}"
+
+
+def parse_config(
+    text: str, filename: str = "<config>", dropins: Sequence[tuple[str, str]] = ()
+) -> Config:
+    """Validate YAML ``text`` (named ``filename`` in messages), with the drop-in files
+    ``dropins`` ((name, text) pairs, in the order given) laid over it: mappings merge key
+    by key, any other value replaces the earlier one (see :meth:`Doc.lay_over`). The result
+    is validated as one configuration; each problem names the file its value came from.
+    Raises ConfigError."""
+    doc = Doc(filename)
+    data, syntax = _compose(doc, text)
+    syntax_errors = [syntax] if syntax else []
+    said_something = data not in (None, {})
+    for name, dropin_text in dropins:
+        sub = Doc(name)
+        value, syntax = _compose(sub, dropin_text)
+        if syntax:
+            syntax_errors.append(syntax)
+        errors = sub.errors  # e.g. a key given twice within the drop-in
+        if errors:
+            syntax_errors.extend(errors)
+        if value is None:
+            continue  # an empty drop-in (or only comments) changes nothing
+        said_something = said_something or value != {}
+        data = doc.lay_over(data, sub, value)
+    if syntax_errors:
+        raise ConfigError(syntax_errors + doc.errors)
     try:
         cfg = _build(data, doc)
     except yaml.YAMLError as e:  # e.g. an unknown tag (!!python/object)
@@ -719,7 +757,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         cfg = Config()
     if doc.errors:
         raise ConfigError(doc.errors)
-    if data is None or data == {}:
+    if not said_something:
         cfg = dataclasses.replace(cfg, empty_file=True)
     return cfg
 
@@ -780,14 +818,52 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> tuple[str | None
     return None, False
 
 
+def dropin_dir(main: str | None) -> str:
+    """Where the drop-ins of configuration file ``main`` are: ``conf.d/`` beside it
+    (``/etc/atomnode/conf.d`` for the default file, and when there is no file)."""
+    if main is None:
+        return DEFAULT_DROPIN_DIR
+    return os.path.join(os.path.dirname(os.path.abspath(main)), "conf.d")
+
+
+def list_dropins(directory: str) -> list[str]:
+    """The drop-in files in ``directory``: ``*.yml``, in name order (byte order of the
+    names, as ``ls`` sorts them in the C locale), hidden files skipped; none when the
+    directory does not exist."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise ConfigError(f"{directory}: cannot list the drop-in directory: "
+                          f"{e.strerror or e}") from None
+    return [
+        os.path.join(directory, n)
+        for n in sorted(names, key=os.fsencode)
+        if n.endswith(".yml") and not n.startswith(".")
+    ]
+
+
+def _read(filename: str, what: str) -> str:
+    try:
+        with open(filename, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"{filename}: cannot read the {what}: {why}") from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, *, overrides: Mapping[str, Any] | None = None
 ) -> Config:
-    """Read and validate the configuration; ``overrides`` (Config field names, e.g. from
-    command-line flags; None values ignored) win over the file. Raises ConfigError."""
+    """Read and validate the configuration: the main file and its drop-ins
+    (:func:`dropin_dir`), merged in name order and validated as one; ``overrides``
+    (Config field names, e.g. from command-line flags; None values ignored) win over the
+    files. Raises ConfigError."""
     filename, explicit = resolve_config_path(path)
+    dropins = [(name, _read(name, "drop-in file")) for name in list_dropins(dropin_dir(filename))]
     if filename is None:
-        cfg = Config()
+        cfg = parse_config("", "<embedded defaults>", dropins) if dropins else Config()
     else:
         try:
             with open(filename, encoding="utf-8") as f:
@@ -797,7 +873,9 @@ def load_config(
             raise ConfigError(f"{filename}: configuration file not found{how}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{filename}: cannot read the configuration file: {e}") from None
-        cfg = dataclasses.replace(parse_config(text, filename), source=filename)
+        cfg = dataclasses.replace(parse_config(text, filename, dropins), source=filename)
+    if dropins:
+        cfg = dataclasses.replace(cfg, dropins=tuple(name for name, _ in dropins))
     if overrides:
         cfg = _apply_overrides(cfg, overrides)
     return cfg
@@ -883,4 +961,5 @@ def control_socket_path(cfg: Config) -> str:
 def format_config(cfg: Config) -> str:
     """YAML of the effective configuration (what ``atomnode check-config`` prints)."""
     head = f"# effective configuration (from {cfg.source or 'embedded defaults'})\n"
+    head += "".join(f"# with the drop-in {name}\n" for name in cfg.dropins)
     return head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)

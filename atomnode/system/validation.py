@@ -46,14 +46,61 @@ def path_str(path: Path) -> str:
 
 
 class Doc:
-    """A YAML document turned into plain Python values, remembering each value's line."""
+    """A YAML document turned into plain Python values, remembering each value's line.
+
+    Drop-in files laid over it (:meth:`lay_over`) keep their own file name and lines: a
+    problem in a value that came from a drop-in names that file."""
 
     def __init__(self, filename: str):
         self.filename = filename
         self.value_lines: dict[Path, int] = {}
         self.key_lines: dict[Path, int] = {}
-        self._errors: list[tuple[int, str]] = []
+        #: The file a path's value came from, where it is not ``filename`` (a drop-in);
+        #: a path without an entry inherits its nearest ancestor's.
+        self.files: dict[Path, str] = {}
+        self._ranks: dict[str, int] = {filename: 0}
+        self._errors: list[tuple[int, int, str]] = []
         self._constructor = YAML_LOADER("")
+
+    def file_of(self, path: Path) -> str:
+        """The file the value at ``path`` came from."""
+        p = path
+        while True:
+            if p in self.files:
+                return self.files[p]
+            if not p:
+                return self.filename
+            p = p[:-1]
+
+    def lay_over(self, base: Any, other: Doc, data: Any, path: Path = ()) -> Any:
+        """``data`` (converted by ``other``, a drop-in file) laid over ``base`` (this
+        document's value at ``path``): mappings merge key by key, recursively; any other
+        value (a scalar, a list such as ``pools``) replaces the earlier one whole.
+        Returns the merged value; lines and file names follow the values."""
+        self._ranks.setdefault(other.filename, len(self._ranks))
+        if isinstance(base, dict) and isinstance(data, dict):
+            for key, value in data.items():
+                kp = path + (key,)
+                if isinstance(base.get(key), dict) and isinstance(value, dict):
+                    base[key] = self.lay_over(base[key], other, value, kp)
+                else:
+                    self._take(other, kp)
+                    base[key] = value
+            return base
+        self._take(other, path)
+        return data
+
+    def _take(self, other: Doc, path: Path) -> None:
+        """Forget what this document knew under ``path``; take ``other``'s lines for it."""
+        n = len(path)
+        for table, theirs in ((self.value_lines, other.value_lines),
+                              (self.key_lines, other.key_lines)):
+            for p in [p for p in table if p[:n] == path]:
+                del table[p]
+            table.update((p, line) for p, line in theirs.items() if p[:n] == path)
+        for p in [p for p in self.files if p[:n] == path]:
+            del self.files[p]
+        self.files[path] = other.filename
 
     def error(self, path: Path, message: str, *, at_key: bool = False) -> None:
         line = None
@@ -66,17 +113,21 @@ class Doc:
                 if not p:
                     break
                 p = p[:-1]
-        where = f"{self.filename}:{line}" if line else self.filename
-        self._errors.append((line or 0, f"{where}: {path_str(path)}: {message}"))
+        filename = self.file_of(path)
+        where = f"{filename}:{line}" if line else filename
+        self._errors.append(
+            (self._ranks.get(filename, 0), line or 0, f"{where}: {path_str(path)}: {message}")
+        )
 
-    def add_error(self, line: int, message: str) -> None:
+    def add_error(self, line: int, message: str, filename: str | None = None) -> None:
         """A problem found outside the document's values (``message`` names the file)."""
-        self._errors.append((line, message))
+        self._errors.append((self._ranks.get(filename or self.filename, 0), line, message))
 
     @property
     def errors(self) -> list[str]:
-        """Every problem found, in file order."""
-        return [msg for _, msg in sorted(self._errors, key=lambda e: e[0])]
+        """Every problem found, file by file (the main file, then the drop-ins in name
+        order), each in line order."""
+        return [msg for *_, msg in sorted(self._errors, key=lambda e: (e[0], e[1]))]
 
     def convert(self, node: yaml.Node, path: Path) -> Any:
         self.value_lines[path] = node.start_mark.line + 1
