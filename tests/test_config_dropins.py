@@ -158,3 +158,29 @@ def test_an_unreadable_dropin_is_named(tmp_path: Path) -> None:
     (etc / "conf.d" / "10-dir.yml").mkdir()
     (err,) = errors()
     assert err.startswith(f"{etc}/conf.d/10-dir.yml: cannot read the drop-in file")
+
+
+def test_atom_config_writes_a_dropin_the_daemon_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from atom_trees import make_atom_release
+
+    from atomnode.cli import main
+
+    etc = site(tmp_path, MAIN, {"90-local.yml": "shutdown_timeout: 120\n"})
+    root = make_atom_release(tmp_path / "atom", "2.5.2+", version="2.9.0")
+    target = etc / "conf.d" / "50-atom.yml"
+    assert main(["atom-config", str(root), "--plugins", "", "--write", str(target)]) == 0
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert f"wrote {target}" in out.err
+    assert (etc / "atomnode.yml").read_text() == MAIN  # the main file is not touched
+    cfg = load_config()
+    assert [p.name for p in cfg.pools] == ["atom"]
+    assert cfg.shutdown_timeout == 120  # the site's own later drop-in still wins
+    assert not list((etc / "conf.d").glob(".*"))  # no temporary file left
+
+    # A configuration that does not hold together as a whole is said so.
+    (etc / "conf.d" / "60-bad.yml").write_text("log_level: loud\n")
+    assert main(["atom-config", str(root), "--plugins", "", "--write", str(target)]) == 1
+    assert "60-bad.yml:1: log_level" in capsys.readouterr().err

@@ -43,7 +43,16 @@ from typing import Any
 
 import yaml
 
-from ..system.config import format_address, parse_address
+from ..system.config import (
+    DEFAULT_DROPIN_DIR,
+    ConfigError,
+    dropin_dir,
+    format_address,
+    load_config,
+    parse_address,
+    parse_config,
+    resolve_config_path,
+)
 from .php import PhpSyntaxError, parse_php_return, php_unserialize
 
 DEFAULT_HOST = "127.0.0.1"
@@ -974,12 +983,47 @@ def cmd_atom_config(args: argparse.Namespace) -> int:
         print("atomnode: --per-job needs the site's job prefix, which is not known (see the "
               "notes above): atomnode registers the exact function names", file=sys.stderr)
         return 1
-    sys.stdout.write(
-        atom_config_yaml(
-            site, user=args.user, database=args.database, layout=layout, workers=args.workers,
-            per_job=per_job,
-        )
+    text = atom_config_yaml(
+        site, user=args.user, database=args.database, layout=layout, workers=args.workers,
+        per_job=per_job,
     )
+    if args.write is None:
+        sys.stdout.write(text)
+        return 0
+    return write_dropin(args.write, text)
+
+
+#: Where ``atom-config --write`` puts its configuration: a drop-in, never the main file.
+ATOM_DROPIN = os.path.join(DEFAULT_DROPIN_DIR, "50-atom.yml")
+
+
+def write_dropin(path: str, text: str) -> int:
+    """Write the drop-in ``path`` (atomically) once ``text`` is valid on its own and with
+    the configuration it joins; say what to do next."""
+    try:
+        parse_config(text, path)
+    except ConfigError as e:
+        print(f"atomnode: the generated configuration is invalid, not written:\n{e}",
+              file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    print(f"atomnode: wrote {path}", file=sys.stderr)
+    main = resolve_config_path(None)[0]
+    try:
+        if os.path.abspath(os.path.dirname(path)) == dropin_dir(main):
+            load_config()  # the configuration the daemon will read, this drop-in included
+    except ConfigError as e:
+        print(f"atomnode: but the configuration as a whole is invalid:\n{e}", file=sys.stderr)
+        return 1
+    print("atomnode: review it, then: atomnode check-config && systemctl reload atomnode",
+          file=sys.stderr)
     return 0
 
 
@@ -1012,6 +1056,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no worker pool: atomnode runs each job in its own `php symfony tools:run` "
         "process (atom_runners; --workers = jobs at once; see docs/workers.md)",
+    )
+    p.add_argument(
+        "--write",
+        nargs="?",
+        const=ATOM_DROPIN,
+        metavar="FILE",
+        help=f"write it to a drop-in file (default {ATOM_DROPIN}) instead of printing it",
     )
     p.add_argument("--single-pool", action="store_true", help=argparse.SUPPRESS)  # old default
     add_site_options(p)
