@@ -218,12 +218,30 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     s.open()
     s.close()
     con = sqlite3.connect(db)
+    # What a newer atomnode left: a migrated schema and a queue.
+    con.executemany(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, seq, state, attempts,"
+        " submitted_at) VALUES (?, 'f', '', 'x', 1, ?, 'queued', 0, 0)",
+        [(i, i) for i in range(1, 4)],
+    )
+    con.execute("CREATE TABLE from_the_future (x)")
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     con.close()
+    before = Path(db).read_bytes()
     with pytest.raises(StoreOpenError, match="newer atomnode") as exc:
         Store(db).open()
-    assert db in str(exc.value)
+    message = str(exc.value)
+    assert db in message
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert f"knows up to {SCHEMA_VERSION}" in message
+    assert "downgraded" in message and "the queue is untouched" in message
+    # Refused before anything was written: the file and its queue are as they were.
+    assert Path(db).read_bytes() == before
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM jobs WHERE state = 'queued'").fetchone()[0] == 3
+    con.close()
 
 
 def test_foreign_sqlite_database_is_refused_and_untouched(tmp_path: Path) -> None:

@@ -637,7 +637,9 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreOpenError(
                 f"queue database {path} has schema version {version}, written by a newer "
-                f"atomnode (this one knows up to {SCHEMA_VERSION}); refusing to start"
+                f"atomnode (this one knows up to {SCHEMA_VERSION}); refusing to start. Was "
+                "atomnode downgraded? Install the newer version again (the queue is "
+                "untouched), or restore a copy of the database taken before the upgrade"
             )
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
