@@ -6,7 +6,7 @@ LISTEN ?= 127.0.0.1:4730
 DB     ?= var/atomnode.db
 PYTEST_ARGS ?=
 
-.PHONY: all venv run test test-fast sysdeps-run sysdeps-test lint bench bench-quick deb test-deb clean
+.PHONY: all venv run test test-fast sysdeps-run sysdeps-test lint bench bench-quick deb repo test-deb clean
 
 all: venv
 
@@ -58,6 +58,13 @@ clean:
 # Debian package (issue 6): dist/atomnode_<version>_<arch>.deb, built in a clean environment.
 deb:
 	sh packaging/build-deb.sh
+
+# A signed apt repository in dist/repo (issue 15), from the package(s) in dist/ (built
+# first when there is none). The signing key is an input: GNUPGHOME=DIR or REPO_KEY=FILE
+# (and REPO_KEY_ID=ID); see packaging/build-repo.sh and docs/install.md.
+repo:
+	@ls dist/atomnode_*.deb >/dev/null 2>&1 || sh packaging/build-deb.sh
+	sh packaging/build-repo.sh
 
 # End-to-end test of the package under a real systemd (systemd-nspawn); needs root.
 test-deb:

@@ -3,7 +3,7 @@
 # Usage: scripts/sysdeps.sh run|test|bench
 set -e
 run_pkgs="python3 python3-venv"
-test_pkgs="$run_pkgs gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2 util-linux mount e2fsprogs chromium chromium-driver mariadb-server"
+test_pkgs="$run_pkgs gnupg apt-utils gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2 util-linux mount e2fsprogs chromium chromium-driver mariadb-server"
 case "${1:-run}" in
   run) pkgs=$run_pkgs ;;
   test) pkgs=$test_pkgs ;;
