@@ -7,6 +7,7 @@ with a message on stderr when it is not met.
 
 Usage:
   gearman_helper.py submit-bg FUNC DATA [COUNT]   queue COUNT background jobs, print handles
+                                                  ("{i}" in DATA becomes the job's index)
   gearman_helper.py submit FUNC DATA              run a foreground job, print its result
   gearman_helper.py work FUNC COUNT               do COUNT jobs (result: the payload
                                                   upper-cased), print each payload
@@ -100,7 +101,7 @@ class Conn:
 
 def submit_bg(c: Conn, func: str, data: str, count: int) -> int:
     for i in range(count):
-        c.send(SUBMIT_JOB_BG, func.encode(), b"", data.encode())
+        c.send(SUBMIT_JOB_BG, func.encode(), b"", data.replace("{i}", str(i)).encode())
         ptype, body = c.recv()
         if ptype != JOB_CREATED:
             print(f"submit-bg: expected JOB_CREATED, got type {ptype}: {body!r}", file=sys.stderr)

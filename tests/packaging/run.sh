@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # End-to-end test of the Debian package under a real systemd (`make test-deb`).
 #
-# Builds the package (make deb), boots a Debian 12 minbase root filesystem with
-# systemd-nspawn, installs dist/atomnode_*.deb with apt inside it and checks the
-# service as a site would use it: active with Type=notify, status text and a
-# watchdog; a job round trip on 127.0.0.1:4730; stable past WatchdogSec; queued
-# jobs surviving restart and upgrade; workers started as another user; a clear
-# journal message when port 4730 is taken; a frozen daemon killed and restarted
-# by the watchdog; remove keeps state, purge deletes it.
+# Builds the package (make deb) and publishes it into a signed apt repository (make repo,
+# with a throw-away key made for the run), boots a Debian 12 minbase root filesystem with
+# systemd-nspawn, serves the repository over HTTP on loopback inside it, adds it with its
+# key (deb822 .sources, Signed-By) and installs with `apt-get install atomnode`. Then it
+# checks the service as a site would use it: active with Type=notify, status text and a
+# watchdog; a job round trip on 127.0.0.1:4730; stable past WatchdogSec; queued jobs
+# surviving a restart; repositories signed by another key, or unsigned, refused by apt;
+# an upgrade through apt to a newer version built from a changed copy of this tree (a
+# schema migration step, a changed shipped configuration file) while 1,000 jobs are
+# queued and two are running: nothing lost, the running jobs finished or requeued with
+# their attempt counted, the site's edit of atomnode.yml kept, no prompt; a downgrade
+# refused with the schema message, the queue intact; workers started as another user;
+# a clear journal message when port 4730 is taken; a frozen daemon killed and restarted
+# by the watchdog; remove keeps state, purge deletes it (after the upgrade).
 #
 # Runs unattended as root. It installs what it needs (debootstrap,
-# systemd-container) and caches the root filesystem in $ATOMNODE_TEST_CACHE
+# systemd-container, gnupg, apt-utils) and caches the root filesystem in $ATOMNODE_TEST_CACHE
 # (default /var/cache/atomnode-test), so reruns take about a minute.
 # The container shares the host network: ports 4730 and 4731 must be free on the host.
 #
 # Environment:
-#   ATOMNODE_TEST_DEB=FILE     test this .deb instead of building one
+#   ATOMNODE_TEST_DEB=FILE     test this .deb instead of building one (the next version
+#                              for the upgrade is still built from this tree)
 #   ATOMNODE_TEST_CACHE=DIR    root filesystem cache
 #   ATOMNODE_TEST_MIRROR=URL   Debian mirror (default: the one apt on the host uses)
 #   ATOMNODE_TEST_KEEP=1       leave the container running at the end (debugging)
@@ -32,6 +40,11 @@ ROOTFS=$CACHE/$SUITE-minbase-v2
 MACHINE=atomnode-test
 WATCHDOG_TEST_SEC=5
 PORT=4730
+# The test's apt repositories, served inside the container on loopback.
+REPO_PORT=4739
+REPO_URL=http://127.0.0.1:$REPO_PORT
+NEXT_PID=
+NEXT_DEB=
 
 PASSED=0
 FAILED=0
@@ -120,6 +133,14 @@ stop_container() {
 
 cleanup() {
     stop_container
+    if [ -n "$NEXT_PID" ] && kill -0 "$NEXT_PID" 2>/dev/null; then
+        kill -- -"$NEXT_PID" 2>/dev/null || kill "$NEXT_PID" 2>/dev/null
+        wait "$NEXT_PID" 2>/dev/null
+    fi
+    local home
+    for home in "$RUNDIR"/gnupg-*; do
+        [ -d "$home" ] && GNUPGHOME=$home gpgconf --kill all 2>/dev/null
+    done
     if [ -n "$RUNDIR" ] && [ "${ATOMNODE_TEST_KEEP:-0}" != 1 ]; then
         rm -rf "$RUNDIR"
     fi
@@ -133,6 +154,8 @@ ensure_tools() {
     command -v systemd-nspawn >/dev/null || missing="$missing systemd-container"
     command -v nsenter >/dev/null || missing="$missing util-linux"
     command -v ss >/dev/null || missing="$missing iproute2"
+    command -v gpg >/dev/null || missing="$missing gnupg"
+    command -v apt-ftparchive >/dev/null || missing="$missing apt-utils"
     [ -z "$missing" ] && return 0
     say "installing:$missing"
     export DEBIAN_FRONTEND=noninteractive
@@ -193,11 +216,15 @@ copy_apt_sources() {
 }
 
 boot_container() {
-    RUNDIR=$(mktemp -d "${TMPDIR:-/tmp}/atomnode-test.XXXXXX")
     local root="$RUNDIR/root"
     # A throw-away copy of the cached root filesystem (reflinked where possible).
     cp -a --reflink=auto "$ROOTFS" "$root" || abort "could not copy $ROOTFS"
     copy_apt_sources "$root"
+    # The repositories, served from /srv inside the container (c_install).
+    mkdir -p "$root/srv"
+    cp -a "$RUNDIR/repo" "$RUNDIR/repo-other" "$root/srv/" || abort "could not copy the repositories"
+    cp -a "$RUNDIR/repo" "$root/srv/repo-unsigned"
+    rm -f "$root/srv/repo-unsigned/dists/$SUITE/InRelease" "$root/srv/repo-unsigned/dists/$SUITE/Release.gpg"
     mkdir -p "$root/mnt/test"
     cp "$DEB" "$root/mnt/test/" || abort "could not copy $DEB"
     cp "$TOP/tests/packaging/gearman_helper.py" "$root/mnt/test/gearman_helper.py"
@@ -253,16 +280,103 @@ c_tree_clean() {
 
 DEB_IN=
 
+# --- the repository -------------------------------------------------------------
+
+# gen_key NAME: a throw-away signing key in $RUNDIR/gnupg-NAME (never committed anywhere).
+gen_key() {
+    local home="$RUNDIR/gnupg-$1"
+    mkdir -m 700 "$home"
+    GNUPGHOME=$home gpg --batch --quiet --passphrase '' \
+        --quick-gen-key "atomnode test archive ($1) <test-$1@atomnode.invalid>" ed25519 sign 1d
+}
+
+c_make_repo() {
+    # `make repo` as a site would run it, the key given as a GnuPG home; then the same
+    # package signed with another key (which the container's apt must refuse).
+    gen_key good && gen_key other || { echo "gpg could not make the test keys"; return 1; }
+    GNUPGHOME=$RUNDIR/gnupg-good REPO_DIR=$RUNDIR/repo REPO_DEBS=$DEB make -s repo || return 1
+    GNUPGHOME=$RUNDIR/gnupg-other REPO_DIR=$RUNDIR/repo-other REPO_DEBS=$DEB make -s repo >/dev/null || return 1
+    local f
+    for f in dists/$SUITE/InRelease dists/$SUITE/Release.gpg dists/$SUITE/Release \
+        dists/$SUITE/main/binary-amd64/Packages.gz atomnode-archive-keyring.gpg \
+        "pool/main/a/atomnode/$(basename "$DEB")"; do
+        [ -s "$RUNDIR/repo/$f" ] || { echo "make repo wrote no $f"; return 1; }
+    done
+    gpgv --keyring "$RUNDIR/repo/atomnode-archive-keyring.gpg" "$RUNDIR/repo/dists/$SUITE/Release.gpg" \
+        "$RUNDIR/repo/dists/$SUITE/Release" 2>&1 || { echo "Release.gpg does not verify"; return 1; }
+    if gpgv --keyring "$RUNDIR/repo/atomnode-archive-keyring.gpg" "$RUNDIR/repo-other/dists/$SUITE/InRelease" >/dev/null 2>&1; then
+        echo "the other key's InRelease verifies with the archive key"; return 1
+    fi
+    echo "dists/$SUITE signed (InRelease, Release.gpg), keyring exported"
+}
+
+# sources FILE URL: the deb822 stanza of docs/install.md, pointing at URL.
+sources() {
+    inside sh -c "mkdir -p \"\$(dirname $1)\" && cat >$1" <<EOF
+Types: deb
+URIs: $2
+Suites: $SUITE
+Components: main
+Signed-By: /usr/share/keyrings/atomnode-archive-keyring.gpg
+EOF
+}
+
 c_install() {
     inside apt-get update -q >/dev/null || { inside apt-get update; return 1; }
-    inside apt-get install -y -q --no-install-recommends "/mnt/test/$(basename "$DEB")" || return 1
+    # Serve /srv (the repositories) on loopback, the way any static web server would.
+    inside systemd-run --quiet --unit=pkgtest-repo -p DynamicUser=yes python3 -m http.server "$REPO_PORT" \
+        --bind 127.0.0.1 --directory /srv || return 1
+    wait_for 15 "the repository server" inside python3 -c \
+        "import urllib.request; urllib.request.urlopen('$REPO_URL/repo/dists/$SUITE/InRelease', timeout=2)" ||
+        { inside systemctl status --no-pager pkgtest-repo; return 1; }
+    # What docs/install.md tells a site to do.
+    inside install -m 644 /srv/repo/atomnode-archive-keyring.gpg /usr/share/keyrings/atomnode-archive-keyring.gpg
+    sources /etc/apt/sources.list.d/atomnode.sources "$REPO_URL/repo/" || return 1
+    inside apt-get update -q >/dev/null || { inside apt-get update; return 1; }
+    inside apt-get install -y -q --no-install-recommends atomnode </dev/null || return 1
+    inside apt-cache policy atomnode | grep -F "$REPO_URL/repo" >/dev/null ||
+        { echo "atomnode was not installed from the repository:"; inside apt-cache policy atomnode; return 1; }
     inside test -L /usr/bin/atomnode -a -x /usr/bin/atomnode || { echo "no /usr/bin/atomnode"; return 1; }
     inside test -f /etc/atomnode/atomnode.yml || { echo "no /etc/atomnode/atomnode.yml"; return 1; }
     inside test -f /usr/share/man/man8/atomnode.8.gz || { echo "no man page"; return 1; }
     inside getent passwd atomnode || { echo "no atomnode user"; return 1; }
-    inside dpkg-query -W -f='${Conffiles}\n' atomnode | grep /etc/atomnode/atomnode.yml >/dev/null ||
-        { echo "/etc/atomnode/atomnode.yml is not a conffile"; return 1; }
+    # Not a conffile (an upgrade must never stop at a conffile question): copied from
+    # the shipped template on the first install; conf.d/ is there for the site's drop-ins.
+    if inside dpkg-query -W -f='${Conffiles}\n' atomnode | grep /etc/atomnode/atomnode.yml >/dev/null; then
+        echo "/etc/atomnode/atomnode.yml is a conffile"; return 1
+    fi
+    inside cmp /usr/share/atomnode/atomnode.yml /etc/atomnode/atomnode.yml ||
+        { echo "/etc/atomnode/atomnode.yml is not the shipped template"; return 1; }
+    inside test -d /etc/atomnode/conf.d || { echo "no /etc/atomnode/conf.d"; return 1; }
     inside atomnode --version
+}
+
+# apt_update_only URL: `apt-get update` of that one repository, the lists of the others kept.
+apt_update_only() {
+    inside rm -rf /root/one.d
+    sources /root/one.d/test.sources "$1" || return 1
+    inside apt-get update -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=/root/one.d \
+        -o APT::Get::List-Cleanup=0
+}
+
+c_untrusted_repos() {
+    # The site's sources stanza with its key, pointed at the same package in a repository
+    # signed by another key, and at one not signed at all: apt must refuse both.
+    local name out rc
+    for name in repo-other repo-unsigned; do
+        out=$(apt_update_only "$REPO_URL/$name/" 2>&1)
+        rc=$?
+        if [ "$rc" = 0 ] || ! echo "$out" | grep -E "NO_PUBKEY|is not signed|BADSIG" >/dev/null; then
+            echo "apt-get update of $name: exit $rc, expected a refusal:"; echo "$out"; return 1
+        fi
+        echo "$name refused: $(echo "$out" | grep -E '^(E|W):' | head -n1)"
+    done
+    if inside apt-cache policy atomnode | grep -E "repo-(other|unsigned)"; then
+        echo "apt knows packages from a refused repository"; return 1
+    fi
+    # And the good one still verifies.
+    apt_update_only "$REPO_URL/repo/" >/dev/null || { echo "the good repository no longer updates"; return 1; }
+    inside rm -rf /root/one.d
 }
 
 c_active() {
@@ -359,38 +473,165 @@ c_restart_keeps_queue() {
     echo "3 queued jobs still queued after restart (MainPID $pid1 -> $pid2)"
 }
 
-c_upgrade_keeps_queue() {
-    # Reinstalling runs the upgrade path of the maintainer scripts (prerm upgrade,
-    # postinst configure with the old version, restart).
-    inside apt-get install -y -q --reinstall -o Dpkg::Options::=--force-confold \
-        "/mnt/test/$(basename "$DEB")" >/dev/null || return 1
-    [ "$(inside systemctl is-active atomnode)" = active ] || { echo "not active after upgrade"; return 1; }
-    helper admin status | grep -P '^pkgtest-durable\t3\t' ||
-        { echo "after upgrade:"; helper admin status; return 1; }
+# job_field FUNCTION FIELD: FIELD of the (one) job of FUNCTION in `atomnode jobs list --json`.
+job_field() {
+    inside atomnode jobs list --function "$1" --json |
+        python3 -c "import json, sys; jobs = json.load(sys.stdin); print(' '.join(str(j['$2']) for j in jobs))"
+}
+
+# db_schema: the queue database's schema version, and the upgrade test's marker row.
+db_schema() {
+    inside python3 -c "
+import sqlite3
+c = sqlite3.connect('/var/lib/atomnode/atomnode.db', timeout=10)
+v = c.execute('PRAGMA user_version').fetchone()[0]
+t = c.execute(\"SELECT count(*) FROM sqlite_master WHERE name = 'upgrade_test'\").fetchone()[0]
+print(v, 'migrated' if t else 'not-migrated')"
+}
+
+# Set by main: the version installed first, the next version's schema.
+OLD_VERSION=
+NEXT_SCHEMA=
+
+c_upgrade() {
+    # The next version, built from a changed copy of this tree (next-version.sh) by the same
+    # tooling, in the background since the start (main waits for it): publish it into the
+    # served repository.
+    [ -n "$NEXT_DEB" ] || { tail -n 60 "$RUNDIR/next-build.log"; echo "building the next version failed"; return 1; }
+    local new
+    new=$(dpkg-deb -f "$NEXT_DEB" Version)
+    [ "$(inside dpkg-query -W -f='${Version}' atomnode)" = "$OLD_VERSION" ] || { echo "installed: $(inside dpkg-query -W -f='${Version}' atomnode), expected $OLD_VERSION"; return 1; }
+    [ "$(db_schema)" = "$((NEXT_SCHEMA - 1)) not-migrated" ] || { echo "database before the upgrade: $(db_schema)"; return 1; }
+    GNUPGHOME=$RUNDIR/gnupg-good REPO_DIR=$RUNDIR/root/srv/repo REPO_DEBS=$NEXT_DEB make -s repo >/dev/null ||
+        { echo "make repo could not publish $NEXT_DEB"; return 1; }
+
+    # The site's state at upgrade time: an edited main file, its own drop-in, 1,000 queued
+    # jobs and two running ones. Each running job waits for a file: the first is let go
+    # once the old daemon is stopping (it finishes during the drain), the second never (it
+    # outlives shutdown_timeout and must go back to the queue with its attempt counted).
+    inside sh -c 'echo "# edited by the site before the upgrade" >>/etc/atomnode/atomnode.yml'
+    local edited
+    edited=$(inside sha256sum /etc/atomnode/atomnode.yml)
+    inside sh -c 'cat >/etc/atomnode/conf.d/40-pkgtest-upgrade.yml <<EOF
+shutdown_timeout: 6
+handlers:
+  - function: pkgtest-drain-finishes
+    command: "while [ ! -e /var/lib/atomnode/pkgtest-release ]; do sleep 0.1; done"
+    shell: true
+  - function: pkgtest-drain-outlives
+    command: "while [ ! -e /var/lib/atomnode/pkgtest-never ]; do sleep 0.1; done"
+    shell: true
+EOF'
+    inside atomnode check-config >/dev/null || { inside atomnode check-config; return 1; }
+    inside systemctl restart atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    helper --timeout 120 submit-bg pkgtest-bulk "bulk-{i}" 1000 >/dev/null || return 1
+    helper submit-bg pkgtest-drain-finishes x >/dev/null || return 1
+    helper submit-bg pkgtest-drain-outlives x >/dev/null || return 1
+    wait_for 20 "both long jobs running" sh -c "nsenter -t $LEADER -a python3 /mnt/test/gearman_helper.py admin status |
+        grep -P '^pkgtest-drain-(finishes|outlives)\t1\t1\t' | wc -l | grep -x 2" ||
+        { helper admin status; return 1; }
+    helper admin status | grep -P '^pkgtest-bulk\t1000\t0\t' >/dev/null || { helper admin status; return 1; }
+    local pid_old
+    pid_old=$(prop MainPID)
+
+    # The upgrade, as unattended-upgrades runs it: non-interactive, stdin closed (a
+    # conffile prompt would fail), no --force-conf* option.
+    inside apt-get update -q >/dev/null || { inside apt-get update; return 1; }
+    local t0=$SECONDS
+    inside sh -c 'apt-get install -y -q --only-upgrade atomnode </dev/null >/root/upgrade.log 2>&1; echo $? >/root/upgrade.rc' &
+    local apt_pid=$!
+    wait_for 180 "the old daemon stopping" sh -c "[ \"\$(nsenter -t $LEADER -a systemctl show -p ActiveState --value atomnode)\" = deactivating ]" ||
+        { wait "$apt_pid"; inside cat /root/upgrade.log; return 1; }
+    local t_stop=$SECONDS
+    inside touch /var/lib/atomnode/pkgtest-release
+    wait "$apt_pid"
+    local t_done=$SECONDS
+    local rc
+    rc=$(inside cat /root/upgrade.rc)
+    [ "$rc" = 0 ] || { echo "apt-get exited $rc:"; inside cat /root/upgrade.log; return 1; }
+    inside grep -Ei "conffile|configuration file" /root/upgrade.log && { echo "apt/dpkg asked about a configuration file"; return 1; }
+
+    # The new version runs, on the migrated database, with every job.
+    [ "$(inside dpkg-query -W -f='${Version}' atomnode)" = "$new" ] || { echo "version after upgrade: $(inside dpkg-query -W -f='${Version}' atomnode)"; return 1; }
+    [ "$(inside systemctl is-active atomnode)" = active ] || { echo "not active after the upgrade"; inside journalctl -u atomnode --no-pager -n 40; return 1; }
+    [ "$(prop MainPID)" != "$pid_old" ] || { echo "MainPID unchanged: the daemon was not restarted"; return 1; }
+    inside atomnode --version | grep -F "${new%%-*}" >/dev/null || { echo "atomnode --version: $(inside atomnode --version)"; return 1; }
+    [ "$(db_schema)" = "$NEXT_SCHEMA migrated" ] || { echo "database after upgrade: $(db_schema), expected $NEXT_SCHEMA migrated"; return 1; }
+    inside journalctl -u atomnode --no-pager -o cat | grep "migrating schema to version $NEXT_SCHEMA" >/dev/null ||
+        { echo "no migration in the journal"; return 1; }
+    helper admin status | grep -P '^pkgtest-bulk\t1000\t0\t' >/dev/null || { echo "after the upgrade:"; helper admin status; return 1; }
+    helper admin status | grep -P '^pkgtest-durable\t3\t' >/dev/null || { echo "after the upgrade:"; helper admin status; return 1; }
+    # The job that finished during the drain is done, handed out once; the one that
+    # outlived shutdown_timeout went back to the queue with its attempt counted, and the
+    # new daemon runs it again (its second attempt).
+    [ "$(job_field pkgtest-drain-finishes state) $(job_field pkgtest-drain-finishes attempts)" = "done 1" ] ||
+        { echo "pkgtest-drain-finishes: $(inside atomnode jobs list --function pkgtest-drain-finishes)"; return 1; }
+    wait_for 15 "the outlived job running again" sh -c "nsenter -t $LEADER -a atomnode jobs list --function pkgtest-drain-outlives --json | grep '\"attempts\": 2' >/dev/null" ||
+        { echo "pkgtest-drain-outlives: $(inside atomnode jobs list --function pkgtest-drain-outlives)"; return 1; }
+    inside journalctl -u atomnode --no-pager -o cat | grep "killing command pid .* at shutdown" >/dev/null ||
+        { echo "the journal does not show the outliving job killed at shutdown"; return 1; }
+    # The site's files: the edited main file kept, the new template shipped beside it,
+    # nothing left for dpkg to ask about.
+    [ "$(inside sha256sum /etc/atomnode/atomnode.yml)" = "$edited" ] || { echo "/etc/atomnode/atomnode.yml changed"; return 1; }
+    inside grep "Changed in the upgrade test build" /usr/share/atomnode/atomnode.yml >/dev/null ||
+        { echo "the new shipped configuration file is not installed"; return 1; }
+    inside grep "Changed in the upgrade test build" /etc/atomnode/atomnode.yml >/dev/null &&
+        { echo "the upgrade rewrote the site's atomnode.yml"; return 1; }
+    if inside sh -c 'ls /etc/atomnode/*.dpkg-* /etc/atomnode/*.ucf-* 2>/dev/null' | grep . >/dev/null; then
+        echo "dpkg left configuration files to merge"; return 1
+    fi
+    echo "$OLD_VERSION -> $new in $((t_done - t0))s (stop+start $((t_done - t_stop))s): schema $NEXT_SCHEMA, 1000+3 queued kept, drained job done, outlived job requeued (attempt 2 running), atomnode.yml edit kept, no prompt"
+}
+
+c_downgrade_refused() {
+    # Back to the previous version: its preinst sees a schema it does not know and refuses,
+    # leaving the new version installed and running and the queue as it was.
+    local out rc
+    out=$(inside apt-get install -y -q --allow-downgrades "atomnode=$OLD_VERSION" </dev/null 2>&1)
+    rc=$?
+    [ "$rc" != 0 ] || { echo "the downgrade to $OLD_VERSION succeeded:"; echo "$out" | tail -n 20; return 1; }
+    echo "$out" | grep "has schema version $NEXT_SCHEMA, written by a newer atomnode" >/dev/null ||
+        { echo "no schema message in:"; echo "$out" | tail -n 30; return 1; }
+    local status
+    status=$(inside dpkg-query -W -f='${Status} ${Version}' atomnode)
+    [ "$status" = "install ok installed $(dpkg-deb -f "$NEXT_DEB" Version)" ] || { echo "after the refused downgrade: $status"; return 1; }
+    wait_for 30 "atomnode active" sh -c "[ \"\$(nsenter -t $LEADER -a systemctl is-active atomnode)\" = active ]" ||
+        { inside journalctl -u atomnode --no-pager -n 30; return 1; }
+    [ "$(db_schema)" = "$NEXT_SCHEMA migrated" ] || { echo "database: $(db_schema)"; return 1; }
+    # The queue is intact: every one of the 1,000 jobs (distinct payloads) and the 3 from
+    # before is delivered.
     local got
+    got=$(helper --timeout 120 work pkgtest-bulk 1000) || return 1
+    [ "$(echo "$got" | grep -c '^bulk-')" = 1000 ] && [ "$(echo "$got" | sort -u | wc -l)" = 1000 ] ||
+        { echo "worker got $(echo "$got" | wc -l) bulk jobs, $(echo "$got" | sort -u | wc -l) distinct"; return 1; }
     got=$(helper --timeout 20 work pkgtest-durable 3) || return 1
     [ "$(echo "$got" | grep -c '^job$')" = 3 ] || { echo "worker got: $got"; return 1; }
-    echo "3 jobs survived the upgrade and were delivered"
+    # Let the outlived job finish and drop the test's handlers.
+    inside touch /var/lib/atomnode/pkgtest-never
+    wait_for 20 "the outlived job done" sh -c "nsenter -t $LEADER -a atomnode jobs list --function pkgtest-drain-outlives --json | grep '\"done\"' >/dev/null" ||
+        { inside atomnode jobs list --function pkgtest-drain-outlives; return 1; }
+    inside rm -f /etc/atomnode/conf.d/40-pkgtest-upgrade.yml
+    inside systemctl restart atomnode || return 1
+    echo "refused: $(echo "$out" | grep -m1 'refusing to install'); 1000+3 jobs delivered after it"
 }
 
 c_worker_user() {
     # Workers run as their configured user, under NoNewPrivileges and the
     # capability bounding set of the unit. On failure the configuration is put
     # back, so that the checks after this one test a running service.
-    inside cp -p /etc/atomnode/atomnode.yml /root/atomnode.yml.orig
     c_worker_user_steps && return 0
-    inside cp -p /root/atomnode.yml.orig /etc/atomnode/atomnode.yml
+    inside rm -f /etc/atomnode/conf.d/50-pkgtest-whoami.yml
     inside systemctl reset-failed atomnode
     inside systemctl restart atomnode
     return 1
 }
 
 c_worker_user_steps() {
-    inside sh -c 'cat >>/etc/atomnode/atomnode.yml <<EOF
+    inside sh -c 'cat >/etc/atomnode/conf.d/50-pkgtest-whoami.yml <<EOF
 handlers:
   - {function: pkgtest-whoami, command: [id, -un], user: nobody}
 EOF'
-    inside atomnode check-config /etc/atomnode/atomnode.yml >/dev/null || { inside atomnode check-config /etc/atomnode/atomnode.yml; return 1; }
+    inside atomnode check-config >/dev/null || { inside atomnode check-config; return 1; }
     inside systemctl restart atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
     local got
     got=$(helper --timeout 20 submit pkgtest-whoami x) || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
@@ -401,16 +642,15 @@ EOF'
 c_pool_user() {
     # A supervised worker pool, like AtoM's, with its workers started as another
     # user by the hardened service; the config is put back afterwards.
-    inside cp -p /etc/atomnode/atomnode.yml /root/atomnode.yml.orig
     c_pool_user_steps
     local rc=$?
-    inside cp -p /root/atomnode.yml.orig /etc/atomnode/atomnode.yml
+    inside rm -f /etc/atomnode/conf.d/50-pkgtest-pool.yml
     inside systemctl restart atomnode
     return $rc
 }
 
 c_pool_user_steps() {
-    inside sh -c 'cat >>/etc/atomnode/atomnode.yml <<EOF
+    inside sh -c 'cat >/etc/atomnode/conf.d/50-pkgtest-pool.yml <<EOF
 pools:
   - name: pkgtest
     command: [python3, /mnt/test/gearman_helper.py, --timeout, "3600", work, pkgtest-pool, "1000000"]
@@ -418,7 +658,7 @@ pools:
     user: nobody
     count: 2
 EOF'
-    inside atomnode check-config /etc/atomnode/atomnode.yml >/dev/null || { inside atomnode check-config /etc/atomnode/atomnode.yml; return 1; }
+    inside atomnode check-config >/dev/null || { inside atomnode check-config; return 1; }
     inside systemctl restart atomnode || { inside journalctl -u atomnode --no-pager -n 30; return 1; }
     local got users
     got=$(helper --timeout 30 submit pkgtest-pool from-the-pool-test) ||
@@ -538,6 +778,12 @@ main() {
         abort "port $PORT is inside use on the host; the container shares the host network, so the packaged daemon could not bind it. Stop whatever listens there first (gearman-job-server? systemctl disable --now gearman-job-server)"
     fi
 
+    RUNDIR=$(mktemp -d "${TMPDIR:-/tmp}/atomnode-test.XXXXXX")
+    if ss -Hltn "sport = :$REPO_PORT" | grep -q .; then
+        ss -ltnp "sport = :$REPO_PORT" >&2
+        abort "port $REPO_PORT (the test's repository server) is in use on the host"
+    fi
+
     if [ -n "${ATOMNODE_TEST_DEB:-}" ]; then
         DEB=$ATOMNODE_TEST_DEB
         [ -f "$DEB" ] || abort "ATOMNODE_TEST_DEB=$DEB does not exist"
@@ -549,6 +795,15 @@ main() {
         [ -n "$DEB" ] || abort "make deb produced no dist/atomnode_*.deb"
     fi
     DEB=$(readlink -f "$DEB")
+    OLD_VERSION=$(dpkg-deb -f "$DEB" Version)
+    NEXT_SCHEMA=$(($(sed -n 's/^SCHEMA_VERSION = \([0-9][0-9]*\)$/\1/p' atomnode/queue/store.py) + 1))
+    # The next version for the upgrade check: same tooling, a changed copy of this tree,
+    # built while the container boots and the first checks run.
+    say "building the next version in the background"
+    setsid sh -c "sh tests/packaging/next-version.sh '$RUNDIR/next' && sh '$RUNDIR/next/packaging/build-deb.sh'" \
+        >"$RUNDIR/next-build.log" 2>&1 </dev/null &
+    NEXT_PID=$!
+    check "make repo (signed)" c_make_repo
 
     ensure_rootfs
     boot_container
@@ -560,7 +815,14 @@ main() {
     check "web console and /metrics" c_console
     check "up past WatchdogSec" c_watchdog_stable
     check "restart keeps queue" c_restart_keeps_queue
-    check "upgrade keeps queue" c_upgrade_keeps_queue
+    check "repositories of another key or unsigned refused" c_untrusted_repos
+    say "waiting for the next version's build"
+    if wait "$NEXT_PID"; then
+        NEXT_DEB=$(ls "$RUNDIR"/next/dist/atomnode_*.deb 2>/dev/null | head -n1)
+    fi
+    NEXT_PID=
+    check "apt upgrade loses nothing" c_upgrade
+    check "downgrade refused, queue intact" c_downgrade_refused
     check "worker runs as its user" c_worker_user
     check "pool workers run as their user" c_pool_user
     check "port 4730 in use is explained" c_port_in_use
