@@ -555,6 +555,9 @@ EOF'
     [ "$(inside dpkg-query -W -f='${Version}' atomnode)" = "$new" ] || { echo "version after upgrade: $(inside dpkg-query -W -f='${Version}' atomnode)"; return 1; }
     [ "$(inside systemctl is-active atomnode)" = active ] || { echo "not active after the upgrade"; inside journalctl -u atomnode --no-pager -n 40; return 1; }
     [ "$(prop MainPID)" != "$pid_old" ] || { echo "MainPID unchanged: the daemon was not restarted"; return 1; }
+    # Serving again within the restart budget: the drain (shutdown_timeout 6 s here) plus a
+    # start that recovers and migrates 1,000 jobs.
+    ((t_done - t_stop <= 6 + 30)) || { echo "stop to active took $((t_done - t_stop))s"; return 1; }
     inside atomnode --version | grep -F "${new%%-*}" >/dev/null || { echo "atomnode --version: $(inside atomnode --version)"; return 1; }
     [ "$(db_schema)" = "$NEXT_SCHEMA migrated" ] || { echo "database after upgrade: $(db_schema), expected $NEXT_SCHEMA migrated"; return 1; }
     inside journalctl -u atomnode --no-pager -o cat | grep "migrating schema to version $NEXT_SCHEMA" >/dev/null ||
