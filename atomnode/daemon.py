@@ -365,28 +365,35 @@ class Daemon:
         return results
 
     async def _integrity_task(self) -> None:
-        """After an unclean shutdown: SQLite's full integrity check (indexes against the
-        table), in a thread, once the daemon serves. Recovery itself reads the table and
-        checks the queue's index (within the restart budget); this reads everything."""
+        """Once the daemon serves, in a thread: SQLite's structural check of the whole file
+        (``quick_check``), or after an unclean shutdown its full ``integrity_check``
+        (indexes against the table too). Recovery itself reads the table and checks the
+        queue's index against it (within the restart budget, so no job can be missing
+        unnoticed); this reads everything, history included, and reports damage loudly
+        (ERROR, status, STATUS=, doctor)."""
         store = self.store
         assert store is not None
+        full = store.unclean_shutdown
+        what = "integrity check" if full else "quick check"
         t0 = time.monotonic()
-        log.info("queue database %s: integrity check after an unclean shutdown (in the "
-                 "background)", store.path)
+        if full:
+            log.info("queue database %s: integrity check after an unclean shutdown (in the "
+                     "background)", store.path)
         try:
-            problems = await trio.to_thread.run_sync(store.integrity_check,
+            problems = await trio.to_thread.run_sync(store.check, full,
                                                      abandon_on_cancel=True)
         except Exception as e:  # noqa: BLE001 - a check that cannot run must say so
-            log.error("queue database %s: the integrity check could not run: %s",
-                      store.path, e)
+            log.error("queue database %s: the %s could not run: %s", store.path, what, e)
             return
         if problems:
-            log.error("queue database %s: integrity_check found damage: %s. The jobs in "
+            log.error("queue database %s: %s found damage: %s. The jobs in "
                       "memory are served and written on; stop atomnode, restore the file "
-                      "or rebuild it (docs/durability.md).", store.path, "; ".join(problems))
+                      "or rebuild it (docs/durability.md).", store.path,
+                      "integrity_check" if full else "quick_check", "; ".join(problems))
         else:
-            log.info("queue database %s: integrity check passed in %.1fs", store.path,
-                     time.monotonic() - t0)
+            log.log(logging.INFO if full else logging.DEBUG,
+                    "queue database %s: %s passed in %.1fs", store.path, what,
+                    time.monotonic() - t0)
 
     async def _count_failed_task(self) -> None:
         """Refresh the failed-job count every few seconds, in a thread. A stalled disk
@@ -496,11 +503,11 @@ class Daemon:
             broker.on_given_up = self._on_given_up
             self._apply_runtime_config()
             t0 = time.monotonic()
-            restored = broker.restore(recovery.jobs)
+            restored = broker.restore_rows(recovery.rows)
         finally:
             gc.freeze()
             gc.enable()
-        if recovery.jobs:
+        if recovery.rows:
             log.info("recovered %d queued job(s) from %s in %.2fs", restored, cfg.database,
                      time.monotonic() - t0)
         del recovery
@@ -564,8 +571,7 @@ class Daemon:
                 nursery.start_soon(self._sample_task)
                 if http_sock is not None:
                     await nursery.start(self._serve_console, http_sock)
-                if self.store.unclean_shutdown:
-                    nursery.start_soon(self._integrity_task)
+                nursery.start_soon(self._integrity_task)
                 nursery.start_soon(self._atom_marker_task)
                 interval = watchdog_interval()
                 if interval:

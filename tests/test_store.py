@@ -368,7 +368,11 @@ def test_recovery_order_priority_then_seq_and_running_kept(db: str) -> None:
     assert [(j.id, j.priority) for j in rec.jobs] == [(3, 0), (5, 0), (2, 1), (4, 1), (1, 2),
                                                       (6, 2)]
     running = [j for j in rec.jobs if j.state == "running"]
-    assert [(j.id, j.attempts, j.worker) for j in running] == [(4, 1, "w")]
+    assert [(j.id, j.attempts) for j in running] == [(4, 1)]
+    # The rows the daemon takes: seq order (queue order within each priority), small
+    # numbers packed (priority | running << 2 | attempts << 3 | when_to_run << 23).
+    assert [(r[0], r[4], r[6]) for r in rec.rows] == [
+        (1, 1, 2), (2, 2, 1), (3, 3, 0), (4, 4, 1 | 4 | 1 << 3), (5, 5, 0), (6, 7, 2 | 3 << 3)]
     assert rec.next_seq == 8
 
 

@@ -474,6 +474,59 @@ def test_lost_index_write_costs_no_job(tmp_path: Path) -> None:
     con.close()
 
 
+def lose_a_table_write(db: Path, jobs: int = 2000, lost: int = 3) -> list[int]:
+    """The other way round: ``lost`` live jobs, added in a later transaction, are in the
+    jobs_active index but the table page that recorded them is put back to its earlier
+    content, as a lost write leaves it. A read of the table misses them; the index lists
+    them. Returns their ids."""
+    from atomnode.queue.store import Store
+
+    s = Store(str(db))
+    s.open()
+    s.close()
+    con = sqlite3.connect(db, isolation_level=None)
+    row = ("INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
+           "submitted_at, state) VALUES (?, 'tfn', '', x'00', 1, 0, ?, 1.7e9, 'queued')")
+    con.executemany(row, [(i, i) for i in range(1, jobs + 1)])
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    table_pages = _pages(db, "jobs")
+    page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    before = db.read_bytes()
+    ids = list(range(jobs + 1, jobs + 1 + lost))
+    con.executemany(row, [(i, i) for i in ids])  # small rows: they fit in the last leaf
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    assert _pages(db, "jobs") == table_pages, "the table grew a page: no lost write to fake"
+    after = bytearray(db.read_bytes())
+    for p in table_pages:
+        after[(p - 1) * page_size:p * page_size] = before[(p - 1) * page_size:p * page_size]
+    db.write_bytes(after)
+    return ids
+
+
+def test_lost_table_write_is_refused_naming_the_jobs(tmp_path: Path) -> None:
+    """Live jobs the table lost but its index still lists: serving would drop them without
+    a word (quick_check passes), so the start is refused, naming them and the way forward;
+    the index is not "repaired" from the table."""
+    from atomnode.queue.store import Store, StoreOpenError
+
+    db = tmp_path / "queue.db"
+    ids = lose_a_table_write(db)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    assert con.execute("SELECT count(*) FROM jobs NOT INDEXED").fetchone()[0] == 2000
+    con.close()
+    with pytest.raises(StoreOpenError) as exc:
+        Store(str(db), hostname="h").open()
+    msg = str(exc.value)
+    assert str(db) in msg and "lists 3 live job(s) that the jobs table does not hold" in msg
+    assert ", ".join(f"H:h:{i}" for i in ids) in msg and "REINDEX jobs" in msg
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # nothing rewritten
+    assert con.execute("SELECT count(*) FROM jobs INDEXED BY jobs_active "
+                       "WHERE state IN ('queued', 'running')").fetchone()[0] == 2003
+    con.close()
+
+
 def test_first_start_on_a_new_database_is_not_called_unclean(tmp_path: Path) -> None:
     """A database atomnode has just built was never used: its first open must not be
     reported (nor integrity-checked) as "after an unclean shutdown"."""
@@ -484,6 +537,33 @@ def test_first_start_on_a_new_database_is_not_called_unclean(tmp_path: Path) -> 
     log = d.log()
     assert "does not exist: creating it" in log
     assert "unclean shutdown" not in log, log
+
+
+def test_every_start_checks_the_file_structure_in_the_background(tmp_path: Path) -> None:
+    """After a clean stop too, the daemon serves first and then runs quick_check (the
+    whole file's structure) in a thread: damage it finds (here a page no b-tree uses, which
+    recovery cannot see) is reported as it would be after an unclean shutdown."""
+    import struct
+
+    d = Daemon(tmp_path).start()
+    with d.client() as c:
+        c.submit_bg(b"qc", b"u", b"x")
+    d.stop()
+    con = sqlite3.connect(d.db, isolation_level=None)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    raw = bytearray(Path(d.db).read_bytes())
+    page_size = struct.unpack(">H", raw[16:18])[0]
+    pages = struct.unpack(">I", raw[28:32])[0]
+    raw[28:32] = struct.pack(">I", pages + 1)  # one page more, used by nothing
+    Path(d.db).write_bytes(bytes(raw) + bytes(page_size))
+    d2 = Daemon(tmp_path, db=d.db).start()
+    assert d2.status()["qc"][0] == 1  # served first
+    log = wait_for_log(d2, "quick_check found damage")
+    assert "never used" in log and "unclean" not in log
+    assert status_doc(d2)["queue"]["store_damage"].startswith("quick_check:")
+    assert "FAIL  the queue database file is damaged" in doctor(d2)
+    d2.stop()
 
 
 def test_unclean_shutdown_runs_a_full_integrity_check_in_the_background(tmp_path: Path) -> None:

@@ -84,8 +84,8 @@ def _parse_count(raw: bytes, limit: int) -> int | None:
     return value if value <= limit else None
 
 
-_ID = operator.attrgetter("id")
-_SEQ = operator.attrgetter("seq")
+_ROW_ID = operator.itemgetter(0)  # of a commands.RECOVERED row
+_ROW_SEQ = operator.itemgetter(4)
 
 NOOP = encode(T.NOOP)
 NO_JOB = encode(T.NO_JOB)
@@ -748,64 +748,102 @@ class Broker:
             reply.answer(self, True, str(reply.count))
 
     def restore(self, stored: Iterable[Any], *, requeue_reason: str = "daemon restarted") -> int:
-        """Load jobs recovered from the store (ordered by priority, seq). Jobs that were
-        running when the daemon stopped go back to the queue with their attempt counted,
-        or fail if that was their last attempt. Returns the number restored."""
-        n = 0
-        stored = list(stored)
-        if stored:
+        """Load jobs recovered from the store, given as objects with the fields of
+        :class:`StoredJob <atomnode.queue.store.StoredJob>`, in queue order within each
+        priority. See :meth:`restore_rows`."""
+        pack = commands.pack_recovered_flags
+        return self.restore_rows(
+            [(s.id, s.function, s.unique, s.data, s.seq, s.submitted_at,
+              pack(s.priority, s.state == RUNNING, s.attempts, s.when_to_run)) for s in stored],
+            requeue_reason=requeue_reason,
+        )
+
+    def restore_rows(self, rows: list[tuple], *, requeue_reason: str = "daemon restarted"
+                     ) -> int:
+        """Load the live jobs recovered from the store: :data:`commands.RECOVERED
+        <atomnode.queue.commands.RECOVERED>` tuples, in seq order within each priority
+        (as :meth:`Store.open <atomnode.queue.store.Store.open>` returns them). Jobs that
+        were running when the daemon stopped go back to the queue with their attempt
+        counted, or fail if that was their last attempt. Returns the number restored.
+
+        A million jobs come through here before the daemon serves (the restart budget), so
+        a plain job (due now, never tried) costs only its Job, its handle, its place in the
+        indexes and its queue; the others take :meth:`_restore_other`, and the functions'
+        counters are added up once at the end.
+        """
+        if rows:
             # Every stored number first: a running job requeued below gets a fresh seq.
-            self.next_id = max(self.next_id, max(map(_ID, stored)) + 1)
-            self.next_seq = max(self.next_seq, max(map(_SEQ, stored)) + 1)
-        # A million jobs come through here before the daemon serves (the restart budget):
-        # the function lookup is cached across rows and queueing is inlined.
+            self.next_id = max(self.next_id, max(map(_ROW_ID, rows)) + 1)
+            self.next_seq = max(self.next_seq, max(map(_ROW_SEQ, rows)) + 1)
         now = self.clock()
-        prefix = self.handle_prefix
+        handle_format = self.handle_prefix + b"%d"
         jobs, uniques = self.jobs, self.uniques
+        functions = self.functions
+        # Queue lengths before, to count what was appended at the end.
+        before = {fn: tuple(map(len, fn.queues)) for fn in functions.values()}
+        plain = commands.RECOVERED_PLAIN
+        given_up = 0
         fn_name: bytes | None = None
         fn: Function | None = None
-        for s in stored:
-            if s.function != fn_name:
-                fn_name = s.function
-                fn = self.function(fn_name)
-            assert fn is not None
-            unique = s.unique
-            key = (s.data or None) if unique == b"-" else (unique or None)
-            job = Job(
-                s.id, prefix + str(s.id).encode(), fn, unique, key, s.data,
-                s.priority, True, s.when_to_run, s.seq, s.submitted_at,
-            )
-            job.attempts = s.attempts
-            if s.state == RUNNING:
-                if job.attempts >= self.max_attempts(fn.name):
-                    msg = f"{requeue_reason} while running; gave up after {job.attempts} attempts"
-                    self.out.store.append((commands.FAIL, job.id, self.clock(), msg))
-                    self.stats["failed"] += 1
-                    fn.stats.failed += 1
-                    if self.on_given_up is not None:
-                        self.on_given_up(job, None, msg)
-                    continue
-                job.seq = self._new_seq()
-                self.out.store.append(
-                    (commands.REQUEUE, job.id, job.attempts, job.seq, requeue_reason)
-                )
-            fn.total += 1
-            jobs[job.handle] = job
-            if key is not None:
-                if key not in uniques:
-                    uniques[key] = job
-                else:
-                    self._unique_add(job)
-            if job.when and job.when > now:
-                self._enqueue(job, wake=False)  # scheduled
-            else:
-                job.state = QUEUED
-                fn.queues[job.priority].append(job)
-                fn.queued += 1
-                fn.by_priority[job.priority] += 1
-            n += 1
+        queues: Any = None
+        for job_id, name, unique, data, seq, at, flags in rows:
+            if name != fn_name:
+                fn_name = name
+                fn = functions.get(name) or self.function(name)
+                queues = fn.queues
+            key = (data or None) if unique == b"-" else (unique or None)
+            handle = handle_format % job_id
+            job = Job(job_id, handle, fn, unique, key, data, flags & 3, True, 0, seq, at)
+            if flags > plain:
+                if not self._restore_other(job, flags, now, requeue_reason):
+                    given_up += 1
+                continue
+            job.state = QUEUED
+            jobs[handle] = job
+            if key is not None and uniques.setdefault(key, job) is not job:
+                self._unique_add(job)
+            queues[flags].append(job)
+        for fn in functions.values():
+            lengths = before.get(fn, (0, 0, 0))
+            added = 0
+            for priority, queue in enumerate(fn.queues):
+                more = len(queue) - lengths[priority]
+                fn.by_priority[priority] += more
+                added += more
+            fn.queued += added
+            fn.total += added
         self._reserve_ids()
-        return n
+        return len(rows) - given_up
+
+    def _restore_other(self, job: Job, flags: int, now: float, requeue_reason: str) -> bool:
+        """Restore a recovered job that is not plain: tried before, running when the
+        daemon stopped, or scheduled. False if it is given up instead (its last attempt
+        was running)."""
+        _priority, running, attempts, when = commands.recovered_flags(flags)
+        fn = job.function
+        job.attempts = attempts
+        job.when = when
+        if running:
+            if attempts >= self.max_attempts(fn.name):
+                msg = f"{requeue_reason} while running; gave up after {attempts} attempts"
+                self.out.store.append((commands.FAIL, job.id, self.clock(), msg))
+                self.stats["failed"] += 1
+                fn.stats.failed += 1
+                if self.on_given_up is not None:
+                    self.on_given_up(job, None, msg)
+                return False
+            job.seq = self._new_seq()
+            self.out.store.append((commands.REQUEUE, job.id, attempts, job.seq, requeue_reason))
+        self.jobs[job.handle] = job
+        if job.key is not None:
+            self._unique_add(job)
+        if when and when > now:
+            fn.total += 1  # queued ones are counted at the end of restore_rows
+            self._enqueue(job, wake=False)  # scheduled
+        else:
+            job.state = QUEUED
+            fn.queues[job.priority].append(job)
+        return True
 
     def enqueue_stored(self, s: Any) -> Job:
         """Put back a job the store re-queued (operator retry)."""

@@ -42,12 +42,15 @@ from .commands import (
     FAIL,
     INSERT,
     OPERATOR_KINDS,
+    RECOVERED_ATTEMPTS_MAX,
+    RECOVERED_WHEN_MAX,
     PURGE,
     REQUEUE,
     RESERVE_IDS,
     RETRY,
     SAMPLES,
     START,
+    recovered_flags,
 )
 from .walcheck import check_wal_file
 
@@ -150,20 +153,30 @@ _COLUMNS = (
     " submitted_at, worker, started_at, finished_at, result_size, reason"
 )
 
-#: The live jobs, read from the table (NOT INDEXED: see Store._recover_rows); sorted into
-#: queue order (priority, seq) in Python, cheap since the table is nearly in that order.
+#: The live jobs, read from the table (NOT INDEXED: see Store._recover_rows), as
+#: ``commands.RECOVERED`` tuples: only what the broker needs, the small numbers packed in
+#: one (``commands.pack_recovered_flags``). A plain job (queued, never tried, due now) is
+#: just its priority; only the others pay for the arithmetic, and for capping a value out
+#: of its range (which atomnode never writes, and which would spill into the next field).
 SQL_RECOVER = f"""
-    SELECT {_COLUMNS} FROM jobs NOT INDEXED
+    SELECT id, function, unique_key, data, seq, submitted_at,
+           CASE WHEN state = 'queued' AND attempts = 0 AND when_to_run = 0 THEN priority
+           ELSE priority + (state = 'running') * 4
+                + min(max(attempts, 0), {RECOVERED_ATTEMPTS_MAX}) * 8
+                + min(max(when_to_run, 0), {RECOVERED_WHEN_MAX}) * 8388608 END
+    FROM jobs NOT INDEXED
     WHERE state IN ('queued', 'running')
 """
-_QUEUE_ORDER = operator.itemgetter(4, 6)
 _ID_COLUMN = operator.itemgetter(0)
-_SEQ_COLUMN = operator.itemgetter(6)
+_SEQ_COLUMN = operator.itemgetter(4)
 #: What the jobs_active index lists, reduced to numbers the table's rows must match.
 _SUM_MOD = 1_000_000_007
 _SQL_ACTIVE_INDEX_SUMS = f"""
     SELECT count(*), sum(id % {_SUM_MOD}), sum(seq % {_SUM_MOD})
     FROM jobs INDEXED BY jobs_active WHERE state IN ('queued', 'running')
+"""
+_SQL_ACTIVE_INDEX_IDS = """
+    SELECT id FROM jobs INDEXED BY jobs_active WHERE state IN ('queued', 'running')
 """
 SQL_INSERT = """
     INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq,
@@ -231,14 +244,28 @@ class StoredJob:
 class Recovery:
     """What :meth:`Store.open` found: the live jobs and the counters to continue from.
 
-    ``jobs`` holds every queued or running job ordered by (priority, seq). Running ones are
-    returned with state 'running' untouched: the broker decides (requeue with the attempt
-    counted, or fail past max attempts) and submits the ops for that.
+    ``rows`` holds every queued or running job as a :data:`commands.RECOVERED
+    <atomnode.queue.commands.RECOVERED>` tuple, ordered by seq (so each priority's jobs are
+    in queue order). Running ones are returned as running (``running`` = 1): the broker
+    decides (requeue with the attempt counted, or fail past max attempts) and submits the
+    ops for that.
     """
 
-    jobs: list[StoredJob]
+    rows: list[tuple]
     next_id: int  # first handle number never used before (persisted high-water mark)
     next_seq: int
+
+    @property
+    def jobs(self) -> list[StoredJob]:
+        """The same jobs as :class:`StoredJob` objects ordered by (priority, seq), for tools
+        and tests (the daemon takes ``rows``). Only what recovery reads is set."""
+        jobs = []
+        for job_id, function, unique, data, seq, submitted_at, flags in self.rows:
+            priority, running, attempts, when = recovered_flags(flags)
+            jobs.append(StoredJob(job_id, function, unique, data, priority, when, seq,
+                                  attempts, "running" if running else "queued", submitted_at))
+        jobs.sort(key=lambda j: (j.priority, j.seq))
+        return jobs
 
 
 #: Errors that come from one op's values, not from the database: they fail that op alone.
@@ -705,15 +732,14 @@ class Store:
                 "to start. Restore it from a backup or move it aside."
             )
 
-    def _check_beside(self) -> tuple[int, int, int]:
-        """In a helper thread, on its own connection, while the jobs are read: the
-        structural check, then what the ``jobs_active`` index lists (count and checksums
-        of ids and seqs). SQLite runs both without the GIL, so on a machine with two cores
-        they cost the restart almost nothing."""
+    def _index_sums(self) -> tuple[int, int, int]:
+        """In a helper thread, on its own connection, while the jobs are read: what the
+        ``jobs_active`` index lists (count and checksums of ids and seqs; SQLite reads
+        only the index for it). SQLite runs it without the GIL, so on a machine with two
+        cores it costs the restart almost nothing."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            self._quick_check(conn)
             row = conn.execute(_SQL_ACTIVE_INDEX_SUMS).fetchone()
             return int(row[0]), int(row[1] or 0), int(row[2] or 0)
         finally:
@@ -722,13 +748,18 @@ class Store:
     def _recover_rows(self, conn: sqlite3.Connection) -> Recovery:
         """Read the live jobs from the table itself, not through an index: a lost write in
         an index page passes quick_check, and a read through the index would then miss jobs
-        without a word. The index is checked against the table; a disagreeing one is rebuilt
-        from the table before serving."""
+        without a word. The ``jobs_active`` index, a separate b-tree, is checked against
+        the table: one that lists fewer jobs (or stale ones) is rebuilt from the table
+        before serving; live jobs that the index lists and the table lacks mean the table
+        lost them, and the start is refused (:meth:`_reconcile_index`). SQLite's structural
+        checks run after the daemon serves (:meth:`check`): a file they find damaged is
+        reported, but no job can be missing unnoticed, since that takes both b-trees
+        damaged alike."""
         beside: list = []
 
         def run_beside() -> None:
             try:
-                beside.append(self._check_beside())
+                beside.append(self._index_sums())
             except BaseException as e:  # noqa: BLE001 - re-raised in the opening thread
                 beside.append(e)
 
@@ -746,48 +777,87 @@ class Store:
         finally:
             helper.join()
         found = beside[0]
-        if isinstance(found, StoreOpenError):
-            raise found
         if isinstance(found, sqlite3.DatabaseError):
-            raise StoreOpenError(
-                f"queue database {self.path} is corrupt ({found}); refusing to start"
-            ) from found
-        if isinstance(found, BaseException):
+            # The index cannot be read: the table is the record, the index is rebuilt.
+            found = (-1, -1, -1)
+        elif isinstance(found, BaseException):
             raise found
-        rows.sort(key=_QUEUE_ORDER)
+        # Seq order is queue order within each priority, which is all the broker needs;
+        # the table is nearly in that order already (ids and seqs grow together).
+        rows.sort(key=_SEQ_COLUMN)
         # (sum of x mod M) mod M == (sum of x) mod M: the table side sums at C speed.
         table = (len(rows), sum(map(_ID_COLUMN, rows)) % _SUM_MOD,
                  sum(map(_SEQ_COLUMN, rows)) % _SUM_MOD)
         if (found[0], found[1] % _SUM_MOD, found[2] % _SUM_MOD) != table:
-            self._rebuild_index(conn, found[0], table[0])
-        jobs = [StoredJob(*r) for r in rows]
+            self._reconcile_index(conn, rows)
         next_id = max(int(meta.get("next_id") or 1), max_id + 1)
-        next_seq = max(map(_SEQ_COLUMN, rows), default=0) + 1
+        next_seq = rows[-1][4] + 1 if rows else 1
         next_seq = max(next_seq, int(meta.get("next_seq") or 1))
         log.info(
-            "queue database %s: %d live jobs recovered, next id %d%s", self.path, len(jobs),
+            "queue database %s: %d live jobs recovered, next id %d%s", self.path, len(rows),
             next_id, " (after an unclean shutdown)" if self.unclean_shutdown else "",
         )  # fmt: skip
-        return Recovery(jobs=jobs, next_id=next_id, next_seq=next_seq)
+        return Recovery(rows=rows, next_id=next_id, next_seq=next_seq)
 
-    def integrity_check(self) -> list[str]:
-        """SQLite's full ``integrity_check`` on a read-only connection of its own (every
-        index against its table too); [] if all is well. Slow on a big queue (it reads the
-        whole file more than once): the daemon runs it in a thread after serving, once
-        after each unclean shutdown (see docs/durability.md)."""
+    def _reconcile_index(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
+        """The ``jobs_active`` index and the table disagree about the live jobs. Live in
+        the table but not listed (or listed with another seq): the index lost a write,
+        and is rebuilt from the table. Listed but not live in the table: a job the index
+        still calls live that the table holds as finished means a stale index page
+        (rebuilt too); one the table does not hold at all was lost from the table, and the
+        start is refused, naming them."""
+        try:
+            listed = [r[0] for r in conn.execute(_SQL_ACTIVE_INDEX_IDS)]
+        except sqlite3.DatabaseError:
+            listed = []  # unreadable: rebuilt below like any index that lists too little
+        live = set(map(_ID_COLUMN, rows))
+        extra = [i for i in listed if i not in live]
+        if extra:
+            held = set()
+            for chunk in range(0, len(extra), 500):
+                part = extra[chunk:chunk + 500]
+                marks = ",".join("?" * len(part))
+                held.update(r[0] for r in conn.execute(
+                    f"SELECT id FROM jobs NOT INDEXED WHERE id IN ({marks})", part))
+            lost = [i for i in extra if i not in held]
+            if lost:
+                shown = ", ".join(self.handle(i) for i in lost[:10])
+                more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+                raise StoreOpenError(
+                    f"queue database {self.path} is damaged: its index jobs_active lists "
+                    f"{len(lost)} live job(s) that the jobs table does not hold ({shown}"
+                    f"{more}): the table lost them (a lost or torn write?). Refusing to "
+                    "start rather than serve without them. Restore the file from a backup; "
+                    "or, to start without those jobs, rebuild the index from the table "
+                    f"(sqlite3 {self.path} 'REINDEX jobs') after copying the file."
+                )
+        self._rebuild_index(conn, len(listed), len(rows))
+
+    def check(self, full: bool = False) -> list[str]:
+        """SQLite's structural check of the whole file on a read-only connection of its
+        own: ``quick_check`` (every page and b-tree), or with ``full`` the complete
+        ``integrity_check`` (every index against its table too); [] if all is well, else
+        the problems, also kept in :attr:`damage`. It reads the whole file (seconds for a
+        big queue and its history): the daemon runs it in a thread once it serves, the
+        full one after an unclean shutdown (see docs/durability.md)."""
         from urllib.parse import quote
 
+        pragma = "integrity_check" if full else "quick_check"
         conn = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True,
                                check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            problems = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(20)")]
+            problems = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}(20)")]
         finally:
             conn.close()
         if problems == ["ok"]:
             return []
-        self.damage = f"integrity_check: {'; '.join(problems[:3])}"
+        self.damage = f"{pragma}: {'; '.join(problems[:3])}"
         return problems
+
+    def integrity_check(self) -> list[str]:
+        """``check(full=True)``."""
+        return self.check(full=True)
 
     def _rebuild_index(self, conn: sqlite3.Connection, listed: int, live: int) -> None:
         """The jobs_active index disagrees with the table (a lost or torn write in one of
