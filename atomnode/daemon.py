@@ -182,16 +182,23 @@ class Daemon:
         aside), and AtoM's own record of the job is marked failed where configured."""
         if conn is not None and self.supervisor is not None:
             self.supervisor.job_given_up(conn.id, conn.client_id.decode("utf-8", "replace"))
-        if not self._atom_markers or not job.background:
+        if job.background:
+            self._mark_atom_failed(job.function.name, job.data, job.handle, reason)
+
+    def _mark_atom_failed(self, function: bytes, data: bytes, handle: bytes, reason: str
+                          ) -> None:
+        """A background job failed for good: mark AtoM's own record of it failed, where
+        ``atom_sites`` asks for it (only a record still "in progress" is changed)."""
+        if not self._atom_markers:
             return
         from .ops.atom_jobs import atom_job_id
 
-        name = job.function.name.decode("utf-8", "replace")
+        name = function.decode("utf-8", "replace")
         marker = next((m for m in self._atom_markers if m.owns(name)), None)
-        atom_id = atom_job_id(job.data) if marker is not None else None
+        atom_id = atom_job_id(data) if marker is not None else None
         if marker is None or atom_id is None:
             return
-        self._atom_pending.append((marker, atom_id, f"{reason} (job {job.handle.decode()})"))
+        self._atom_pending.append((marker, atom_id, f"{reason} (job {handle.decode()})"))
         if self._atom_wake is not None:
             self._atom_wake.set()
 
@@ -691,7 +698,7 @@ class Daemon:
         from .workers.atom_runner import RunnerPool
 
         self._ensure_keeper()
-        pool = RunnerPool(r, self.server)
+        pool = RunnerPool(r, self.server, on_failed=self._mark_atom_failed)
         scope = trio.CancelScope()
         self.runners[r.name] = pool
         self._runner_scopes[r.name] = scope

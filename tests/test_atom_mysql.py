@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from atom_trees import make_atom_release
+from atom_trees import add_runtime, make_atom_release
 from daemon_harness import Client, Daemon
 from mariadb_server import (
     add_setting,
@@ -202,3 +202,31 @@ def _wait(pred, what: str, d: Daemon, timeout: float = 30.0) -> None:
         assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{d.log()[-3000:]}"
         time.sleep(0.05)  # polling the daemon and MariaDB from outside
 
+
+
+def test_per_job_runner_marks_a_job_it_failed_in_atom(
+    tmp_path: Path, mariadb: str, atom_db: str
+) -> None:
+    """Per-job mode (issue 16): a job atomnode stops (here its timeout) fails in the queue
+    and, opt-in, in AtoM's own job table, whose record would otherwise stay "Running"."""
+    root = tree(tmp_path, mariadb, atom_db)
+    add_runtime(root, "2.5.2+")
+    real = os.path.realpath(root)
+    prefix = hashlib.md5(real.encode()).hexdigest() + "-"
+    fn = prefix + "arFixtureJob"
+    in_progress_job(mariadb, atom_db, 78)
+    config = (
+        f"atom_sites: [{{root: {json.dumps(real)}, prefix: {prefix}, mark_failed_jobs: true}}]\n"
+        f"atom_runners:\n  - {{name: atom, root: {json.dumps(real)}, functions: [{fn}],"
+        " timeout: 1s}\n"
+    )
+    d = Daemon(tmp_path, config=config).start()
+    try:
+        with Client(d.port) as c:
+            handle = c.submit_bg(fn.encode(), b"", json.dumps(
+                {"id": 78, "do": "hang", "marker": str(tmp_path / "m")}).encode())
+        _wait(lambda: job_row(mariadb, atom_db, 78)[0] == 185, "the AtoM job marked failed", d)
+        (_type, content), = job_row(mariadb, atom_db, 78)[2]
+        assert content == f"atomnode: timed out after 1s (job {handle.decode()})"
+    finally:
+        d.stop()

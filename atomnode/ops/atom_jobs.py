@@ -21,11 +21,12 @@ progress" is changed, so a record the worker already finished is never overwritt
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..system.names import atom_job_id  # noqa: F401 (re-exported: the daemon, tests)
 
 log = logging.getLogger("atomnode.atom")
 
@@ -38,21 +39,6 @@ REQUIRED_COLUMNS = {
     "note": {"id", "object_id", "type_id", "source_culture"},
     "note_i18n": {"id", "content", "culture"},
 }
-
-
-def atom_job_id(payload: bytes) -> int | None:
-    """The AtoM job id in a job's payload (JSON with ``"id"``), or None."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(data, dict):
-        value = data.get("id")
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-    return None
 
 
 def check_job_tables(con: Any) -> str | None:

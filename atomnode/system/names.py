@@ -10,6 +10,7 @@ functions, shared by the configuration and the broker.
 
 from __future__ import annotations
 
+import json
 import re
 
 _ATOM_PREFIX = re.compile(r"^([0-9a-f]{32}-)(.+)$", re.DOTALL)
@@ -38,3 +39,18 @@ def function_matches(pattern: str, function: str) -> bool:
     """True if ``pattern`` names ``function`` exactly, or names it without its AtoM site
     prefix."""
     return pattern == function or pattern == strip_atom_prefix(function)
+
+
+def atom_job_id(payload: bytes) -> int | None:
+    """The AtoM job id in a job's payload (JSON with ``"id"``), or None."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(data, dict):
+        value = data.get("id")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None

@@ -44,7 +44,6 @@ runner like the pools' output.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -55,6 +54,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -63,6 +63,7 @@ from . import procinfo
 from .handlers import ConnectionLost, LocalConn, _req, kill_group
 from .supervisor import LOG_BURST, LOG_RATE, MAX_LINE, first_down
 from ..gearman.protocol import Decoder, Packet, ProtocolError, T, encode
+from ..system.names import atom_job_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..system.config import RunnerConfig
@@ -92,18 +93,6 @@ def default_script() -> str:
     from ..system.config import RUNNER_SCRIPT
 
     return RUNNER_SCRIPT if os.path.exists(RUNNER_SCRIPT) else PACKAGE_SCRIPT
-
-
-def atom_job_id(workload: bytes) -> str | None:
-    """AtoM's job id (QubitJob id) from a job's JSON workload, if it has one."""
-    if not workload.startswith(b"{"):
-        return None
-    try:
-        doc = json.loads(workload)
-    except ValueError:
-        return None
-    value = doc.get("id") if isinstance(doc, dict) else None
-    return str(value) if isinstance(value, (int, str)) and str(value) else None
 
 
 def runner_problem(cfg: RunnerConfig, script: str) -> str | None:
@@ -156,8 +145,12 @@ class RunnerPool:
     """Serves the functions of one AtoM site, one process per job (module docstring)."""
 
     def __init__(self, cfg: RunnerConfig, server: Any, *, check_interval: float = CHECK_INTERVAL,
-                 memory_poll: float = MEMORY_POLL, kill_grace: float = 5.0):
+                 memory_poll: float = MEMORY_POLL, kill_grace: float = 5.0,
+                 on_failed: Callable[[bytes, bytes, bytes, str], None] | None = None):
         self.cfg = cfg
+        #: Called when a background job fails here: (function, workload, handle, reason);
+        #: the daemon marks AtoM's record of the job failed where configured.
+        self.on_failed = on_failed
         self.server = server
         self.script = cfg.script or default_script()
         self.check_interval = check_interval
@@ -362,7 +355,8 @@ class RunnerPool:
     async def _run_job(self, slot: _Slot, conn: LocalConn, job: Packet) -> None:
         handle, fn, _unique, data = job.args
         slot.handle = handle.decode("utf-8", "replace")
-        slot.atom_id = atom_job_id(data)
+        atom_id = atom_job_id(data) if data.startswith(b"{") else None
+        slot.atom_id = str(atom_id) if atom_id is not None else None
         slot.killed_by_stop = False
         tag = f"{self.cfg.name} {slot.handle}" + (
             f" AtoM job {slot.atom_id}" if slot.atom_id else "")
@@ -410,7 +404,11 @@ class RunnerPool:
             log.warning("[%s] job failed: %s", tag,
                         data.decode("utf-8", "replace")[-500:] if data else "WORK_FAIL")
         args = (handle, data) if type_ != T.WORK_FAIL else (handle,)
+        job = self.server.broker.jobs.get(handle) if type_ != T.WORK_COMPLETE else None
         await conn.send(_req(type_, *args))
+        if job is not None and job.background and self.on_failed is not None:
+            reason = data.decode("utf-8", "replace") if data else "WORK_FAIL from the job"
+            self.on_failed(job.function.name, job.data, handle, reason)
 
     async def _execute(self, slot: _Slot, conn: LocalConn, tag: str, handle: bytes, fn: bytes,
                        data: bytes, outcome: _Outcome) -> None:
