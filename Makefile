@@ -43,7 +43,7 @@ test: sysdeps-test venv lint
 FAST_TESTS := tests/test_protocol.py tests/test_broker.py tests/test_admin.py \
 	tests/test_config.py tests/test_store.py tests/test_reads.py tests/test_walcheck.py \
 	tests/test_jobs_cli.py tests/test_layering.py tests/test_console_api.py \
-	tests/test_config_dropins.py tests/test_packaging_pins.py
+	tests/test_config_dropins.py tests/test_packaging_pins.py tests/test_maintscripts.py
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not interop and not slow" $(FAST_TESTS) $(PYTEST_ARGS)
