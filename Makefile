@@ -19,7 +19,7 @@ sysdeps-test:
 $(BIN)/python:
 	$(MAKE) sysdeps-run
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$$(sed -n 's/^\(pip==[^ ]*\).*/\1/p' packaging/build-requirements.txt)"
 
 # Runtime dependencies at the versions the .deb ships (packaging/requirements.txt), so the
 # tests run what users get.

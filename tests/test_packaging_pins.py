@@ -76,3 +76,9 @@ def test_debian_rules_installs_with_the_pins_and_no_unpinned_tools() -> None:
     # would fill with whatever versions the index has that day.
     assert "--no-build-isolation" in rules
     assert not re.search(r"--upgrade-pip\b(?!-to)", rules), "an unpinned pip upgrade"
+
+
+def test_the_dev_venv_takes_the_pinned_pip_too() -> None:
+    makefile = (TOP / "Makefile").read_text()
+    assert "--upgrade pip" not in makefile
+    assert "pip==" in makefile and "packaging/build-requirements.txt" in makefile
