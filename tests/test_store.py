@@ -170,6 +170,35 @@ def test_synchronous_setting_is_applied(db: str, mode: str, pragma: int) -> None
         s.close()
 
 
+@pytest.mark.parametrize("mode", ["full", "normal", "off"])
+def test_only_acknowledging_batches_wait_for_an_fsync(db: str, mode: str) -> None:
+    """Under ``full``, a batch of facts only (start, done, fail, requeue) commits with
+    synchronous NORMAL (no fsync of its own); a batch that acknowledges anything (an
+    insert, the id reservation, a cancel, an operator command) with FULL. ``normal`` and
+    ``off`` are kept as configured for every batch."""
+    s = Store(db, synchronous=mode, hostname="testhost")
+    s.open()
+    pragma = {"full": 2, "normal": 1, "off": 0}
+
+    def level_after(ops: list[tuple]) -> int:
+        assert s._write_batch(ops) == []
+        return s._conn.execute("PRAGMA synchronous").fetchone()[0]
+
+    try:
+        facts = 1 if mode == "full" else pragma[mode]
+        assert level_after([insert_op(1, token=Token())]) == pragma[mode]
+        assert level_after([("start", 1, 1, "w", 1_700_000_001.0)]) == facts
+        assert level_after([("done", 1, 1_700_000_002.0, 2)]) == facts
+        assert level_after([insert_op(2, token=Token()), ("start", 2, 1, "w", 1.0)]) == pragma[mode]
+        assert level_after([("requeue", 2, 1, 3, "test")]) == facts
+        assert level_after([("reserve_ids", 10_000)]) == pragma[mode]
+        assert level_after([("fail", 2, 1_700_000_003.0, "test")]) == facts
+        assert level_after([("cancel", 1, 1_700_000_004.0)]) == pragma[mode]
+    finally:
+        s.close()
+    assert rows(db)[2].state == "failed"
+
+
 def test_bad_synchronous_value_is_refused(db: str) -> None:
     with pytest.raises(ValueError, match="synchronous"):
         Store(db, synchronous="sometimes")

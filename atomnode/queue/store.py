@@ -70,6 +70,12 @@ FINISHED_STATES = ("done", "failed", "cancelled")
 STATES = ACTIVE_STATES + FINISHED_STATES
 
 _SYNCHRONOUS = ("full", "normal", "off")
+#: Ops whose commit someone is told about (a client's JOB_CREATED, an operator's answer)
+#: or that a restart relies on (the id reservation, an operator's cancel). A batch of
+#: none of them holds only facts about work already done (start, done, fail, requeue,
+#: samples); under ``synchronous: full`` it commits without its own fsync (see
+#: Store._write_batch).
+_ACKNOWLEDGED_KINDS = frozenset({INSERT, RESERVE_IDS, CANCEL, *OPERATOR_KINDS})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 def _create_jobs_table(conn: sqlite3.Connection) -> None:
@@ -415,6 +421,9 @@ class Store:
         self._db_id: tuple[int, int] | None = None
         self._wal_id: tuple[int, int] | None = None
         self._fault: str | None = None  # the path is broken and not yet repaired
+        # The connection's PRAGMA synchronous now (the writer lowers it to NORMAL for
+        # batches of facts only; see _write_batch). None: as configured.
+        self._sync_now: str | None = None
         self._rebuilds = 0
         #: The last repaired fault, for status and doctor (None if there was none).
         self.incident: str | None = None
@@ -460,6 +469,7 @@ class Store:
         self._take_lock()
         try:
             self._conn = self._connect()
+            self._sync_now = None
             self._watch_start()
             return self._recover()
         except BaseException:
@@ -974,7 +984,8 @@ class Store:
                 else:
                     backoff = 0.0
             if not carry:
-                if self._fault is not None or self._path_fault() is not None:
+                # After a committed batch _write_batch has checked the path already.
+                if self._fault is not None or (not batch and self._path_fault() is not None):
                     self._repair_path()
                 self._maybe_prune()
             if stopping:
@@ -1015,21 +1026,41 @@ class Store:
         inserts: list[tuple] = []
         others: list[tuple] = []
         insert_tokens: list = []
+        acknowledged = False
         for op in batch:
-            if op[0] == INSERT:
+            kind = op[0]
+            if kind == INSERT:
                 _kind, *row, token = op
                 inserts.append(row)
                 insert_tokens.append(token)
             else:
                 others.append(op)
+                if kind in _ACKNOWLEDGED_KINDS:
+                    acknowledged = True
+        if inserts:
+            acknowledged = True
         retried: list[tuple[object, StoredJob]] = []  # (token, row) for committed retries
         refused: list[tuple[object, str]] = []
         purged: list[tuple[object, int]] = []
         committed: list = []
         t0 = time.perf_counter()
         try:
-            self._path_guard()
+            if self.synchronous == "full":
+                # Durability policy: a batch that acknowledges something is fsynced at
+                # its commit (synchronous FULL). A batch of facts only commits with
+                # synchronous NORMAL: in WAL mode it survives a crash of the daemon, and
+                # only a power cut before the next fsync (the next acknowledged batch's
+                # or a checkpoint's, which cover everything written before them) can
+                # lose it: the job then runs again, as after any crash while it ran
+                # (docs/durability.md). So a client's submit never waits behind the fsync
+                # of a batch that no client waits for.
+                wanted = "full" if acknowledged else "normal"
+                if self._sync_now != wanted:
+                    conn.execute(f"PRAGMA synchronous = {wanted.upper()}")
+                    self._sync_now = wanted
             try:
+                # The path is checked inside the transaction, before COMMIT (not before
+                # BEGIN as well: a stat() pair per check, and this one is what counts).
                 with transaction(conn):
                     # An insert is always the first op for its job, so inserts may go first
                     # as one executemany; the rest keeps its order (start/done for one job
@@ -1208,6 +1239,7 @@ class Store:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            self._sync_now = None
             self._conn = conn
         self._watch_start()
         self._relock()
