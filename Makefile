@@ -22,9 +22,12 @@ $(BIN)/python:
 	$(BIN)/pip install -q "$$(sed -n 's/^\(pip==[^ ]*\).*/\1/p' packaging/build-requirements.txt)"
 
 # Runtime dependencies at the versions the .deb ships (packaging/requirements.txt), so the
-# tests run what users get.
+# tests run what users get. The install compiles the Gearman hot path with mypyc (setup.py)
+# into .so files beside the sources, which Python imports instead of the .py: an edit to
+# one of HOT_MODULES rebuilds them here (tests/conftest.py refuses to run stale ones).
 # The pins without their hashes: pip refuses hash-checking for an editable install.
-$(VENV)/.installed: pyproject.toml packaging/requirements.txt | $(BIN)/python
+HOT_MODULES := atomnode/gearman/protocol.py atomnode/gearman/broker.py atomnode/gearman/server.py
+$(VENV)/.installed: pyproject.toml packaging/requirements.txt setup.py $(HOT_MODULES) | $(BIN)/python
 	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' packaging/requirements.txt >$(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	@touch $@
@@ -48,9 +51,11 @@ FAST_TESTS := tests/test_protocol.py tests/test_broker.py tests/test_admin.py \
 test-fast: venv
 	$(BIN)/python -m pytest -m "not interop and not slow" $(FAST_TESTS) $(PYTEST_ARGS)
 
-# Fails on any finding (rules in pyproject.toml, [tool.ruff]).
+# Fails on any finding (rules in pyproject.toml, [tool.ruff]). mypy checks the modules
+# mypyc compiles: a type error there would make the build fall back to pure Python.
 lint: venv
 	$(BIN)/python -m ruff check atomnode tests bench
+	$(BIN)/python -m mypy $(HOT_MODULES)
 
 clean:
 	rm -rf $(VENV) var dist build *.egg-info .pytest_cache .hypothesis

@@ -27,6 +27,29 @@ import pytest
 
 from daemon_harness import GEARMAND, NotifySocket, free_port, wait_listening
 
+#: The modules setup.py compiles with mypyc (the build leaves ``NAME.cpython-*.so`` beside
+#: ``NAME.py``, and Python imports the .so). A .py edited after its build would not be
+#: what the tests run: refuse, rather than test stale code.
+HOT_MODULES = ("protocol", "broker", "server")
+_GEARMAN = Path(__file__).resolve().parent.parent / "atomnode" / "gearman"
+
+
+def _stale_compiled() -> list[str]:
+    stale = []
+    for name in HOT_MODULES:
+        source = _GEARMAN / f"{name}.py"
+        for built in _GEARMAN.glob(f"{name}.*.so"):
+            if source.stat().st_mtime > built.stat().st_mtime:
+                stale.append(f"{source.name} is newer than {built.name}")
+    return stale
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = _stale_compiled()
+    if stale:
+        pytest.exit("compiled hot path out of date (" + "; ".join(stale) + "): run `make venv` "
+                    "to rebuild it, or delete atomnode/gearman/*.so to test pure Python", 4)
+
 SERVER_KINDS = ("gearmand", "atomnode")
 START_TIMEOUT = 10.0
 

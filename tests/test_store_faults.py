@@ -412,7 +412,7 @@ def lose_an_index_write(db: Path, jobs: int = 20000, lost: int = 47) -> None:
     con.execute("BEGIN")
     con.executemany(
         "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
-        "submitted_at, state) VALUES (?, ?, '', ?, 1, 0, ?, 1.7e9, ?)",
+        "submitted_at, state) VALUES (?, ?, X'', ?, 1, 0, ?, 1.7e9, ?)",
         [(i, fn, b'{"objectId":%d}' % i, i, "queued") for i in range(1, jobs + 1)],
     )
     con.execute("COMMIT")

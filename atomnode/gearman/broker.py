@@ -55,7 +55,7 @@ QUEUED = "queued"
 RUNNING = "running"
 DONE = "done"  # finished, failed, cancelled or dropped: no longer in the broker
 
-_SUBMIT = {
+_SUBMIT: dict[int, tuple[int, bool]] = {
     T.SUBMIT_JOB: (NORMAL, False),
     T.SUBMIT_JOB_BG: (NORMAL, True),
     T.SUBMIT_JOB_HIGH: (HIGH, False),
@@ -192,6 +192,11 @@ class Job:
 
     def __lt__(self, other: Job) -> bool:  # for heaps
         return self.seq < other.seq
+
+    def __hash__(self) -> int:
+        # By identity, as any object. Spelled out because a compiled class (setup.py) that
+        # defines a comparison inherits no hash: jobs are kept in sets and as dict keys.
+        return object.__hash__(self)
 
     def __repr__(self) -> str:
         return f"<Job {self.handle!r} {self.function.name!r} {self.state}>"
@@ -457,7 +462,7 @@ class Broker:
         conn.functions = []
         for job in conn.waiting:
             try:
-                job.clients.remove(conn)
+                job.clients.remove(conn)  # type: ignore[union-attr]  # a list: conn is in it
             except ValueError:
                 pass
             if not job.clients and not job.background and job.state in (QUEUED, SCHEDULED):
@@ -472,7 +477,7 @@ class Broker:
         t = packet.type
         _HANDLERS.get(t, Broker._on_unexpected)(self, conn, packet.args, t)
 
-    def handle_many(self, conn: Conn, packets: Iterable[Packet]) -> None:
+    def handle_many(self, conn: Conn, packets: Iterable[Any]) -> None:
         """Process request packets from ``conn`` in order (what :meth:`handle` does for
         each, in one call: the server's path for a decoded read)."""
         get = _HANDLERS.get
@@ -868,9 +873,9 @@ class Broker:
         entry = self.uniques.get(key)
         if entry is None:
             return None
-        if type(entry) is dict:
+        if isinstance(entry, dict):
             return entry.get(function)
-        return entry if entry.function.name == function else None  # type: ignore[union-attr]
+        return entry if entry.function.name == function else None
 
     def _unique_add(self, job: Job) -> None:
         """Index ``job`` under its key unless a live job of its function has it already."""
@@ -879,18 +884,17 @@ class Broker:
         entry = self.uniques.get(key)
         if entry is None:
             self.uniques[key] = job
-        elif type(entry) is dict:
+        elif isinstance(entry, dict):
             entry.setdefault(job.function.name, job)
-        elif entry.function is not job.function:  # type: ignore[union-attr]
-            self.uniques[key] = {entry.function.name: entry,  # type: ignore[union-attr]
-                                 job.function.name: job}
+        elif entry.function is not job.function:
+            self.uniques[key] = {entry.function.name: entry, job.function.name: job}
 
     def _unique_del(self, job: Job) -> None:
         key = job.key
         entry = self.uniques.get(key)  # type: ignore[arg-type]
         if entry is job:
             del self.uniques[key]  # type: ignore[arg-type]
-        elif type(entry) is dict and entry.get(job.function.name) is job:
+        elif isinstance(entry, dict) and entry.get(job.function.name) is job:
             del entry[job.function.name]
             if len(entry) == 1:
                 self.uniques[key] = next(iter(entry.values()))  # type: ignore[index]
@@ -898,11 +902,11 @@ class Broker:
     def unique_index(self) -> Iterator[tuple[tuple[bytes, bytes], Job]]:
         """Every indexed job as ((function name, key), job): for checks and tools."""
         for key, entry in self.uniques.items():
-            if type(entry) is dict:
+            if isinstance(entry, dict):
                 for name, job in entry.items():
                     yield (name, key), job
             else:
-                yield (entry.function.name, key), entry  # type: ignore[union-attr]
+                yield (entry.function.name, key), entry
 
     # ------------------------------------------------------------ queue state
     def _enqueue(self, job: Job, wake: bool = True) -> None:

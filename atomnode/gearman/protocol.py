@@ -289,22 +289,25 @@ class Decoder:
             self._pos = 0
         else:
             if type(buf) is bytes:
-                buf = self._buf = bytearray(buf[pos:])
+                grown = self._buf = bytearray(buf[pos:])
                 self._pos = 0
-            elif pos > 65536:
-                # Compact lazily: only when the consumed prefix is large.
-                del buf[:pos]
-                self._pos = 0
-            buf += data
+            else:
+                grown = buf  # type: ignore[assignment]  # a bytearray: carried above
+                if pos > 65536:
+                    # Compact lazily: only when the consumed prefix is large.
+                    del grown[:pos]
+                    self._pos = 0
+            grown += data
 
     def compact(self) -> None:
         """Drop the bytes already decoded now rather than at the next :meth:`feed` (an
         idle connection then keeps no buffer, however large its last packet was)."""
         if self._pos:
-            if self._pos == len(self._buf):
-                self._buf = bytearray()
+            buf = self._buf
+            if self._pos == len(buf) or type(buf) is bytes:
+                self._buf = buf[self._pos :]
             else:
-                del self._buf[: self._pos]
+                del buf[: self._pos]  # type: ignore[union-attr]  # a bytearray
             self._pos = 0
 
     @property

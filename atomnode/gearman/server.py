@@ -194,8 +194,8 @@ class Server:
             self.listeners.extend(lst)
         for s in sockets or []:
             self.listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(s)))
-        for lst in self.listeners:
-            name = lst.socket.getsockname()
+        for listener in self.listeners:
+            name = listener.socket.getsockname()
             if isinstance(name, tuple):
                 self.bound.append((name[0], name[1]))
 

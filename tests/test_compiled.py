@@ -1,0 +1,46 @@
+"""The Gearman hot path runs compiled (setup.py, mypyc) wherever it could be built.
+
+``make test`` installs gcc and the Python headers (scripts/sysdeps.sh), so there the
+modules must be the compiled ones: a build that silently fell back to pure Python would
+pass every other test and lose ~40% of the server's speed. ``ATOMNODE_PURE_PYTHON=1``
+(at install time and here) is the one way to ask for pure Python.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+HOT_MODULES = ("protocol", "broker", "server")  # as setup.py and tests/conftest.py
+pure = os.environ.get("ATOMNODE_PURE_PYTHON") == "1"
+
+
+@pytest.mark.parametrize("name", HOT_MODULES)
+def test_hot_module_is_compiled(name):
+    module = importlib.import_module(f"atomnode.gearman.{name}")
+    if pure:
+        assert module.__file__.endswith(".py")
+    else:
+        assert module.__file__.endswith(".so"), (
+            f"{module.__file__}: not compiled; is gcc or python3-dev missing, or does "
+            "`make lint` (mypy) find a type error? (see setup.py)")
+
+
+def test_compiled_classes_behave_as_python_ones():
+    """What other modules rely on: Job objects can be sorted (heaps) and hashed (sets),
+    Conn attributes can be set, packets are tuples."""
+    from atomnode.gearman.broker import Broker, Conn
+    from atomnode.gearman.protocol import Decoder, Packet, T
+
+    b = Broker(clock=lambda: 1000.0, durable=False)
+    c = b.connect(Conn(1))
+    c.client_id = b"me"
+    job = b.submit(c, b"f", b"u1", b"data", 1, False)
+    other = b.submit(c, b"f", b"u2", b"data", 1, False)
+    assert job is not None and other is not None
+    assert job < other and {job, other} == {other, job}
+    dec = Decoder()
+    dec.feed(b"\0REQ" + int(T.GRAB_JOB).to_bytes(4, "big") + bytes(4))
+    assert dec.next_events() == [Packet(T.GRAB_JOB, ())]
