@@ -798,7 +798,8 @@ class Broker:
                 queues = fn.queues
             key = (data or None) if unique == b"-" else (unique or None)
             handle = handle_format % job_id
-            job = Job(job_id, handle, fn, unique, key, data, flags & 3, True, 0, seq, at)
+            job = Job(job_id, handle, fn,  # type: ignore[arg-type]  # set at the first row
+                      unique, key, data, flags & 3, True, 0, seq, at)
             if flags > plain:
                 if not self._restore_other(job, flags, now, requeue_reason):
                     given_up += 1
