@@ -27,7 +27,7 @@ import operator
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from ..queue import commands
 from ..system.names import function_matches, split_atom_prefix
@@ -87,26 +87,34 @@ def _parse_count(raw: bytes, limit: int) -> int | None:
 _ROW_ID = operator.itemgetter(0)  # of a commands.RECOVERED row
 _ROW_SEQ = operator.itemgetter(4)
 
-NOOP = encode(T.NOOP)
-NO_JOB = encode(T.NO_JOB)
+NOOP: Final = encode(T.NOOP)
+NO_JOB: Final = encode(T.NO_JOB)
 
 # The hot path (submit, grab, complete) compares packet types with plain ints and builds
 # its replies from pre-encoded headers: an IntEnum member lookup costs more than the
-# comparison, and encode() more than the bytes it joins.
-_GRAB_JOB_UNIQ = int(T.GRAB_JOB_UNIQ)
-_GRAB_JOB_ALL = int(T.GRAB_JOB_ALL)
-_WORK_COMPLETE = int(T.WORK_COMPLETE)
-_WORK_EXCEPTION = int(T.WORK_EXCEPTION)
-_P_JOB_CREATED = response_prefix(T.JOB_CREATED)
-_P_JOB_ASSIGN = response_prefix(T.JOB_ASSIGN)
-_P_JOB_ASSIGN_UNIQ = response_prefix(T.JOB_ASSIGN_UNIQ)
-_P_WORK_COMPLETE = response_prefix(T.WORK_COMPLETE)
-_join = b"".join
-_NUL = b"\0"
+# comparison, and encode() more than the bytes it joins. Final: compiled (setup.py), these
+# are C constants instead of a lookup in the module's dict at every use.
+_GRAB_JOB: Final = 9
+_GRAB_JOB_UNIQ: Final = 30
+_GRAB_JOB_ALL: Final = 39
+_PRE_SLEEP: Final = 4
+_SUBMIT_JOB: Final = 7
+_WORK_COMPLETE: Final = 13
+_WORK_EXCEPTION: Final = 25
+assert (_GRAB_JOB, _GRAB_JOB_UNIQ, _GRAB_JOB_ALL, _PRE_SLEEP, _SUBMIT_JOB, _WORK_COMPLETE,
+        _WORK_EXCEPTION) == (T.GRAB_JOB, T.GRAB_JOB_UNIQ, T.GRAB_JOB_ALL, T.PRE_SLEEP,
+                             T.SUBMIT_JOB, T.WORK_COMPLETE, T.WORK_EXCEPTION)
+_P_JOB_CREATED: Final = response_prefix(T.JOB_CREATED)
+_P_JOB_ASSIGN: Final = response_prefix(T.JOB_ASSIGN)
+_P_JOB_ASSIGN_UNIQ: Final = response_prefix(T.JOB_ASSIGN_UNIQ)
+_P_WORK_COMPLETE: Final = response_prefix(T.WORK_COMPLETE)
+_join: Final = b"".join
+_NUL: Final = b"\0"
+_pack_size: Final = pack_size
 
 
 def _job_created(handle: bytes) -> bytes:
-    return _join((_P_JOB_CREATED, pack_size(len(handle)), handle))
+    return _join((_P_JOB_CREATED, _pack_size(len(handle)), handle))
 _BAD_EPOCH = error_packet(
     "INVALID_PACKET",
     f"SUBMIT_JOB_EPOCH needs a unix time from 0 to {MAX_EPOCH} (9999-12-31); job not queued",
@@ -477,13 +485,23 @@ class Broker:
         t = packet.type
         _HANDLERS.get(t, Broker._on_unexpected)(self, conn, packet.args, t)
 
-    def handle_many(self, conn: Conn, packets: Iterable[Any]) -> None:
+    def handle_many(self, conn: Conn, packets: list[Packet]) -> None:
         """Process request packets from ``conn`` in order (what :meth:`handle` does for
-        each, in one call: the server's path for a decoded read)."""
-        get = _HANDLERS.get
-        unexpected = Broker._on_unexpected
-        for t, args, _request in packets:
-            get(t, unexpected)(self, conn, args, t)
+        each, in one call: the server's path for a decoded read). The packets of a job's
+        round trip are called directly, the others through the table."""
+        for packet in packets:
+            t = packet[0]
+            args = packet[1]
+            if t == _GRAB_JOB_UNIQ or t == _GRAB_JOB:
+                self._grab(conn, args, t)
+            elif t == _WORK_COMPLETE:
+                self._work_end(conn, args[0], t, args[1])
+            elif t == _SUBMIT_JOB:
+                self.submit(conn, args[0], args[1], args[2], NORMAL, False)
+            elif t == _PRE_SLEEP:
+                self._on_pre_sleep(conn, args, t)
+            else:
+                _HANDLERS.get(t, Broker._on_unexpected)(self, conn, args, t)
 
     # One method per request type, all (self, conn, args, type): the table at the end of
     # the module maps each packet type to one of them.
@@ -1110,12 +1128,12 @@ class Broker:
         if t == _GRAB_JOB_UNIQ or (t == _GRAB_JOB_ALL and not job.reducer):
             # As gearmand: without a reducer GRAB_JOB_ALL is answered with JOB_ASSIGN_UNIQ.
             body = _NUL.join((handle, fn.name, job.unique, job.data))
-            pkt = _join((_P_JOB_ASSIGN_UNIQ, pack_size(len(body)), body))
+            pkt = _join((_P_JOB_ASSIGN_UNIQ, _pack_size(len(body)), body))
         elif t == _GRAB_JOB_ALL:
             pkt = encode(T.JOB_ASSIGN_ALL, handle, fn.name, job.unique, job.reducer, job.data)
         else:
             body = _NUL.join((handle, fn.name, job.data))
-            pkt = _join((_P_JOB_ASSIGN, pack_size(len(body)), body))
+            pkt = _join((_P_JOB_ASSIGN, _pack_size(len(body)), body))
         self.send(conn, pkt)
         if job.background and self.durable:
             self.out.store.append(
@@ -1152,7 +1170,7 @@ class Broker:
         if t == _WORK_COMPLETE:
             stats.completed += 1
             if job.clients:
-                pkt = _join((_P_WORK_COMPLETE, pack_size(len(handle) + 1 + len(data)),
+                pkt = _join((_P_WORK_COMPLETE, _pack_size(len(handle) + 1 + len(data)),
                              handle, _NUL, data))
                 for c in job.clients:
                     self.send(c, pkt)

@@ -39,7 +39,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -57,34 +57,42 @@ MAX_OUTPUT_PER_CONNECTION = 96 * 1024 * 1024
 MAX_OUTPUT_TOTAL = 256 * 1024 * 1024
 MAX_INPUT_TOTAL = 256 * 1024 * 1024
 #: A connection with more unread replies than this is not read from until they drain.
-PAUSE_OUTPUT = 1024 * 1024
+PAUSE_OUTPUT: Final = 1024 * 1024
 #: Work one connection gets per round: seconds (checked every 64 packets and after each
 #: admin line), admin lines, bytes of admin replies. The rest waits for the next round,
 #: after every other ready connection had its turn.
-ROUND_BUDGET = 0.002
-ADMIN_ROUND_LINES = 8
-ADMIN_ROUND_BYTES = 64 * 1024
+ROUND_BUDGET: Final = 0.002
+ADMIN_ROUND_LINES: Final = 8
+ADMIN_ROUND_BYTES: Final = 64 * 1024
 #: Streamed listings (show jobs ...) produced at once; more wait their turn.
 MAX_STREAMS = 4
-READ_SIZE = 256 * 1024
+READ_SIZE: Final = 256 * 1024
 #: Packets decoded and handled per call (the round's time budget is checked between).
-BATCH = 64
+BATCH: Final = 64
 #: Rounds the hub may serve back to back before yielding to trio's scheduler.
-HUB_SPIN = 8
+HUB_SPIN: Final = 8
 #: A failing accept (EMFILE...) is logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 30.0
 #: A hub round that takes more CPU than this is counted as slow (atomnode-status).
-SLOW_ROUND = 0.020
+SLOW_ROUND: Final = 0.020
 #: After this many bytes of buffers were freed, memory is handed back to the system.
-TRIM_AFTER = 16 * 1024 * 1024
+TRIM_AFTER: Final = 16 * 1024 * 1024
 
-_IN = select.EPOLLIN | select.EPOLLRDHUP
-_IN_OUT = _IN | select.EPOLLOUT
+_IN: Final = select.EPOLLIN | select.EPOLLRDHUP
+_IN_OUT: Final = _IN | select.EPOLLOUT
 # Paused or streaming: write, do not read. Not EPOLLRDHUP either: a peer that sent its
 # last request and shut down its side (``printf 'show jobs\n' | nc``) still reads the
 # answer; EPOLLHUP and EPOLLERR (gone for good) are always reported.
-_OUT = select.EPOLLOUT
-_HUP = 0  # waiting for a stream slot: only notice the peer going away
+_OUT: Final = select.EPOLLOUT
+_HUP: Final = 0  # waiting for a stream slot: only notice the peer going away
+# Used at every event or packet. Final: compiled (setup.py), these are C constants, not a
+# lookup in a module's dict at each use.
+_EPOLLIN: Final = select.EPOLLIN
+_EPOLLOUT: Final = select.EPOLLOUT
+_GONE: Final = select.EPOLLHUP | select.EPOLLERR
+_os_read: Final = os.read
+_os_write: Final = os.write
+_perf_counter: Final = time.perf_counter
 
 
 class _Peer:
@@ -368,12 +376,12 @@ class Server:
                     peer = by_fd.get(fd)
                     if peer is None:
                         continue
-                    if ev & select.EPOLLOUT:
+                    if ev & _EPOLLOUT:
                         self._writable(peer)
-                    if ev & ~select.EPOLLOUT and peer.conn in self.peers:
-                        if peer.mask & select.EPOLLIN:
+                    if ev & ~_EPOLLOUT and peer.conn in self.peers:
+                        if peer.mask & _EPOLLIN:
                             self._read(peer)
-                        elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                        elif ev & _GONE:
                             self._close(peer)  # a paused peer is gone
                 self.flush()
                 if self.freed_since_trim >= TRIM_AFTER and self.on_memory_freed is not None:
@@ -387,7 +395,7 @@ class Server:
 
     def _read(self, peer: _Peer) -> None:
         try:
-            data = os.read(peer.fd, READ_SIZE)
+            data = _os_read(peer.fd, READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -409,7 +417,7 @@ class Server:
         admin_lines = 0
         admin_bytes = 0
         handled = 0
-        started = time.perf_counter()
+        started = _perf_counter()
         paused = False
         try:
             while True:
@@ -422,18 +430,18 @@ class Server:
                     break
                 ev = batch[-1]
                 if type(ev) is not AdminLine:
-                    broker.handle_many(conn, batch)
+                    broker.handle_many(conn, batch)  # type: ignore[arg-type]  # packets only
                     handled += len(batch)
                     if handled >= BATCH:
                         # The round's time budget, checked once per BATCH packets.
-                        if time.perf_counter() - started > ROUND_BUDGET:
+                        if _perf_counter() - started > ROUND_BUDGET:
                             paused = decoder.buffered > 0
                             break
                         handled = 0
                     continue
                 if len(batch) > 1:
                     batch.pop()
-                    broker.handle_many(conn, batch)
+                    broker.handle_many(conn, batch)  # type: ignore[arg-type]  # packets only
                 if self._admin_reply is None:
                     reply: Any = b"ERR UNKNOWN_COMMAND Unknown+server+command\r\n"
                 else:
@@ -446,7 +454,7 @@ class Server:
                     self._start_stream(peer, reply)
                 admin_lines += 1
                 if (admin_lines >= ADMIN_ROUND_LINES or admin_bytes >= ADMIN_ROUND_BYTES
-                        or time.perf_counter() - started > ROUND_BUDGET):
+                        or _perf_counter() - started > ROUND_BUDGET):
                     paused = decoder.buffered > 0 or peer.stream is not None
                     break
         except ProtocolError as e:
@@ -577,7 +585,7 @@ class Server:
 
     def _write_pending(self, peer: _Peer) -> None:
         try:
-            n = os.write(peer.fd, peer.pending)
+            n = _os_write(peer.fd, peer.pending)
         except BlockingIOError:
             return
         except OSError:
@@ -624,7 +632,7 @@ class Server:
                 self._add_pending(peer, data)
                 continue
             try:
-                n = os.write(peer.fd, data)
+                n = _os_write(peer.fd, data)
             except BlockingIOError:
                 n = 0
             except OSError:
