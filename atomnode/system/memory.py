@@ -9,7 +9,6 @@ elsewhere (musl, no libc found) it does nothing. Never raises.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import time
 
@@ -17,7 +16,9 @@ log = logging.getLogger("atomnode.memory")
 
 _malloc_trim = None
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The symbols this process already has (its C library among them): no search for the
+    # library (ctypes.util.find_library runs `ldconfig -p`, ~0.1 s of every start).
+    _libc = ctypes.CDLL(None, use_errno=True)
     _malloc_trim = _libc.malloc_trim
     _malloc_trim.argtypes = [ctypes.c_size_t]
     _malloc_trim.restype = ctypes.c_int
