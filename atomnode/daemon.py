@@ -807,10 +807,17 @@ class Daemon:
         unfrozen and collected once, so nothing cyclic is kept for good.
         """
         assert self.broker is not None
-        high_water = len(self.broker.jobs)
+        high_water = deepest = len(self.broker.jobs)
         while True:
             await trio.sleep(1.0)
             live = len(self.broker.jobs)
+            # A deep queue drained: the job indexes shrink back to size (Python's dicts
+            # never do by themselves), once the queue is short, so that it costs little.
+            deepest = max(deepest, live)
+            if live < self.GC_FREEZE_ABOVE <= deepest - live:
+                self.broker.compact()
+                deepest = live
+                self._trim_wanted = True
             if live >= self.GC_FREEZE_ABOVE:
                 gc.collect(1)
                 gc.freeze()

@@ -9,6 +9,7 @@ connection through a client-side Decoder (``recv``) and the store commands it pr
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -1300,6 +1301,25 @@ def test_restore_past_max_attempts_sends_nothing_to_workers():
     wk = w.worker(FN)
     assert w.grab(wk) == NO_JOB
     assert h(1) not in w.b.jobs
+
+
+def test_compact_shrinks_the_indexes_and_keeps_every_live_job():
+    w = World(durable=True)
+    w.b.restore([stored(i, unique=b"u%d" % i) for i in range(1, 5001)])
+    jobs, uniques = w.b.jobs, w.b.uniques
+    wk = w.worker(FN)
+    for _ in range(4990):
+        handle = w.grab(wk)[1][0]
+        w.send(wk, T.WORK_COMPLETE, handle, b"")
+    full = sys.getsizeof(jobs)
+    w.b.compact()
+    assert w.b.jobs is jobs and w.b.uniques is uniques  # the same objects, smaller
+    assert sys.getsizeof(jobs) < full / 10
+    assert sorted(jobs) == [h(i) for i in range(4991, 5001)]
+    assert sorted(uniques) == [b"u%d" % i for i in range(4991, 5001)]
+    c = w.conn()
+    w.send(c, T.SUBMIT_JOB_BG, FN, b"u5000", b"x")  # still coalesces
+    assert recv(c) == [(T.JOB_CREATED, (h(5000),))]
 
 
 def test_enqueue_stored_puts_a_retried_job_back():

@@ -1345,6 +1345,16 @@ class Broker:
         for c in self.conns.values():
             c.draining = True
 
+    def compact(self) -> None:
+        """Shrink the job indexes after a deep queue drained. A Python dict never shrinks
+        as entries leave: after a million jobs ran, ``jobs`` and ``uniques`` would keep
+        tables sized for a million (tens of MiB) for good. Rebuilt in place (the same
+        objects), O(live jobs): the daemon calls it when the queue fell by a lot."""
+        for index in (self.jobs, self.uniques):
+            live = dict(index)
+            index.clear()
+            index.update(live)
+
     def running_jobs(self) -> int:
         return sum(fn.running for fn in self.functions.values())
 
