@@ -1350,10 +1350,12 @@ class Broker:
         as entries leave: after a million jobs ran, ``jobs`` and ``uniques`` would keep
         tables sized for a million (tens of MiB) for good. Rebuilt in place (the same
         objects), O(live jobs): the daemon calls it when the queue fell by a lot."""
-        for index in (self.jobs, self.uniques):
-            live = dict(index)
-            index.clear()
-            index.update(live)
+        jobs = dict(self.jobs)
+        self.jobs.clear()
+        self.jobs.update(jobs)
+        uniques = dict(self.uniques)
+        self.uniques.clear()
+        self.uniques.update(uniques)
 
     def running_jobs(self) -> int:
         return sum(fn.running for fn in self.functions.values())
