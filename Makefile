@@ -30,6 +30,8 @@ HOT_MODULES := atomnode/gearman/protocol.py atomnode/gearman/broker.py atomnode/
 $(VENV)/.installed: pyproject.toml packaging/requirements.txt setup.py $(HOT_MODULES) | $(BIN)/python
 	sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\).*/\1/p' packaging/requirements.txt >$(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	@# mypyc's generated C (setup.py): a build leaves nothing in the tree (make test-deb checks).
+	rm -rf build
 	@touch $@
 
 venv: $(VENV)/.installed
