@@ -808,6 +808,9 @@ class Daemon:
         """
         assert self.broker is not None
         high_water = deepest = len(self.broker.jobs)
+        # First (this task starts as the daemon begins to serve): hand back to the system
+        # what start-up freed (imports, configuration), 0.3-0.5 MiB of idle RSS.
+        memory.trim()
         while True:
             await trio.sleep(1.0)
             live = len(self.broker.jobs)
