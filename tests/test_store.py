@@ -216,6 +216,29 @@ def test_reopen_keeps_jobs(db: str) -> None:
     assert rec.jobs[0].function == FN and rec.jobs[0].submitted_at == 1_700_000_001.0
 
 
+def test_text_values_are_recovered_as_bytes(db: str) -> None:
+    """A hand-edited or foreign row may hold TEXT where atomnode writes BLOBs (the columns
+    have no type affinity). Recovery hands the broker bytes whatever SQLite stored, so the
+    compiled broker, which checks its types, restores the job instead of failing the start."""
+    from atomnode.gearman.broker import Broker
+
+    commit(db, [insert_op(1, data=b"kept")])
+    con = sqlite3.connect(db)
+    con.execute(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, seq, state, attempts,"
+        " submitted_at) VALUES (2, ?, 'u-2', 'payload', 1, 2, 'queued', 0, 0)",
+        (FN.decode(),),
+    )
+    con.commit()
+    con.close()
+    s = Store(db)
+    rec = s.open()
+    s.close()
+    assert [row[1:4] for row in rec.rows] == [(FN, b"", b"kept"), (FN, b"u-2", b"payload")]
+    broker = Broker(hostname="test", durable=True, clock=lambda: 1000.0)
+    assert broker.restore_rows(rec.rows) == 2
+
+
 def test_migration_from_version_1(db: str) -> None:
     os.makedirs(os.path.dirname(db))
     con = sqlite3.connect(db)

@@ -165,7 +165,8 @@ _COLUMNS = (
 #: just its priority; only the others pay for the arithmetic, and for capping a value out
 #: of its range (which atomnode never writes, and which would spill into the next field).
 SQL_RECOVER = f"""
-    SELECT id, function, unique_key, data, seq, submitted_at,
+    SELECT id, CAST(function AS BLOB), CAST(unique_key AS BLOB), CAST(data AS BLOB),
+           seq, submitted_at,
            CASE WHEN state = 'queued' AND attempts = 0 AND when_to_run = 0 THEN priority
            ELSE priority + (state = 'running') * 4
                 + min(max(attempts, 0), {RECOVERED_ATTEMPTS_MAX}) * 8
