@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -695,45 +696,50 @@ class Daemon:
 
         self._ensure_keeper()
         servers = tuple(h.servers) or self._pool_servers()
-        pool = HandlerPool(h, servers)
-        scope = trio.CancelScope()
-        self.handlers[h.function] = pool
-        self._handler_scopes[h.function] = scope
-
-        async def runner(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await pool.run(task_status=task_status)
-
-        await nursery.start(runner)
+        await self._start_pool(nursery, self.handlers, self._handler_scopes, h.function,
+                               HandlerPool(h, servers))
 
     async def _start_runner(self, nursery: trio.Nursery, r: Any) -> None:
         from .workers.atom_runner import RunnerPool
 
         self._ensure_keeper()
-        pool = RunnerPool(r, self.server, on_failed=self._mark_atom_failed)
-        scope = trio.CancelScope()
-        self.runners[r.name] = pool
-        self._runner_scopes[r.name] = scope
+        await self._start_pool(nursery, self.runners, self._runner_scopes, r.name,
+                               RunnerPool(r, self.server, on_failed=self._mark_atom_failed))
 
-        async def runner(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    @staticmethod
+    async def _start_pool(nursery: trio.Nursery, pools: dict, scopes: dict, name: str,
+                          pool: Any) -> None:
+        """Run a handler or runner pool in ``nursery`` under a scope of its own (so a
+        reload can cancel it alone), registered under ``name`` in ``pools``."""
+        scope = trio.CancelScope()
+        pools[name] = pool
+        scopes[name] = scope
+
+        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
                 await pool.run(task_status=task_status)
 
-        await nursery.start(runner)
+        await nursery.start(run)
 
     async def _reload_runners(self, old: Config, new: Config) -> None:
         """A changed runner is drained and started again with its new settings."""
-        old_r = {r.name: r for r in old.atom_runners}
-        new_r = {r.name: r for r in new.atom_runners}
-        for name, r in old_r.items():
-            if new_r.get(name) != r and name in self.runners:
-                await self.runners[name].shutdown(self.cfg.shutdown_timeout)
-                self._runner_scopes.pop(name).cancel()
-                del self.runners[name]
-        added = [r for name, r in new_r.items() if old_r.get(name) != r]
+        await self._reload_pools({r.name: r for r in old.atom_runners},
+                                 {r.name: r for r in new.atom_runners},
+                                 self.runners, self._runner_scopes, self._start_runner)
+
+    async def _reload_pools(self, old: dict, new: dict, pools: dict, scopes: dict,
+                            start: Callable[[trio.Nursery, Any], Awaitable[None]]) -> None:
+        """Handler or runner pools whose settings changed (``old`` and ``new`` map a name
+        to its settings) are drained and cancelled; the changed and new ones started."""
+        for name, cfg in old.items():
+            if new.get(name) != cfg and name in pools:
+                await pools[name].shutdown(self.cfg.shutdown_timeout)
+                scopes.pop(name).cancel()
+                del pools[name]
+        added = [cfg for name, cfg in new.items() if old.get(name) != cfg]
         if added and self._nursery_for_handlers is not None:
-            for r in added:
-                await self._start_runner(self._nursery_for_handlers, r)
+            for cfg in added:
+                await start(self._nursery_for_handlers, cfg)
 
     async def _stop(self, nursery: trio.Nursery) -> None:
         assert self.server is not None
@@ -894,17 +900,9 @@ class Daemon:
             self.notifier.ready(self.status_line())
 
     async def _reload_handlers(self, old: Config, new: Config) -> None:
-        old_h = {h.function: h for h in old.handlers}
-        new_h = {h.function: h for h in new.handlers}
-        for name, h in old_h.items():
-            if new_h.get(name) != h and name in self.handlers:
-                await self.handlers[name].shutdown(self.cfg.shutdown_timeout)
-                self._handler_scopes.pop(name).cancel()
-                del self.handlers[name]
-        added = [h for name, h in new_h.items() if old_h.get(name) != h]
-        if added and self._nursery_for_handlers is not None:
-            for h in added:
-                await self._start_handler(self._nursery_for_handlers, h)
+        await self._reload_pools({h.function: h for h in old.handlers},
+                                 {h.function: h for h in new.handlers},
+                                 self.handlers, self._handler_scopes, self._start_handler)
 
 
 def _file_size(path: str) -> int | None:

@@ -58,7 +58,36 @@ class _Abandon(Exception):
     """The job's command was killed by shutdown: close without a result."""
 
 
-class _Conn:
+class _Receiver:
+    """What the worker side of a connection reads: replies decoded by ``self.decoder``,
+    more bytes brought in by the subclass's ``_more`` (raising ConnectionLost when none
+    can come)."""
+
+    decoder: Decoder
+
+    async def _more(self) -> None:
+        raise NotImplementedError
+
+    async def receive(self, wanted: Iterable[int]) -> Packet:
+        """Next packet of one of the ``wanted`` types; NOOPs in between are skipped."""
+        wanted = set(wanted)
+        while True:
+            ev = self.decoder.next_event()
+            if ev is None:
+                await self._more()
+                continue
+            assert isinstance(ev, Packet)
+            if ev.type in wanted:
+                return ev
+            if ev.type == T.NOOP:
+                continue
+            if ev.type == T.ERROR:
+                raise ConnectionLost(
+                    "server error: " + b": ".join(ev.args).decode("utf-8", "replace"))
+            raise ConnectionLost(f"unexpected {ev.name}")
+
+
+class _Conn(_Receiver):
     """A worker-side Gearman connection (client-side decoder)."""
 
     def __init__(self, stream: trio.SocketStream):
@@ -73,33 +102,18 @@ class _Conn:
     async def send(self, *packets: bytes) -> None:
         await self.stream.send_all(b"".join(packets))
 
-    async def receive(self, wanted: Iterable[int]) -> Packet:
-        """Next packet of one of the ``wanted`` types; NOOPs in between are skipped."""
-        wanted = set(wanted)
-        while True:
-            ev = self.decoder.next_event()
-            if ev is None:
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise ConnectionLost("server closed the connection")
-                self.decoder.feed(data)
-                continue
-            assert isinstance(ev, Packet)
-            if ev.type in wanted:
-                return ev
-            if ev.type == T.NOOP:
-                continue
-            if ev.type == T.ERROR:
-                raise ConnectionLost(
-                    "server error: " + b": ".join(ev.args).decode("utf-8", "replace"))
-            raise ConnectionLost(f"unexpected {ev.name}")
+    async def _more(self) -> None:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionLost("server closed the connection")
+        self.decoder.feed(data)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
 
-class LocalConn:
+class LocalConn(_Receiver):
     """The same worker-side interface as :class:`_Conn`, for a worker inside the daemon:
     it talks to the broker through the server's in-process connections
     (``Server.attach_local``), so a job costs no TCP round trip to ourselves. It shows
@@ -124,26 +138,11 @@ class LocalConn:
         while batch := self._requests.next_events():
             self.server.handle_local(self.conn, batch)
 
-    async def receive(self, wanted: Iterable[int]) -> Packet:
-        """Next packet of one of the ``wanted`` types; NOOPs in between are skipped."""
-        wanted = set(wanted)
-        while True:
-            ev = self.decoder.next_event()
-            if ev is None:
-                if self.closed:
-                    raise ConnectionLost("connection closed")
-                self._arrived = trio.Event()
-                await self._arrived.wait()
-                continue
-            assert isinstance(ev, Packet)
-            if ev.type in wanted:
-                return ev
-            if ev.type == T.NOOP:
-                continue
-            if ev.type == T.ERROR:
-                raise ConnectionLost(
-                    "server error: " + b": ".join(ev.args).decode("utf-8", "replace"))
-            raise ConnectionLost(f"unexpected {ev.name}")
+    async def _more(self) -> None:
+        if self.closed:
+            raise ConnectionLost("connection closed")
+        self._arrived = trio.Event()
+        await self._arrived.wait()
 
     async def aclose(self) -> None:
         if not self.closed:
