@@ -2,9 +2,10 @@
 # Install the Debian packages that `make run` / `make test` need, only if missing.
 # Usage: scripts/sysdeps.sh run|test|bench
 set -e
-# gcc, libc6-dev and python3-dev build the mypyc-compiled hot path (setup.py); without
-# them atomnode installs and runs as pure Python, slower.
-run_pkgs="python3 python3-venv gcc libc6-dev python3-dev"
+# gcc, libc6-dev and python3-dev build the mypyc-compiled hot path (setup.py), and with
+# libsqlite3-dev the C reader recovery uses at a restart; without them atomnode installs
+# and runs as pure Python, slower.
+run_pkgs="python3 python3-venv gcc libc6-dev python3-dev libsqlite3-dev"
 test_pkgs="$run_pkgs gnupg apt-utils gearman-job-server gearman-tools php-cli php-gearman libgearman-client-perl sqlite3 procps iproute2 util-linux mount e2fsprogs chromium chromium-driver mariadb-server"
 case "${1:-run}" in
   run) pkgs=$run_pkgs ;;

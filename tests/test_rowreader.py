@@ -1,0 +1,151 @@
+"""The C reader recovery uses at a restart (atomnode/queue/_rowreader.c) returns what the
+sqlite3 module returns (with TEXT as bytes), and fails the way it fails.
+
+``make test`` builds it (libsqlite3-dev, scripts/sysdeps.sh): here it must be the compiled
+one, as for the mypyc modules (tests/test_compiled.py), unless ATOMNODE_PURE_PYTHON=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+
+import pytest
+
+from atomnode.queue import store as store_mod
+from atomnode.queue.store import SQL_RECOVER, Store, read_live
+
+pure = os.environ.get("ATOMNODE_PURE_PYTHON") == "1"
+needs_c = pytest.mark.skipif(store_mod._c_read_rows is None, reason="pure-Python install")
+
+
+def test_reader_is_built_unless_pure_python_was_asked_for():
+    if pure:
+        assert store_mod._c_read_rows is None
+    else:
+        assert store_mod._c_read_rows is not None, (
+            "atomnode.queue._rowreader was not built: is libsqlite3-dev missing? (setup.py)")
+
+
+def _python_rows(path: str, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    conn.text_factory = bytes
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def mixed(tmp_path) -> str:
+    """A table holding every storage class, in the columns recovery reads."""
+    path = str(tmp_path / "mixed.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, fn, u, d, n, f)")
+    values = [
+        (1, b"fn-a", b"u1", b"a\0b\xff", 0, 1.5),
+        (2, b"fn-a", "u-\u00e9", "text \u2603", -1, -0.0),
+        (3, "fn-a", b"", b"", 2**62, 1e300),
+        (4, b"fn-b", None, None, -(2**63), None),
+        (5, b"fn-b", b"x" * 70000, "", None, 3),
+        (6, b"fn-a", "", b"\0", 7, 2.25),
+    ]
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?, ?)", values)
+    conn.commit()
+    conn.close()
+    return path
+
+
+@needs_c
+def test_same_rows_as_the_sqlite3_module(mixed: str):
+    sql = "SELECT id, fn, u, d, n, f FROM t ORDER BY id"
+    fast = store_mod._c_read_rows(mixed, sql, 1000, 1)
+    assert fast == _python_rows(mixed, sql)
+    for a, b in zip(fast, _python_rows(mixed, sql)):
+        assert [type(x) for x in a] == [type(x) for x in b]
+    assert fast[2][1] == b"fn-a" and fast[1][2] == "u-\u00e9".encode()
+
+
+@needs_c
+def test_equal_values_of_the_shared_column_are_one_object(mixed: str):
+    sql = "SELECT id, fn, u FROM t ORDER BY id"
+    rows = store_mod._c_read_rows(mixed, sql, 1000, 1)
+    # TEXT 'fn-a' and BLOB b'fn-a' have the same bytes: one object for rows 1-3.
+    assert rows[0][1] is rows[1][1] is rows[2][1]
+    assert rows[3][1] is rows[4][1] and rows[3][1] is not rows[2][1]
+    assert rows[5][1] == b"fn-a" and rows[5][1] is not rows[0][1]
+    # Other columns are never shared, and references are counted right.
+    assert rows[0][2] is not rows[1][2]
+    shared = rows[3][1]
+    before = sys.getrefcount(shared)
+    del rows
+    assert sys.getrefcount(shared) == before - 2
+    no_share = store_mod._c_read_rows(mixed, sql, 1000, -1)
+    assert no_share[0][1] is not no_share[1][1]
+
+
+@needs_c
+def test_errors_are_the_sqlite3_modules(tmp_path, mixed: str):
+    read = store_mod._c_read_rows
+    with pytest.raises(sqlite3.OperationalError, match="cannot open"):
+        read(str(tmp_path / "missing.db"), "SELECT 1", 1000, -1)
+    assert not (tmp_path / "missing.db").exists()  # never created
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 400)
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        read(str(junk), "SELECT * FROM sqlite_master", 1000, -1)
+    with pytest.raises(sqlite3.DatabaseError, match="no such table"):
+        read(mixed, "SELECT * FROM missing_table", 1000, -1)
+    with pytest.raises(ValueError, match="read-only"):
+        read(mixed, "DELETE FROM t", 1000, -1)
+    assert len(_python_rows(mixed, "SELECT * FROM t")) == 6
+    with pytest.raises(TypeError):
+        read(mixed, None, 1000, -1)
+
+
+@needs_c
+def test_a_damaged_table_page_fails_both_readers_alike(tmp_path):
+    """A page of the table overwritten with junk: neither reader returns a partial list."""
+    path = str(tmp_path / "bad.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, d)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(i, os.urandom(300)) for i in range(2000)])
+    conn.commit()
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek(4096 * 3)
+        f.write(b"\xee" * 4096)
+    sql = "SELECT id, d FROM t"
+    with pytest.raises(sqlite3.DatabaseError) as python_error:
+        _python_rows(path, sql)
+    with pytest.raises(sqlite3.DatabaseError) as c_error:
+        store_mod._c_read_rows(path, sql, 1000, -1)
+    assert str(python_error.value) in str(c_error.value)
+
+
+def test_recovery_reads_the_same_with_either_reader(tmp_path):
+    """read_live through the C reader and through the sqlite3 module, on a store's own
+    database with plain, retried, running and scheduled jobs and a TEXT row."""
+    path = str(tmp_path / "q.db")
+    s = Store(path)
+    s.open()
+    s.close()
+    conn = sqlite3.connect(path)
+    conn.executemany(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
+        "submitted_at, state, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(1, b"f", b"u1", b"d1", 1, 0, 1, 100.5, "queued", 0),
+         (2, b"f", b"-", b"d2", 0, 0, 7, 101.0, "queued", 2),
+         (3, "g", "u3", "text data", 2, 0, 3, 102.0, "running", 1),
+         (4, b"g", b"", b"", 1, 1_900_000_000, 4, 103.0, "queued", 0),
+         (5, b"g", b"u5", b"done", 1, 0, 5, 104.0, "done", 1)],
+    )
+    conn.commit()
+    slow = read_live(conn, path, 1000, fast=False)
+    fast = read_live(conn, path, 1000)
+    assert conn.text_factory is str  # put back
+    conn.close()
+    assert fast == slow == _python_rows(path, SQL_RECOVER)
+    assert [r[0] for r in fast] == [1, 2, 3, 4]
+    assert fast[2][1:4] == (b"g", b"u3", b"text data")
