@@ -373,11 +373,12 @@ class Daemon:
         return results
 
     @staticmethod
-    async def _release_rows(rows: list) -> None:
-        """Free the rows recovery read, after READY: a million tuples take ~0.1 s to free,
-        which the restart budget need not wait for, nor one round of the loop hold."""
-        while rows:
-            del rows[-20000:]
+    async def _release_rows(batches: list) -> None:
+        """Free the rows recovery read (its batches), after READY: a million tuples take
+        ~0.1 s to free, which the restart budget need not wait for, nor one round of the
+        loop hold."""
+        while batches:
+            del batches[-4:]
             await trio.sleep(0)
 
     async def _integrity_task(self) -> None:
@@ -505,29 +506,33 @@ class Daemon:
         # cyclic garbage collector rescans them over and over while they are created.
         gc.disable()
         try:
-            try:
-                recovery = self.store.open()
-            except StoreError as e:
-                log.error("%s", e)
-                return 1
+            # The broker takes the jobs while the store still reads the rest (two cores:
+            # the C reader steps SQLite in a thread meanwhile); its counters continue
+            # from the store's once the read is complete.
             broker = self.broker = Broker(
                 clock=time.time,
                 hostname=self.hostname, durable=True, max_attempts=self.max_attempts,
-                first_id=recovery.next_id, first_seq=recovery.next_seq,
             )
             broker.on_new_function = self._function_defaults
             broker.on_given_up = self._on_given_up
             self._apply_runtime_config()
             t0 = time.monotonic()
-            restored = broker.restore_rows(recovery.rows)
+            try:
+                recovery = self.store.open(on_rows=broker.restore_batch)
+            except StoreError as e:
+                log.error("%s", e)
+                return 1
+            broker.next_id = max(broker.next_id, recovery.next_id)
+            broker.next_seq = max(broker.next_seq, recovery.next_seq)
+            restored = broker.finish_restore()
         finally:
             gc.freeze()
             gc.enable()
-        if recovery.rows:
+        if restored:
             log.info("recovered %d queued job(s) from %s in %.2fs", restored, cfg.database,
                      time.monotonic() - t0)
-        # The rows are freed once serving, a slice per loop round (_release_rows).
-        recovered_rows = recovery.rows
+        # The rows are freed once serving, a batch per loop round (_release_rows).
+        recovered_rows = recovery.batches or []
         del recovery
         admin = self.admin = Admin(
             extra_status=self.extra_status,

@@ -347,17 +347,30 @@ kill_test() {
     log "  drain-rss: before $rss0 kB, peak $hwm kB, $rss kB after ${waited}s"
   fi
   lg an/kill-fill submit-bg -c 4 -w 16 -n "$N_KILL" -f bench-kill --unique-prefix "$prefix" --pid "$SRV_PID"
+  # Each restart twice: as deployed (every core: recovery reads SQLite in a thread while
+  # the broker takes the jobs read so far), and pinned to the server's one core as the
+  # throughput rows are (no gearmand counterpart here; the poller sleeps meanwhile).
+  local pin label
   for rep in $(seq 1 "$REPS"); do
-    stop_server KILL
-    log "kill: kill -9 with $N_KILL jobs queued, restart $rep/$REPS"
-    since=$(date +%s%N)
-    "${PIN_SRV[@]}" "$ATOMNODE" run --listen "127.0.0.1:$SRV_PORT" --db "$db" "${AN_EXTRA[@]}" \
-      >>"$TMP/an-kill.log" 2>&1 &
-    SRV_PID=$!
-    lg an/kill-restart status -f bench-kill --wait --since-ns "$since" -t 120
-    local rss
-    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$SRV_PID/status" 2>/dev/null)
-    [ -n "$rss" ] && echo "RESULT workload=rss label=an/kill-rss rss_kb=$rss jobs=$N_KILL bytes_per_job=$(calc "printf \"%.0f\", $rss * 1024 / $N_KILL")" >>"$RES"
+    for pin in all one; do
+      stop_server KILL
+      label=an/kill-restart
+      [ "$pin" = one ] && label=an/kill-restart-1cpu
+      log "kill: kill -9 with $N_KILL jobs queued, restart $rep/$REPS ($pin)"
+      since=$(date +%s%N)
+      if [ "$pin" = one ]; then
+        "${PIN_SRV[@]}" "$ATOMNODE" run --listen "127.0.0.1:$SRV_PORT" --db "$db" "${AN_EXTRA[@]}" \
+          >>"$TMP/an-kill.log" 2>&1 &
+      else
+        "$ATOMNODE" run --listen "127.0.0.1:$SRV_PORT" --db "$db" "${AN_EXTRA[@]}" \
+          >>"$TMP/an-kill.log" 2>&1 &
+      fi
+      SRV_PID=$!
+      lg "$label" status -f bench-kill --wait --since-ns "$since" -t 120
+      local rss
+      rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$SRV_PID/status" 2>/dev/null)
+      [ -n "$rss" ] && echo "RESULT workload=rss label=an/kill-rss rss_kb=$rss jobs=$N_KILL bytes_per_job=$(calc "printf \"%.0f\", $rss * 1024 / $N_KILL")" >>"$RES"
+    done
   done
   if [ "${KILL_VERIFY:-0}" = 1 ]; then
     log "kill: draining the recovered queue and checking every job"
@@ -391,7 +404,12 @@ for s in $SECTIONS; do
     roundtrip) runs_of roundtrip "gm an" roundtrip -c 4 -w 16 -k 4 -n "$N_RT" -f bench-rt ;;
     serial) runs_of serial "gm an" roundtrip -c 1 -w 1 -k 1 -n "$N_SERIAL" -f bench-serial ;;
     bglat) sized_runs bglat "gs an" "$N_BGLAT_GS" "$N_BGLAT_AN" bg-latency -c 1 -k 1 --rate "$BGLAT_RATE" \
-             --grab plain --poll 1 -f bench-bglat ;;
+             --grab plain --poll 1 -f bench-bglat
+           # The disk's own floor for that row: one WAL-sized append + fdatasync, same pace.
+           for _ in $(seq 1 "$REPS"); do
+             out=$("${PIN_SRV[@]}" "$ROOT/.venv/bin/python" "$HERE/fsync_probe.py" "$TMP" \
+                   --count "$N_BGLAT_AN" --rate "$BGLAT_RATE" 2>>"$TMP/lg.err") && echo "$out" >>"$RES"
+           done ;;
     rss) rss_runs ;;
     gearload) gearload_runs ;;
     grab)
@@ -470,6 +488,9 @@ if has "$SECTIONS" bglat; then
   row 12 "durable background job, submit -> JOB_ASSIGN to an idle AtoM-like worker, $BGLAT_RATE jobs/s, p99 (p50) ($N_BGLAT_GS / $N_BGLAT_AN jobs)" \
     "$(ms "$g") ($(ms "$g5")) (sqlite)" "$(ms "$a") ($(ms "$a5"))" "$(ms "$a")" "<= 2 ms" "$(verdict "print ($a <= 2000) ? 1 : 0" "$a")" \
     "$(cpu gs/bglat an/bglat)"
+  f=$(med disk/fsync p99_us) f5=$(med disk/fsync p50_us)
+  row 12 "the disk's floor for that row: one 4 KiB log append + fdatasync, $BGLAT_RATE/s, p99 (p50)" \
+    "-" "$(ms "$f") ($(ms "$f5"))" "$(ms "$f")" "measured" "-"
 fi
 if has "$SECTIONS" rss; then
   g=$(med gm/rss-idle rss_kb) a=$(med an/rss-idle rss_kb) c=$(med an-console/rss-idle rss_kb)
@@ -519,6 +540,9 @@ if has "$SECTIONS" kill && has "$SERVERS" an; then
   row 3 "kill -9 with $N_KILL jobs queued and $N_KILL finished: restart until status answers (jobs listed: $(cell "$tot"))" \
     "-" "$(calc "printf \"%.2f s\", $a")" "$(calc "printf \"%.2f s\", $a")" "<= 4 s" \
     "$(verdict "print ($a <= 4 && $totmin == $N_KILL) ? 1 : 0" "$a" "$totmin")"
+  a=$(med an/kill-restart-1cpu seconds) tot=$(range an/kill-restart-1cpu total)
+  row 3 "the same restart with atomnode pinned to one core (jobs listed: $(cell "$tot"))" \
+    "-" "$(calc "printf \"%.2f s\", $a")" "$(calc "printf \"%.2f s\", $a")" "measured" "-"
   r=$(med an/kill-rss bytes_per_job)
   row 3 "memory per queued job with $N_KILL queued, after recovery (RSS / jobs), bytes" \
     "-" "$(cell "$r")" "$(cell "$r")" "measured" "-"

@@ -149,3 +149,134 @@ def test_recovery_reads_the_same_with_either_reader(tmp_path):
     assert fast == slow == _python_rows(path, SQL_RECOVER)
     assert [r[0] for r in fast] == [1, 2, 3, 4]
     assert fast[2][1:4] == (b"g", b"u3", b"text data")
+
+
+# -- recovery in batches (Store.open(on_rows=...), Broker.restore_batch/finish_restore) --
+
+def _seed(path: str) -> None:
+    """A store holding plain jobs of two functions and priorities, a job requeued before
+    the restart (old id, late seq), one running, one tried before, one scheduled, one
+    finished, and a duplicate unique key."""
+    s = Store(path)
+    s.open()
+    s.close()
+    conn = sqlite3.connect(path)
+    rows = []
+    for i in range(1, 41):
+        fn = b"fa" if i % 3 else b"fb"
+        rows.append((i, fn, b"u%d" % i, b"d%d" % i, i % 3, 0, i, 1000.0 + i, "queued", 0))
+    rows += [
+        (41, b"fa", b"late", b"x", 1, 0, 90, 1041.0, "queued", 0),  # requeued, attempt not counted
+        (42, b"fa", b"run", b"x", 1, 0, 42, 1042.0, "running", 1),
+        (43, b"fb", b"again", b"x", 0, 0, 43, 1043.0, "queued", 2),
+        (44, b"fb", b"later", b"x", 1, 2_000_000_000, 44, 1044.0, "queued", 0),
+        (45, b"fa", b"gone", b"x", 1, 0, 45, 1045.0, "done", 1),
+        (46, b"fa", b"u7", b"dup", 1, 0, 46, 1046.0, "queued", 0),
+    ]
+    rows.insert(3, rows.pop())  # a queue whose id order is not its seq order either way
+    conn.executemany(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
+        "submitted_at, state, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.commit()
+    conn.close()
+
+
+def _queues(broker) -> dict:
+    return {(name, p): [(j.id, j.seq) for j in q]
+            for name, fn in sorted(broker.functions.items()) for p, q in enumerate(fn.queues)}
+
+
+def _counters(broker) -> dict:
+    return {name: (fn.queued, fn.total, tuple(fn.by_priority))
+            for name, fn in sorted(broker.functions.items())}
+
+
+@pytest.mark.parametrize("batch", [1, 7, 5000])
+def test_batched_recovery_restores_what_the_whole_read_does(tmp_path, monkeypatch, batch):
+    from atomnode.gearman.broker import Broker
+
+    whole_db, batch_db = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    _seed(whole_db)
+    _seed(batch_db)
+    s = Store(whole_db)
+    rec = s.open()
+    s.close()
+    whole = Broker(hostname="t", durable=True, clock=lambda: 5000.0,
+                   first_id=rec.next_id, first_seq=rec.next_seq)
+    n_whole = whole.restore_rows(rec.rows)
+
+    monkeypatch.setattr(store_mod, "RECOVERY_BATCH", batch)
+    seen: list[int] = []
+    batched = Broker(hostname="t", durable=True, clock=lambda: 5000.0)
+
+    def take(rows):
+        seen.append(len(rows))
+        batched.restore_batch(rows)
+
+    s = Store(batch_db)
+    rec2 = s.open(on_rows=take)
+    s.close()
+    batched.next_id = max(batched.next_id, rec2.next_id)
+    batched.next_seq = max(batched.next_seq, rec2.next_seq)
+    n_batched = batched.finish_restore()
+    assert rec2.rows == [] and sum(map(len, rec2.batches)) == sum(seen) == len(rec.rows) == 45
+    if store_mod._c_read_batches is not None:
+        assert max(seen) <= batch and len(seen) == -(-45 // batch)
+    assert n_batched == n_whole
+    qb, qw = _queues(batched), _queues(whole)
+    assert qb == qw, [(k, str(qb[k]), str(qw[k])) for k in qw if qb.get(k) != qw[k]]
+    assert _counters(batched) == _counters(whole)
+    assert set(batched.jobs) == set(whole.jobs)
+    assert batched.uniques.keys() == whole.uniques.keys()
+    assert batched.next_id == whole.next_id and batched.next_seq == whole.next_seq
+    # The job running at the restart was requeued above every stored seq, in both.
+    requeued = [j for j in batched.jobs.values() if j.id == 42]
+    assert requeued and requeued[0].seq > 90
+    # Scheduled, not queued.
+    assert all(j.id != 44 for q in batched.functions[b"fb"].queues for j in q)
+
+
+def test_a_failing_consumer_stops_the_read(tmp_path, monkeypatch):
+    path = str(tmp_path / "q.db")
+    _seed(path)
+    monkeypatch.setattr(store_mod, "RECOVERY_BATCH", 2)
+    calls = []
+
+    def take(rows):
+        calls.append(rows)
+        if len(calls) == 3:
+            raise KeyError("broken consumer")
+
+    s = Store(path)
+    with pytest.raises(KeyError, match="broken consumer"):
+        s.open(on_rows=take)
+    assert len(calls) == 3
+    import threading
+    assert not [t for t in threading.enumerate() if t.name == "atomnode-store-read"]
+    s2 = Store(path)  # the lock was released, the file is intact
+    assert len(s2.open().rows) == 45
+    s2.close()
+
+
+@needs_c
+def test_a_damaged_table_refuses_the_batched_start(tmp_path, monkeypatch):
+    path = str(tmp_path / "q.db")
+    s = Store(path)
+    s.open()
+    s.close()
+    conn = sqlite3.connect(path)
+    conn.executemany(
+        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
+        "submitted_at, state, attempts) VALUES (?, 'f', '', ?, 1, 0, ?, 0, 'queued', 0)",
+        [(i, os.urandom(300), i) for i in range(1, 3001)])
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # a page in the middle of the table
+        f.seek((size // 4096 // 2) * 4096)
+        f.write(b"\xee" * 4096)
+    monkeypatch.setattr(store_mod, "RECOVERY_BATCH", 100)
+    got = []
+    with pytest.raises(store_mod.StoreOpenError, match="corrupt"):
+        Store(path).open(on_rows=got.append)

@@ -327,6 +327,10 @@ class Broker:
         self.clock = clock
         self.next_id = first_id
         self.next_seq = first_seq
+        # A recovery handed over in batches (restore_batch): what waits for
+        # finish_restore, and how many were restored so far.
+        self._restore_later: list[tuple] = []
+        self._restored = 0
         self.id_reserve_block = id_reserve_block
         self.id_reserved = first_id  # persisted high-water mark, refreshed ahead of use
         self.functions: dict[bytes, Function] = {}
@@ -784,20 +788,61 @@ class Broker:
     def restore_rows(self, rows: list[tuple], *, requeue_reason: str = "daemon restarted"
                      ) -> int:
         """Load the live jobs recovered from the store: :data:`commands.RECOVERED
-        <atomnode.queue.commands.RECOVERED>` tuples, in seq order within each priority
-        (as :meth:`Store.open <atomnode.queue.store.Store.open>` returns them). Jobs that
-        were running when the daemon stopped go back to the queue with their attempt
-        counted, or fail if that was their last attempt. Returns the number restored.
+        <atomnode.queue.commands.RECOVERED>` tuples, in any order (each queue ends in
+        seq order). Jobs that were running when the daemon stopped go back to the end of
+        their queue with their attempt counted, or fail if that was their last attempt.
+        Returns the number restored. The same as :meth:`restore_batch` with all the rows,
+        then :meth:`finish_restore`.
 
         A million jobs come through here before the daemon serves (the restart budget), so
         a plain job (due now, never tried) costs only its Job, its handle, its place in the
-        indexes and its queue; the others take :meth:`_restore_other`, and the functions'
-        counters are added up once at the end.
+        indexes and its queue; the others take :meth:`_restore_other` once every stored
+        number is known, and the functions' counters are added up once per call.
         """
+        self.restore_batch(rows)
+        return self.finish_restore(requeue_reason=requeue_reason)
+
+    def restore_batch(self, rows: list[tuple]) -> None:
+        """Part of the live jobs, handed over while the store still reads the rest
+        (:meth:`Store.open <atomnode.queue.store.Store.open>` with ``on_rows``), in any
+        order. The plain jobs are restored at once; the others (running, tried before,
+        scheduled) wait for :meth:`finish_restore`, when every stored number is known:
+        a running job is requeued with a seq above all of them."""
+        self._restore_counters(rows)
+        self._restored += self._restore(rows, self._restore_later, "")
+
+    def finish_restore(self, *, requeue_reason: str = "daemon restarted") -> int:
+        """After the last :meth:`restore_batch`: restore the jobs that waited, put each
+        queue in seq order (batches come in id order, and a job requeued before the
+        restart has a later seq than its id says), reserve ids. Returns the number of
+        jobs restored by the batches and here."""
+        later = self._restore_later
+        self._restore_later = []
+        restored = self._restored + self._restore(later, None, requeue_reason)
+        self._restored = 0
+        for fn in self.functions.values():
+            for queue in fn.queues:
+                last = -1
+                for job in queue:
+                    if job.seq < last:
+                        ordered = sorted(queue)  # Job orders by seq
+                        queue.clear()
+                        queue.extend(ordered)
+                        break
+                    last = job.seq
+        self._reserve_ids()
+        return restored
+
+    def _restore_counters(self, rows: list[tuple]) -> None:
+        # Every stored number first: a running job requeued gets a fresh seq.
         if rows:
-            # Every stored number first: a running job requeued below gets a fresh seq.
             self.next_id = max(self.next_id, max(map(_ROW_ID, rows)) + 1)
             self.next_seq = max(self.next_seq, max(map(_ROW_SEQ, rows)) + 1)
+
+    def _restore(self, rows: list[tuple], later: list[tuple] | None,
+                 requeue_reason: str) -> int:
+        """Restore ``rows``; with ``later``, the jobs that are not plain are put there
+        instead. Returns the number restored (not counting those put in ``later``)."""
         now = self.clock()
         handle_format = self.handle_prefix + b"%d"
         jobs, uniques = self.jobs, self.uniques
@@ -806,10 +851,16 @@ class Broker:
         before = {fn: tuple(map(len, fn.queues)) for fn in functions.values()}
         plain = commands.RECOVERED_PLAIN
         given_up = 0
+        deferred = 0
         fn_name: bytes | None = None
         fn: Function | None = None
         queues: Any = None
-        for job_id, name, unique, data, seq, at, flags in rows:
+        for row in rows:
+            job_id, name, unique, data, seq, at, flags = row
+            if flags > plain and later is not None:
+                later.append(row)
+                deferred += 1
+                continue
             if name != fn_name:
                 fn_name = name
                 fn = functions.get(name) or self.function(name)
@@ -836,8 +887,7 @@ class Broker:
                 added += more
             fn.queued += added
             fn.total += added
-        self._reserve_ids()
-        return len(rows) - given_up
+        return len(rows) - given_up - deferred
 
     def _restore_other(self, job: Job, flags: int, now: float, requeue_reason: str) -> bool:
         """Restore a recovered job that is not plain: tried before, running when the

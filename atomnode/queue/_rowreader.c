@@ -5,10 +5,14 @@ case) before the daemon serves. Python's sqlite3 module spends most of that time
 own per-column work (it releases and retakes the GIL around each column's type check, and
 each call takes the connection's mutex): about 1.8 us of a 2.6 us row. This reader opens
 its own connection to the same file, without per-call mutexes (NOMUTEX: the connection
-never leaves this function), steps the statement with the GIL released (so a helper
-thread can run SQLite beside it), and builds each row's tuple directly.
+never leaves the call), and works in batches: it steps SQLite through a batch of rows
+with the GIL released, copying their values into a buffer of its own, then takes the GIL
+once to build the batch's tuples. Another thread (the daemon's, restoring the previous
+batch into the broker) runs meanwhile.
 
     read_rows(path, sql, busy_timeout_ms, share) -> list of tuples
+    read_batches(path, sql, busy_timeout_ms, share, batch_rows, deliver) -> rows read
+        deliver(list of tuples) is called for each batch, in the calling thread, in order
 
 Values come back as Python's sqlite3 returns them with ``text_factory = bytes``: INTEGER
 as int, REAL as float, NULL as None, and TEXT and BLOB both as bytes (the store wants
@@ -16,9 +20,10 @@ bytes whatever type a value was stored with). ``share`` is a column index (or -1
 of that column equal to the previous row's is returned as the same bytes object, so a
 million rows of a few function names hold a few name objects, not a million.
 
-Errors raise sqlite3.DatabaseError (sqlite3.OperationalError for a busy or locked file)
-with SQLite's message, as the sqlite3 module would. The connection is read-only in
-effect: the statement must be a SELECT (anything else is refused before it runs).
+Errors raise sqlite3.DatabaseError (sqlite3.OperationalError for a busy, locked or
+unopenable file) with SQLite's message; an exception raised by ``deliver`` stops the read
+and is raised as is. Batches delivered before an error stay delivered: the caller decides
+(recovery refuses the start). The statement must be read-only (refused before it runs).
 Recovery falls back to the sqlite3 module where this extension was not built (setup.py:
 no compiler, or ATOMNODE_PURE_PYTHON=1); the results are the same (tests/test_rowreader.py).
 */
@@ -37,45 +42,130 @@ static PyObject *fail(sqlite3 *db, int rc, const char *what) {
     return NULL;
 }
 
-static PyObject *column_value(sqlite3_stmt *st, int i, PyObject **shared) {
-    switch (sqlite3_column_type(st, i)) {
-    case SQLITE_INTEGER:
-        return PyLong_FromLongLong(sqlite3_column_int64(st, i));
-    case SQLITE_FLOAT:
-        return PyFloat_FromDouble(sqlite3_column_double(st, i));
-    case SQLITE_NULL:
-        Py_RETURN_NONE;
-    default: { /* TEXT or BLOB: the stored bytes */
-        const void *p = sqlite3_column_blob(st, i);
-        Py_ssize_t n = sqlite3_column_bytes(st, i);
-        if (shared != NULL) {
-            if (*shared != NULL && PyBytes_GET_SIZE(*shared) == n &&
-                (n == 0 || memcmp(PyBytes_AS_STRING(*shared), p, (size_t)n) == 0)) {
-                Py_INCREF(*shared);
-                return *shared;
+/* A value copied out of SQLite while the GIL is released. */
+typedef struct {
+    int type;
+    sqlite3_int64 i;
+    double d;
+    size_t off, len; /* TEXT or BLOB: its bytes in batch.bytes */
+} cell;
+
+typedef struct {
+    cell *cells; /* rows x ncol */
+    char *bytes;
+    size_t bytes_len, bytes_cap;
+    int rows;
+} batch;
+
+/* Without the GIL: step up to max_rows rows into b. Returns the last step's result code:
+   SQLITE_ROW when the batch is full (more may follow), SQLITE_DONE at the end, else an
+   error (SQLITE_NOMEM if a copy could not be made). */
+static int fill(sqlite3_stmt *st, int ncol, batch *b, int max_rows) {
+    b->rows = 0;
+    b->bytes_len = 0;
+    while (b->rows < max_rows) {
+        int rc = sqlite3_step(st);
+        if (rc != SQLITE_ROW)
+            return rc;
+        cell *c = b->cells + (size_t)b->rows * (size_t)ncol;
+        for (int i = 0; i < ncol; i++, c++) {
+            c->type = sqlite3_column_type(st, i);
+            switch (c->type) {
+            case SQLITE_INTEGER:
+                c->i = sqlite3_column_int64(st, i);
+                break;
+            case SQLITE_FLOAT:
+                c->d = sqlite3_column_double(st, i);
+                break;
+            case SQLITE_NULL:
+                break;
+            default: {
+                const void *p = sqlite3_column_blob(st, i);
+                size_t n = (size_t)sqlite3_column_bytes(st, i);
+                if (b->bytes_len + n > b->bytes_cap) {
+                    size_t cap = b->bytes_cap ? b->bytes_cap : 65536;
+                    while (cap < b->bytes_len + n)
+                        cap *= 2;
+                    char *grown = realloc(b->bytes, cap);
+                    if (grown == NULL)
+                        return SQLITE_NOMEM;
+                    b->bytes = grown;
+                    b->bytes_cap = cap;
+                }
+                if (n)
+                    memcpy(b->bytes + b->bytes_len, p, n);
+                c->off = b->bytes_len;
+                c->len = n;
+                b->bytes_len += n;
             }
-            PyObject *v = PyBytes_FromStringAndSize(p, n);
-            if (v != NULL) {
-                Py_XDECREF(*shared);
-                Py_INCREF(v);
-                *shared = v;
             }
-            return v;
         }
-        return PyBytes_FromStringAndSize(p, n);
+        b->rows++;
     }
-    }
+    return SQLITE_ROW;
 }
 
-static PyObject *read_rows(PyObject *self, PyObject *args) {
-    (void)self;
-    const char *path, *sql;
-    int busy_ms, share;
-    if (!PyArg_ParseTuple(args, "ssii:read_rows", &path, &sql, &busy_ms, &share))
+/* With the GIL: the batch's rows as a list of tuples. */
+static PyObject *build(const batch *b, int ncol, int share, PyObject **shared) {
+    PyObject *rows = PyList_New(b->rows);
+    if (rows == NULL)
         return NULL;
+    const cell *c = b->cells;
+    for (int r = 0; r < b->rows; r++) {
+        PyObject *row = PyTuple_New(ncol);
+        if (row == NULL)
+            goto error;
+        PyList_SET_ITEM(rows, r, row);
+        for (int i = 0; i < ncol; i++, c++) {
+            PyObject *v;
+            switch (c->type) {
+            case SQLITE_INTEGER:
+                v = PyLong_FromLongLong(c->i);
+                break;
+            case SQLITE_FLOAT:
+                v = PyFloat_FromDouble(c->d);
+                break;
+            case SQLITE_NULL:
+                v = Py_None;
+                Py_INCREF(v);
+                break;
+            default: {
+                const char *p = b->bytes + c->off;
+                Py_ssize_t n = (Py_ssize_t)c->len;
+                if (i == share && *shared != NULL && PyBytes_GET_SIZE(*shared) == n &&
+                    (n == 0 || memcmp(PyBytes_AS_STRING(*shared), p, (size_t)n) == 0)) {
+                    v = *shared;
+                    Py_INCREF(v);
+                } else {
+                    v = PyBytes_FromStringAndSize(p, n);
+                    if (v != NULL && i == share) {
+                        Py_XDECREF(*shared);
+                        Py_INCREF(v);
+                        *shared = v;
+                    }
+                }
+            }
+            }
+            if (v == NULL)
+                goto error;
+            PyTuple_SET_ITEM(row, i, v);
+        }
+    }
+    return rows;
+error:
+    Py_DECREF(rows);
+    return NULL;
+}
+
+/* The read: batches go to deliver(list), or, if deliver is NULL, are appended to *all.
+   Returns the number of rows read, or -1 with an exception set. */
+static Py_ssize_t run(const char *path, const char *sql, int busy_ms, int share,
+                      int batch_rows, PyObject *deliver, PyObject *all) {
     sqlite3 *db = NULL;
     sqlite3_stmt *st = NULL;
-    PyObject *rows = NULL, *shared = NULL;
+    PyObject *shared = NULL;
+    batch b = {NULL, NULL, 0, 0, 0};
+    Py_ssize_t total = -1, count = 0;
     int rc, opened;
 
     Py_BEGIN_ALLOW_THREADS
@@ -90,57 +180,102 @@ static PyObject *read_rows(PyObject *self, PyObject *args) {
         fail(db, rc, opened ? "cannot read" : "cannot open");
         goto done;
     }
-    if (!sqlite3_stmt_readonly(st)) {
-        PyErr_SetString(PyExc_ValueError, "read_rows runs read-only statements only");
+    if (st == NULL || !sqlite3_stmt_readonly(st)) {
+        PyErr_SetString(PyExc_ValueError, "the reader runs one read-only statement");
         goto done;
     }
     int ncol = sqlite3_column_count(st);
     if (share >= ncol)
         share = -1;
-    rows = PyList_New(0);
-    if (rows == NULL)
+    if (batch_rows < 1)
+        batch_rows = 1;
+    b.cells = PyMem_RawMalloc(sizeof(cell) * (size_t)batch_rows * (size_t)(ncol ? ncol : 1));
+    if (b.cells == NULL) {
+        PyErr_NoMemory();
         goto done;
+    }
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        rc = sqlite3_step(st);
+        rc = fill(st, ncol, &b, batch_rows);
         Py_END_ALLOW_THREADS
+        if (rc == SQLITE_NOMEM && b.rows < batch_rows) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (b.rows) {
+            PyObject *rows = build(&b, ncol, share, &shared);
+            if (rows == NULL)
+                goto done;
+            int ok;
+            if (deliver != NULL) {
+                PyObject *r = PyObject_CallOneArg(deliver, rows);
+                ok = r != NULL;
+                Py_XDECREF(r);
+            } else {
+                Py_ssize_t n = PyList_GET_SIZE(all);
+                ok = PyList_SetSlice(all, n, n, rows) == 0;
+            }
+            Py_DECREF(rows);
+            if (!ok)
+                goto done;
+            count += b.rows;
+        }
         if (rc != SQLITE_ROW)
             break;
-        PyObject *row = PyTuple_New(ncol);
-        if (row == NULL)
-            goto error;
-        for (int i = 0; i < ncol; i++) {
-            PyObject *v = column_value(st, i, i == share ? &shared : NULL);
-            if (v == NULL) {
-                Py_DECREF(row);
-                goto error;
-            }
-            PyTuple_SET_ITEM(row, i, v);
-        }
-        int appended = PyList_Append(rows, row);
-        Py_DECREF(row);
-        if (appended < 0)
-            goto error;
     }
     if (rc != SQLITE_DONE) {
         fail(db, rc, "cannot read");
-        goto error;
+        goto done;
     }
-    goto done;
-error:
-    Py_CLEAR(rows);
+    total = count;
 done:
     Py_XDECREF(shared);
+    PyMem_RawFree(b.cells);
+    free(b.bytes);
     Py_BEGIN_ALLOW_THREADS
     sqlite3_finalize(st);
     sqlite3_close(db);
     Py_END_ALLOW_THREADS
-    return rows;
+    return total;
+}
+
+static PyObject *read_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *path, *sql;
+    int busy_ms, share;
+    if (!PyArg_ParseTuple(args, "ssii:read_rows", &path, &sql, &busy_ms, &share))
+        return NULL;
+    PyObject *all = PyList_New(0);
+    if (all == NULL)
+        return NULL;
+    if (run(path, sql, busy_ms, share, 4096, NULL, all) < 0) {
+        Py_DECREF(all);
+        return NULL;
+    }
+    return all;
+}
+
+static PyObject *read_batches(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *path, *sql;
+    int busy_ms, share, batch_rows;
+    PyObject *deliver;
+    if (!PyArg_ParseTuple(args, "ssiiiO:read_batches", &path, &sql, &busy_ms, &share,
+                          &batch_rows, &deliver))
+        return NULL;
+    if (!PyCallable_Check(deliver)) {
+        PyErr_SetString(PyExc_TypeError, "deliver must be callable");
+        return NULL;
+    }
+    Py_ssize_t n = run(path, sql, busy_ms, share, batch_rows, deliver, NULL);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
 static PyMethodDef methods[] = {
     {"read_rows", read_rows, METH_VARARGS,
      "read_rows(path, sql, busy_timeout_ms, share) -> list of row tuples (see the module)."},
+    {"read_batches", read_batches, METH_VARARGS,
+     "read_batches(path, sql, busy_timeout_ms, share, batch_rows, deliver) -> rows read."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,6 +27,7 @@ import gc
 import logging
 import operator
 import os
+import queue
 import shutil
 import socket
 import sqlite3
@@ -178,10 +179,12 @@ SQL_RECOVER = f"""
 _ID_COLUMN = operator.itemgetter(0)
 _SEQ_COLUMN = operator.itemgetter(4)
 _FUNCTION_COLUMN = 1
-try:
-    from ._rowreader import read_rows as _c_read_rows  # setup.py builds it where it can
+try:  # setup.py builds it where it can
+    from ._rowreader import read_batches as _c_read_batches, read_rows as _c_read_rows
 except ImportError:  # pragma: no cover - pure-Python installs (ATOMNODE_PURE_PYTHON=1)
-    _c_read_rows = None
+    _c_read_rows = _c_read_batches = None
+#: Rows per batch handed to ``on_rows`` while recovery reads (Store.open).
+RECOVERY_BATCH = 5000
 
 
 def read_live(conn: sqlite3.Connection, path: str, busy_timeout_ms: int,
@@ -284,6 +287,9 @@ class Recovery:
     rows: list[tuple]
     next_id: int  # first handle number never used before (persisted high-water mark)
     next_seq: int
+    #: With ``on_rows``: the batches handed over (rows is then empty), kept so that the
+    #: caller frees them when it likes (after READY: a million tuples take ~0.1 s).
+    batches: list[list[tuple]] | None = None
 
     @property
     def jobs(self) -> list[StoredJob]:
@@ -482,8 +488,15 @@ class Store:
 
     # -- open and recover ------------------------------------------------------------------
 
-    def open(self) -> Recovery:
+    def open(self, on_rows: Callable[[list[tuple]], None] | None = None) -> Recovery:
         """Lock, check, migrate and read the database; return the live jobs.
+
+        With ``on_rows``, the live jobs are handed to it in batches while the rest are
+        still read (in id order, not seq order), and ``Recovery.rows`` is empty; where the
+        C reader is built, it reads the next batch in a thread while ``on_rows`` works
+        on this one (a restart with a million jobs takes ~0.9 s less on two cores). The
+        checks are the same: if they refuse the file, batches were handed over already,
+        and the caller must not serve them.
 
         Raises :class:`StoreOpenError` (naming the file) if it is locked by another atomnode,
         unwritable, corrupt, or not an atomnode database. Never starts empty on a bad file.
@@ -495,7 +508,7 @@ class Store:
             self._conn = self._connect()
             self._sync_now = None
             self._watch_start()
-            return self._recover()
+            return self._recover(on_rows)
         except BaseException:
             self._close_conn()
             self._release_lock()
@@ -743,7 +756,7 @@ class Store:
                 ) from e
             raise StoreOpenError(f"{_human_error(path, e)}; refusing to start") from e
 
-    def _recover(self) -> Recovery:
+    def _recover(self, on_rows: Callable[[list[tuple]], None] | None = None) -> Recovery:
         conn = self._conn
         assert conn is not None
         # A million queued jobs are two million new objects: the cyclic GC would rescan
@@ -751,7 +764,7 @@ class Store:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._recover_rows(conn)
+            return self._recover_rows(conn, on_rows)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -779,7 +792,8 @@ class Store:
         finally:
             conn.close()
 
-    def _recover_rows(self, conn: sqlite3.Connection) -> Recovery:
+    def _recover_rows(self, conn: sqlite3.Connection,
+                      on_rows: Callable[[list[tuple]], None] | None = None) -> Recovery:
         """Read the live jobs from the table itself, not through an index: a lost write in
         an index page passes quick_check, and a read through the index would then miss jobs
         without a word. The ``jobs_active`` index, a separate b-tree, is checked against
@@ -788,7 +802,7 @@ class Store:
         lost them, and the start is refused (:meth:`_reconcile_index`). SQLite's structural
         checks run after the daemon serves (:meth:`check`): a file they find damaged is
         reported, but no job can be missing unnoticed, since that takes both b-trees
-        damaged alike."""
+        damaged alike. (``on_rows``: see :meth:`open`.)"""
         beside: list = []
 
         def run_beside() -> None:
@@ -799,10 +813,15 @@ class Store:
 
         helper = threading.Thread(target=run_beside, name="atomnode-store-check")
         helper.start()
+        batches: list[list[tuple]] | None = None
         try:
-            rows = read_live(conn, self.path, self.busy_timeout_ms)
             max_id = conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0
             meta = dict(conn.execute("SELECT key, value FROM meta"))
+            if on_rows is None:
+                rows = read_live(conn, self.path, self.busy_timeout_ms)
+            else:
+                rows = []
+                batches = self._read_batches(conn, on_rows)
         except sqlite3.DatabaseError as e:
             helper.join()
             raise StoreOpenError(
@@ -816,22 +835,82 @@ class Store:
             found = (-1, -1, -1)
         elif isinstance(found, BaseException):
             raise found
-        # Seq order is queue order within each priority, which is all the broker needs;
-        # the table is nearly in that order already (ids and seqs grow together).
-        rows.sort(key=_SEQ_COLUMN)
+        if batches is None:
+            # Seq order is queue order within each priority, which is all the broker
+            # needs; the table is nearly in that order already (ids and seqs grow
+            # together).
+            rows.sort(key=_SEQ_COLUMN)
+            parts = [rows]
+        else:
+            parts = batches
         # (sum of x mod M) mod M == (sum of x) mod M: the table side sums at C speed.
-        table = (len(rows), sum(map(_ID_COLUMN, rows)) % _SUM_MOD,
-                 sum(map(_SEQ_COLUMN, rows)) % _SUM_MOD)
+        count = id_sum = seq_sum = 0
+        max_seq = 0
+        for part in parts:
+            if part:
+                count += len(part)
+                id_sum += sum(map(_ID_COLUMN, part))
+                seqs = list(map(_SEQ_COLUMN, part))
+                seq_sum += sum(seqs)
+                max_seq = max(max_seq, max(seqs))
+        table = (count, id_sum % _SUM_MOD, seq_sum % _SUM_MOD)
         if (found[0], found[1] % _SUM_MOD, found[2] % _SUM_MOD) != table:
-            self._reconcile_index(conn, rows)
+            self._reconcile_index(conn, [r for part in parts for r in part])
         next_id = max(int(meta.get("next_id") or 1), max_id + 1)
-        next_seq = rows[-1][4] + 1 if rows else 1
-        next_seq = max(next_seq, int(meta.get("next_seq") or 1))
+        next_seq = max(max_seq + 1, int(meta.get("next_seq") or 1))
         log.info(
-            "queue database %s: %d live jobs recovered, next id %d%s", self.path, len(rows),
+            "queue database %s: %d live jobs recovered, next id %d%s", self.path, count,
             next_id, " (after an unclean shutdown)" if self.unclean_shutdown else "",
         )  # fmt: skip
-        return Recovery(rows=rows, next_id=next_id, next_seq=next_seq)
+        return Recovery(rows=rows, next_id=next_id, next_seq=next_seq, batches=batches)
+
+    def _read_batches(self, conn: sqlite3.Connection,
+                      on_rows: Callable[[list[tuple]], None]) -> list[list[tuple]]:
+        """Read the live jobs, handing each batch to ``on_rows`` (in this thread) while
+        the C reader reads the next one in a thread of its own (it steps SQLite without
+        the GIL). Without the C reader: one batch, read here. Returns the batches."""
+        if _c_read_batches is None:
+            rows = read_live(conn, self.path, self.busy_timeout_ms)
+            on_rows(rows)
+            return [rows]
+        handed: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        end = object()
+
+        def deliver(batch: list[tuple]) -> None:
+            while not stop.is_set():
+                try:
+                    handed.put(batch, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+            raise RuntimeError("recovery read abandoned")
+
+        def read() -> None:
+            try:
+                _c_read_batches(self.path, SQL_RECOVER, int(self.busy_timeout_ms),
+                                _FUNCTION_COLUMN, RECOVERY_BATCH, deliver)
+                result: object = end
+            except BaseException as e:  # noqa: BLE001 - raised again in the opening thread
+                result = e
+            if not stop.is_set():
+                handed.put(result)
+
+        reader = threading.Thread(target=read, name="atomnode-store-read", daemon=True)
+        reader.start()
+        batches: list[list[tuple]] = []
+        try:
+            while True:
+                item = handed.get()
+                if item is end:
+                    return batches
+                if isinstance(item, BaseException):
+                    raise item
+                batches.append(item)  # type: ignore[arg-type]
+                on_rows(item)  # type: ignore[arg-type]
+        finally:
+            stop.set()
+            reader.join()
 
     def _reconcile_index(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
         """The ``jobs_active`` index and the table disagree about the live jobs. Live in
