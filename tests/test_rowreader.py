@@ -37,6 +37,22 @@ def _python_rows(path: str, sql: str) -> list[tuple]:
         conn.close()
 
 
+_JOB_COLUMNS = ("id, function, unique_key, data, priority, when_to_run, seq, submitted_at, "
+                "state, attempts")
+
+
+def _store_with(path: str, jobs: list[tuple]) -> None:
+    """A new store's database holding ``jobs`` (rows of _JOB_COLUMNS), written by hand."""
+    s = Store(path)
+    s.open()
+    s.close()
+    conn = sqlite3.connect(path)
+    conn.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     jobs)
+    conn.commit()
+    conn.close()
+
+
 @pytest.fixture
 def mixed(tmp_path) -> str:
     """A table holding every storage class, in the columns recovery reads."""
@@ -128,20 +144,14 @@ def test_recovery_reads_the_same_with_either_reader(tmp_path):
     """read_live through the C reader and through the sqlite3 module, on a store's own
     database with plain, retried, running and scheduled jobs and a TEXT row."""
     path = str(tmp_path / "q.db")
-    s = Store(path)
-    s.open()
-    s.close()
+    _store_with(path, [
+        (1, b"f", b"u1", b"d1", 1, 0, 1, 100.5, "queued", 0),
+        (2, b"f", b"-", b"d2", 0, 0, 7, 101.0, "queued", 2),
+        (3, "g", "u3", "text data", 2, 0, 3, 102.0, "running", 1),
+        (4, b"g", b"", b"", 1, 1_900_000_000, 4, 103.0, "queued", 0),
+        (5, b"g", b"u5", b"done", 1, 0, 5, 104.0, "done", 1),
+    ])
     conn = sqlite3.connect(path)
-    conn.executemany(
-        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
-        "submitted_at, state, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(1, b"f", b"u1", b"d1", 1, 0, 1, 100.5, "queued", 0),
-         (2, b"f", b"-", b"d2", 0, 0, 7, 101.0, "queued", 2),
-         (3, "g", "u3", "text data", 2, 0, 3, 102.0, "running", 1),
-         (4, b"g", b"", b"", 1, 1_900_000_000, 4, 103.0, "queued", 0),
-         (5, b"g", b"u5", b"done", 1, 0, 5, 104.0, "done", 1)],
-    )
-    conn.commit()
     slow = read_live(conn, path, 1000, fast=False)
     fast = read_live(conn, path, 1000)
     assert conn.text_factory is str  # put back
@@ -157,10 +167,6 @@ def _seed(path: str) -> None:
     """A store holding plain jobs of two functions and priorities, a job requeued before
     the restart (old id, late seq), one running, one tried before, one scheduled, one
     finished, and a duplicate unique key."""
-    s = Store(path)
-    s.open()
-    s.close()
-    conn = sqlite3.connect(path)
     rows = []
     for i in range(1, 41):
         fn = b"fa" if i % 3 else b"fb"
@@ -174,11 +180,7 @@ def _seed(path: str) -> None:
         (46, b"fa", b"u7", b"dup", 1, 0, 46, 1046.0, "queued", 0),
     ]
     rows.insert(3, rows.pop())  # a queue whose id order is not its seq order either way
-    conn.executemany(
-        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
-        "submitted_at, state, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    conn.commit()
-    conn.close()
+    _store_with(path, rows)
 
 
 def _queues(broker) -> dict:
@@ -261,15 +263,9 @@ def test_a_failing_consumer_stops_the_read(tmp_path, monkeypatch):
 @needs_c
 def test_a_damaged_table_refuses_the_batched_start(tmp_path, monkeypatch):
     path = str(tmp_path / "q.db")
-    s = Store(path)
-    s.open()
-    s.close()
+    _store_with(path, [(i, b"f", b"", os.urandom(300), 1, 0, i, 0.0, "queued", 0)
+                       for i in range(1, 3001)])
     conn = sqlite3.connect(path)
-    conn.executemany(
-        "INSERT INTO jobs (id, function, unique_key, data, priority, when_to_run, seq, "
-        "submitted_at, state, attempts) VALUES (?, 'f', '', ?, 1, 0, ?, 0, 'queued', 0)",
-        [(i, os.urandom(300), i) for i in range(1, 3001)])
-    conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     size = os.path.getsize(path)

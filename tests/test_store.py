@@ -406,6 +406,36 @@ def test_every_state_transition_is_stored(db: str) -> None:
     assert [j.id for j in rec.jobs] == [5, 2] and rec.next_id == 50 and rec.next_seq == 100
 
 
+def test_a_start_and_done_in_one_batch_are_one_update(db: str) -> None:
+    """When batches grow (workers outrun the disk), a job's START and DONE in one batch
+    are written as one UPDATE; anything else about the job in between keeps them apart,
+    and the rows end as if each op had been applied in turn."""
+    ops = [
+        ("start", 1, 1, "w1", 10.0), ("start", 2, 1, "w2", 11.0), ("done", 1, 12.0, 7),
+        ("requeue", 2, 1, 50, "worker died"), ("start", 2, 2, "w3", 13.0),
+        ("done", 2, 14.0, 8), ("done", 3, 15.0, 9), ("start", 4, 1, "w4", 16.0),
+        ("start", 5, 1, "w5", 17.0), ("cancel", 5, 18.0), ("done", 5, 19.0, 0),
+    ]
+    merged = store_mod._merge_start_done(ops)
+    assert [op[0] for op in merged] == [
+        "start+done", "start", "requeue", "start+done", "done", "start", "start", "cancel",
+        "done"]
+    assert merged[0] == ("start+done", 1, 1, "w1", 10.0, 12.0, 7)
+    assert merged[3] == ("start+done", 2, 2, "w3", 13.0, 14.0, 8)
+    commit(db, [insert_op(i) for i in range(1, 6)] + [("start", 3, 1, "w0", 9.0)])
+    commit(db, ops)
+    r = rows(db)
+    got = {i: (r[i].state, r[i].attempts, r[i].worker, r[i].started_at, r[i].finished_at,
+               r[i].result_size, r[i].seq) for i in r}
+    assert got == {
+        1: ("done", 1, "w1", 10.0, 12.0, 7, 1),
+        2: ("done", 2, "w3", 13.0, 14.0, 8, 50),
+        3: ("done", 1, "w0", 9.0, 15.0, 9, 3),
+        4: ("running", 1, "w4", 16.0, None, None, 4),
+        5: ("done", 1, "w5", 17.0, 19.0, 0, 5),
+    }
+
+
 def test_recovery_order_priority_then_seq_and_running_kept(db: str) -> None:
     commit(db, [
         insert_op(1, priority=2, seq=1), insert_op(2, priority=1, seq=2),

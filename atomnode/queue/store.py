@@ -227,6 +227,16 @@ SQL_DONE = """
     UPDATE jobs SET state = 'done', finished_at = ?, result_size = ? WHERE id = ?
 """
 SQL_FAIL = "UPDATE jobs SET state = 'failed', finished_at = ?, reason = ? WHERE id = ?"
+#: A job's start and its end in one batch (see _merge_start_done): one statement.
+SQL_START_DONE = """
+    UPDATE jobs SET state = 'done', attempts = ?, worker = ?, started_at = ?, finished_at = ?,
+                    result_size = ?
+    WHERE id = ?
+"""
+#: The store's own op kind for a START and a DONE merged (never sent by the broker).
+_START_DONE = "start+done"
+#: Ops after which a START of the same job can no longer be merged with a later DONE.
+_ENDS_MERGE = frozenset({REQUEUE, FAIL, CANCEL, RETRY})
 SQL_CANCEL = "UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?"
 SQL_RETRY = """
     UPDATE jobs SET state = 'queued', attempts = 0, seq = ?, worker = NULL, started_at = NULL,
@@ -407,6 +417,31 @@ def _unwritable_reason(path: str) -> str | None:
     if not os.access(directory, os.W_OK):
         return f"directory {directory} is read-only (SQLite needs it for its WAL files)"
     return None
+
+
+def _merge_start_done(ops: list[tuple]) -> list[tuple]:
+    """``ops`` (in order, inserts taken out) with each START whose job's DONE comes later
+    in the same batch, and nothing else about that job in between, merged into one op at
+    the START's place. One UPDATE instead of two, and the row leaves the queue index once:
+    when workers outrun the disk and batches grow, the writer does half the work per job
+    and catches up (a drain of 1,000,000 jobs no longer leaves a million facts waiting in
+    memory). Ops about other jobs touch other rows, so the order between them is free."""
+    out: list[tuple] = []
+    started: dict[int, int] = {}  # job id -> index in out of its START, still mergeable
+    for op in ops:
+        kind = op[0]
+        if kind == START:
+            started[op[1]] = len(out)
+        elif kind == DONE:
+            i = started.pop(op[1], None)
+            if i is not None:
+                _, job_id, attempts, worker, at = out[i]
+                out[i] = (_START_DONE, job_id, attempts, worker, at, op[2], op[3])
+                continue
+        elif kind in _ENDS_MERGE:
+            started.pop(op[1], None)
+        out.append(op)
+    return out
 
 
 class Store:
@@ -1170,6 +1205,7 @@ class Store:
                     # in one batch).
                     if inserts:
                         conn.executemany(SQL_INSERT, inserts)
+                    others = _merge_start_done(others)
                     i, n = 0, len(others)
                     while i < n:
                         kind = others[i][0]
@@ -1423,6 +1459,11 @@ class Store:
         elif kind == DONE:
             conn.executemany(SQL_DONE, [
                 (at, result_size, job_id) for _, job_id, at, result_size in ops
+            ])
+        elif kind == _START_DONE:
+            conn.executemany(SQL_START_DONE, [
+                (attempts, worker, started, at, result_size, job_id)
+                for _, job_id, attempts, worker, started, at, result_size in ops
             ])
         elif kind == REQUEUE:
             conn.executemany(SQL_REQUEUE, [
