@@ -139,3 +139,28 @@ def test_counts_for_some_states_only(db: str) -> None:
         assert r.counts(("cancelled", "failed")) == {
             FN.decode(): {"cancelled": 0, "failed": 1},
             OTHER.decode(): {"cancelled": 1, "failed": 0}}
+
+
+def test_the_daemons_periodic_reads_do_not_import_sqlite_utils(tmp_path):
+    """Opening (or creating) a store and the failed counts the daemon reads every few
+    seconds stay off sqlite-utils: importing it costs a daemon ~8 MiB of RSS for good."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        from atomnode.queue.store import Store
+        from atomnode.queue.reads import StoreReader
+        s = Store({str(tmp_path / "q.db")!r})
+        s.open()
+        s.close()
+        with StoreReader({str(tmp_path / "q.db")!r}) as r:
+            assert r.failed_by_function() == {{}}
+            assert r.failed_count() == 0
+        assert "sqlite_utils" not in sys.modules, "sqlite_utils imported"
+        with StoreReader({str(tmp_path / "q.db")!r}) as r:
+            r.history()  # the console's reads still use it
+        assert "sqlite_utils" in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -846,12 +846,29 @@ def test_database_that_cannot_be_rebuilt_refuses_jobs_until_it_can(tmp_path: Pat
 
 
 def test_schema_step_1_columns_are_as_shipped() -> None:
-    # Step 1's table is defined through sqlite-utils; it must be the table the first
-    # release created with SQL (name, type, not null, default, primary key).
+    # Step 1's table is the statement sqlite-utils wrote for it (SQL_CREATE_JOBS): the
+    # same statement, byte for byte, from the same definition today, and the table the
+    # first release created (name, type, not null, default, primary key).
+    import sqlite_utils
+
+    ref = sqlite3.connect(":memory:")
+    sqlite_utils.Database(ref).create_table(
+        "jobs",
+        {"id": int, "function": bytes, "unique_key": bytes, "data": bytes, "priority": int,
+         "when_to_run": int, "seq": int, "state": str, "attempts": int, "worker": str,
+         "submitted_at": float, "started_at": float, "finished_at": float,
+         "result_size": int, "reason": str},
+        pk="id",
+        not_null={"function", "unique_key", "data", "priority", "when_to_run", "seq", "state",
+                  "attempts", "submitted_at"},
+        defaults={"when_to_run": 0, "attempts": 0},
+    )
+    assert ref.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs'").fetchone()[0] == (
+        store_mod.SQL_CREATE_JOBS)
     con = sqlite3.connect(":memory:", isolation_level=None)
     con.execute("BEGIN")
     migrate_step(con, 1)
-    assert con.in_transaction  # sqlite-utils commits nothing behind the migration's back
+    assert con.in_transaction  # nothing commits behind the migration's back
     con.execute("ROLLBACK")
     assert con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
     migrate_step(con, 1)

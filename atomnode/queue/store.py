@@ -79,45 +79,37 @@ _SYNCHRONOUS = ("full", "normal", "off")
 _ACKNOWLEDGED_KINDS = frozenset({INSERT, RESERVE_IDS, CANCEL, *OPERATOR_KINDS})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
-def _create_jobs_table(conn: sqlite3.Connection) -> None:
-    """Schema step 1's table, defined through sqlite-utils (inside the migration's
-    transaction: sqlite-utils does not commit on its own here)."""
-    import sqlite_utils  # only when a database is created: the daemon's start skips it
-
-    db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
-    db.create_table(
-        "jobs",
-        {
-            "id": int,  # handle number: H:<host>:<id>
-            "function": bytes,
-            "unique_key": bytes,  # the client's, never part of identity
-            "data": bytes,
-            "priority": int,  # 0 high, 1 normal, 2 low
-            "when_to_run": int,
-            "seq": int,  # FIFO order within a priority
-            "state": str,
-            "attempts": int,
-            "worker": str,
-            "submitted_at": float,
-            "started_at": float,
-            "finished_at": float,
-            "result_size": int,
-            "reason": str,
-        },
-        pk="id",
-        not_null={"function", "unique_key", "data", "priority", "when_to_run", "seq", "state",
-                  "attempts", "submitted_at"},
-        defaults={"when_to_run": 0, "attempts": 0},
-    )
+#: Schema step 1's table: the statement sqlite-utils' ``create_table`` wrote for it
+#: (tests/test_store.py re-derives it with sqlite-utils and compares). Kept as SQL because
+#: importing sqlite-utils costs a daemon ~8 MiB of RSS for the rest of its life, and a
+#: first start would otherwise pay it for creating one table.
+SQL_CREATE_JOBS = """CREATE TABLE "jobs" (
+   "id" INTEGER PRIMARY KEY,
+   "function" BLOB NOT NULL,
+   "unique_key" BLOB NOT NULL,
+   "data" BLOB NOT NULL,
+   "priority" INTEGER NOT NULL,
+   "when_to_run" INTEGER NOT NULL DEFAULT 0,
+   "seq" INTEGER NOT NULL,
+   "state" TEXT NOT NULL,
+   "attempts" INTEGER NOT NULL DEFAULT 0,
+   "worker" TEXT,
+   "submitted_at" REAL NOT NULL,
+   "started_at" REAL,
+   "finished_at" REAL,
+   "result_size" INTEGER,
+   "reason" TEXT
+)"""
+# The columns: id = handle number (H:<host>:<id>); unique_key = the client's, never part
+# of identity; priority 0 high, 1 normal, 2 low; seq = FIFO order within a priority.
 
 
 #: Schema history. Step N brings a database from user_version N-1 to N; never change what a
 #: shipped step creates, add a step. A step is a list of SQL statements and functions of the
-#: connection. Tables are defined with sqlite-utils; partial indexes and WITHOUT ROWID
-#: tables, which sqlite-utils cannot express, are plain SQL.
+#: connection, all plain SQL (the jobs table as sqlite-utils defined it: SQL_CREATE_JOBS).
 MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     1: [
-        _create_jobs_table,
+        SQL_CREATE_JOBS,
         # Recovery reads the live jobs in queue order straight off this index.
         "CREATE INDEX jobs_active ON jobs(priority, seq) WHERE state IN ('queued', 'running')",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
