@@ -69,6 +69,9 @@ MAX_STREAMS = 4
 READ_SIZE: Final = 256 * 1024
 #: Packets decoded and handled per call (the round's time budget is checked between).
 BATCH: Final = 64
+#: Rounds served back to back, without writing, while more input is already waiting:
+#: each connection's replies of those rounds then go out in one write.
+COALESCE_ROUNDS: Final = 2
 #: How long the hub may keep the thread before it goes back through trio's scheduler:
 #: serving rounds back to back, and, when its connections are quiet, waiting for them in
 #: the kernel (while no trio task is runnable and trio's own epoll set has nothing). See
@@ -409,8 +412,9 @@ class Server:
             until = _perf_counter() + HUB_HOLD
             hold_cpu = thread_time()
             events = ep.poll(0)
+            deferred = 0
+            started = _perf_counter()
             while events:
-                started = _perf_counter()
                 kicked = False
                 for fd, ev in events:
                     peer = by_fd.get(fd)
@@ -425,6 +429,17 @@ class Server:
                             self._read(peer)
                         elif ev & _GONE:
                             self._close(peer)  # a paused peer is gone
+                if not kicked and deferred < COALESCE_ROUNDS:
+                    # More input already waiting (pipelining peers): serve it before
+                    # writing, so that each connection's replies of these rounds go out in
+                    # one write. A peer waiting for its reply has sent nothing more, and
+                    # waits at most COALESCE_ROUNDS more rounds.
+                    more = ep.poll(0)
+                    if more:
+                        deferred += 1
+                        events = more
+                        continue
+                deferred = 0
                 self.flush()
                 if self.freed_since_trim >= TRIM_AFTER and self.on_memory_freed is not None:
                     self.freed_since_trim = 0
@@ -445,6 +460,7 @@ class Server:
                     break
                 # Quiet: wait in the kernel for the rest of HUB_HOLD (at once if ready).
                 events = ep.poll(until - now)
+                started = _perf_counter()
 
     def _read(self, peer: _Peer) -> None:
         try:
