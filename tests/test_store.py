@@ -109,6 +109,36 @@ def rows(path: str) -> dict[int, StoredJob]:
         con.close()
 
 
+def test_a_submit_wakes_the_writer_through_its_doorbell(db: str) -> None:
+    # The idle writer's own poll is made longer than the test waits: only the doorbell
+    # can bring this insert to the disk in time.
+    s = Store(db, hostname="testhost")
+    s.open()
+    s.idle_poll = 3600.0
+    res = Results()
+    s.start(res)
+    try:
+        for n in (1, 2):  # asleep in its poll each time
+            token = Token(str(n))
+            s.submit(insert_op(n, token=token))
+            res.wait_for(token)
+    finally:
+        s.close()
+    assert sorted(rows(db)) == [1, 2]
+
+
+def test_doorbell_rings_once_for_many_rings() -> None:
+    bell = store_mod._Doorbell()
+    bell.ring()
+    bell.ring()
+    started = time.monotonic()
+    bell.wait(3600.0)  # rung: returns at once, and resets
+    assert time.monotonic() - started < WAIT
+    started = time.monotonic()
+    bell.wait(0.01)  # not rung since: waits out its timeout
+    assert time.monotonic() - started >= 0.005
+
+
 # -- schema and opening ------------------------------------------------------------------
 
 
