@@ -74,9 +74,12 @@ BATCH: Final = 64
 COALESCE_ROUNDS: Final = 2
 #: How long the hub may keep the thread before it goes back through trio's scheduler:
 #: serving rounds back to back, and, when its connections are quiet, waiting for them in
-#: the kernel (while no trio task is runnable and trio's own epoll set has nothing). See
-#: :meth:`Server._hub`.
-HUB_HOLD: Final = 0.002
+#: the kernel (while no trio task is runnable, no other thread or signal has handed trio
+#: work and no new connection waits). What only trio watches (worker pipes, the console,
+#: timers) waits at most this long while Gearman traffic keeps the hub busy. 10 ms spans
+#: the gap between jobs of a steady flow of 100/s or more, so such a flow never pays a
+#: pass through trio's scheduler per job. See :meth:`Server._hub`.
+HUB_HOLD: Final = 0.010
 #: A failing accept (EMFILE...) is logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 30.0
 #: A hub round that takes more CPU than this is counted as slow (atomnode-status).
@@ -196,6 +199,16 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self._ep = select.epoll()
         self._by_fd: dict[int, _Peer] = {}
+        # The store's reports (store_listener): queued by the writer thread, which then
+        # rings this eventfd, watched in the hub's own epoll set.
+        self._reports: deque[tuple[list, list]] = deque()
+        # Held as a file object, closed only once nothing refers to it (the writer's
+        # callback does): the writer may ring it after serve() has returned, and a number
+        # closed by then could be another file's.
+        self._report_bell = open(  # noqa: SIM115 - closed with its last reference
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), "rb", buffering=0)
+        self._report_fd = self._report_bell.fileno()
+        self._ep.register(self._report_fd, _EPOLLIN)
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
         self.idle_events: dict[Conn, trio.Event] = {}
@@ -390,15 +403,18 @@ class Server:
         five of them, and spent most of its CPU there. So once trio wakes the hub, it
         keeps the thread for up to :data:`HUB_HOLD`: it serves round after round, and
         when its connections are quiet it waits for them in the kernel, in its own epoll
-        set. That set also holds trio's wake-up socket, through which every other thread
-        reaches trio (the store's acknowledgements, signals): the hub goes back to trio
-        as soon as it is readable, or when a round made a trio task runnable, or when
-        HUB_HOLD is over. What trio watches itself (new connections, worker pipes, the
+        set. That set also holds the store's doorbell (its acknowledgements are applied
+        in the hub's next round, see :meth:`store_listener`) and trio's wake-up socket,
+        through which every other thread reaches trio (signals, the supervisor's
+        threads): the hub goes back to trio as soon as that socket is readable, or when
+        a round made a trio task runnable, or when a new connection waits on a listener,
+        or when HUB_HOLD is over. What else trio watches itself (worker pipes, the
         console, timers) may wait up to HUB_HOLD. A quiet daemon sleeps in trio as
         before; a busy one pays one trio wake-up per HUB_HOLD instead of one per packet.
         """
         ep = self._ep
         by_fd = self._by_fd
+        report_fd = self._report_fd
         wait_readable = trio.lowlevel.wait_readable
         thread_time = time.thread_time
         kick_fd, runq = _trio_wakeup()
@@ -407,6 +423,17 @@ class Server:
                 ep.register(kick_fd, select.EPOLLIN)
             except OSError:
                 kick_fd, runq = -1, None
+        # A new connection ends the hold too: trio accepts it.
+        kicks: set[int] = set()
+        if kick_fd >= 0:
+            kicks.add(kick_fd)
+            for listener in self.listeners:
+                fd = listener.socket.fileno()
+                try:
+                    ep.register(fd, select.EPOLLIN)
+                except OSError:
+                    continue
+                kicks.add(fd)
         while True:
             await wait_readable(ep)
             until = _perf_counter() + HUB_HOLD
@@ -416,11 +443,15 @@ class Server:
             started = _perf_counter()
             while events:
                 kicked = False
+                urgent = False  # replies to flush now (the store's acknowledgements)
                 for fd, ev in events:
                     peer = by_fd.get(fd)
                     if peer is None:
-                        if fd == kick_fd:
+                        if fd in kicks:
                             kicked = True  # trio has work: this round, then back to it
+                        elif fd == report_fd:
+                            self._take_reports()
+                            urgent = True
                         continue
                     if ev & _EPOLLOUT:
                         self._writable(peer)
@@ -429,7 +460,7 @@ class Server:
                             self._read(peer)
                         elif ev & _GONE:
                             self._close(peer)  # a paused peer is gone
-                if not kicked and deferred < COALESCE_ROUNDS:
+                if not (kicked or urgent) and deferred < COALESCE_ROUNDS:
                     # More input already waiting (pipelining peers): serve it before
                     # writing, so that each connection's replies of these rounds go out in
                     # one write. A peer waiting for its reply has sent nothing more, and
@@ -765,24 +796,43 @@ class Server:
 
     # ------------------------------------------------------------- store glue
     def store_listener(self) -> Callable[[list, list], None]:
-        """The ``on_result`` callback to give the store's writer (call from inside trio).
+        """The ``on_result`` callback to give the store's writer.
 
-        The writer calls it from its own thread; it hands the report to
-        :meth:`on_store_result` in the trio thread. After the trio run has ended, reports
-        are dropped (nothing is left to acknowledge)."""
-        token = trio.lowlevel.current_trio_token()
+        The writer calls it from its own thread after each batch that carried tokens.
+        It queues the report and rings an eventfd in the hub's epoll set: the hub
+        applies it in its next round (:meth:`_take_reports`), at once if it is holding
+        the thread, else as soon as trio wakes it; an acknowledgement does not wait for
+        a pass of trio's scheduler. Reports that arrive once the hub has stopped are
+        never applied (nothing is left to acknowledge)."""
+        reports = self._reports
+        bell = self._report_bell  # referred to here, so open while this callback exists
 
         def on_result(committed: list, failed: list) -> None:
+            reports.append((committed, failed))
             try:
-                token.run_sync_soon(self.on_store_result, committed, failed)
-            except trio.RunFinishedError:
-                pass
+                os.eventfd_write(bell.fileno(), 1)
+            except OSError:
+                pass  # the counter is full: the hub has reports to take already
 
         return on_result
 
+    def _take_reports(self) -> None:
+        """In the hub: apply every report the store's writer has queued."""
+        try:
+            os.eventfd_read(self._report_fd)
+        except OSError:
+            pass  # already reset by an earlier round; the queue is what counts
+        reports = self._reports
+        while reports:
+            committed, failed = reports.popleft()
+            if committed:
+                self.broker.committed(committed)
+            if failed:
+                self.broker.commit_failed(failed)
+
     def on_store_result(self, committed: list, failed: list) -> None:
-        """In the trio thread after each store batch: the broker acknowledges what was
-        committed (jobs, operator commands) and reports what was not."""
+        """Apply one store report and send the replies it makes (for callers outside
+        the hub; the daemon's writer goes through :meth:`store_listener`)."""
         if committed:
             self.broker.committed(committed)
         if failed:
