@@ -881,12 +881,11 @@ def test_background_job_whose_submitter_closed_before_the_commit():
     w.send(c, T.SUBMIT_JOB_BG, FN, b"atom-1", b'{"id":1,"name":"arObjectMoveJob"}')
     (insert,) = [op for op in w.ops if op[0] == "insert"]
     w.b.disconnect(c)
-    assert recv(wk) == [NOOP]  # woken at once ...
-    w.send(wk, T.GRAB_JOB)
-    assert recv(wk) == []  # ... but not committed yet: not offered
+    assert recv(wk) == []  # not committed yet: not offered
     w.b.committed([insert[-1]])
     assert recv(c) == []  # nothing written to a closed connection
-    assert recv(wk) == [(T.JOB_ASSIGN, (h(1), FN, b'{"id":1,"name":"arObjectMoveJob"}'))]
+    assert recv(wk) == [NOOP]
+    assert w.grab(wk) == (T.JOB_ASSIGN, (h(1), FN, b'{"id":1,"name":"arObjectMoveJob"}'))
 
 
 # --------------------------------------------------------- durable contract
@@ -900,7 +899,7 @@ def test_background_job_acknowledged_only_after_commit():
     wk = w.worker(FN, sleep=True, client_id=b"pid_7_w")
     w.send(c, T.SUBMIT_JOB_LOW_BG, FN, b"u1", b"payload")
     assert recv(c) == []
-    assert recv(wk) == [NOOP]  # woken now; its GRAB_JOB waits for the commit
+    assert recv(wk) == []
     ((kind, jid, fn, uniq, data, prio, when, seq, at, token),) = w.ops
     assert (kind, jid, fn, uniq, data, prio, when, seq, at) == (
         "insert", 1, FN, b"u1", b"payload", LOW, 0, 1, 1000.0)
@@ -908,98 +907,16 @@ def test_background_job_acknowledged_only_after_commit():
     w.send(c, T.GET_STATUS, h(1))
     assert recv(c) == [(T.STATUS_RES, (h(1), b"0", b"0", b"0", b"0"))]
     w.ops.clear()
-    w.clock.t = 1002
-    w.send(wk, T.GRAB_JOB)
-    assert recv(wk) == [] and w.ops == []
     w.b.committed([token])
     assert recv(c) == [(T.JOB_CREATED, (h(1),))]
-    assert recv(wk) == [(T.JOB_ASSIGN, (h(1), FN, b"payload"))]
+    assert recv(wk) == [NOOP]
+    w.clock.t = 1002
+    assert w.grab(wk) == (T.JOB_ASSIGN, (h(1), FN, b"payload"))
     assert w.ops == [("start", 1, 1, "pid_7_w", 1002.0)]
     w.ops.clear()
     w.clock.t = 1003
     w.send(wk, T.WORK_COMPLETE, h(1), b"12345")
     assert w.ops == [("done", 1, 1003.0, 5)]
-
-
-def test_a_grab_waits_for_the_commit_under_way_and_no_longer():
-    w = World(durable=True)
-    c = w.conn()
-    wk = w.worker(FN, sleep=True)
-    other = w.worker(b"other")  # nothing uncommitted for it: NO_JOB at once
-    w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"a")
-    w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"b")
-    i1, i2 = [op[-1] for op in w.ops if op[0] == "insert"]
-    assert recv(wk) == [NOOP]  # one NOOP, at the first submission
-    assert w.grab(other) == NO_JOB
-    w.send(wk, T.GRAB_JOB_UNIQ)
-    assert recv(wk) == [] and list(w.b.parked) == [wk]
-    w.b.commit_failed([(i1, "disk full")])  # one failed: the other is still coming
-    assert recv(wk) == []
-    w.b.committed([i2])
-    # Answered as the GRAB it sent (GRAB_JOB_UNIQ), once, and no longer parked.
-    assert recv(wk) == [(T.JOB_ASSIGN_UNIQ, (h(2), FN, b"", b"b"))]
-    assert not w.b.parked and not wk.parked
-    assert w.b.functions[FN].uncommitted == 0
-    # Nothing under way: NO_JOB at once, as always.
-    assert w.grab(wk) == NO_JOB
-
-
-def test_a_parked_grab_gets_no_job_when_every_commit_failed():
-    w = World(durable=True)
-    c = w.conn()
-    wk = w.worker(FN)
-    w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"a")
-    (insert,) = [op[-1] for op in w.ops if op[0] == "insert"]
-    w.send(wk, T.GRAB_JOB)
-    assert recv(wk) == []
-    w.b.commit_failed([(insert, "database is locked")])
-    assert recv(wk) == [NO_JOB]
-    assert not w.b.parked
-
-
-def test_a_parked_worker_that_sends_more_gets_its_no_job_first():
-    w = World(durable=True)
-    c = w.conn()
-    wk = w.worker(FN)
-    w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"a")
-    (insert,) = [op[-1] for op in w.ops if op[0] == "insert"]
-    w.send(wk, T.GRAB_JOB)
-    w.send(wk, T.ECHO_REQ, b"ping")
-    assert recv(wk) == [NO_JOB, (T.ECHO_RES, (b"ping",))]  # in the order asked
-    w.b.handle_many(wk, [Packet(T.GRAB_JOB, ()), Packet(T.PRE_SLEEP, ())])
-    assert recv(wk) == [NO_JOB]  # parked, then answered before its PRE_SLEEP
-    w.b.committed([insert])
-    assert recv(wk) == [NOOP]  # asleep: woken as usual
-    assert w.grab(wk) == (T.JOB_ASSIGN, (h(1), FN, b"a"))
-
-
-def test_a_parked_worker_that_leaves_or_drains_is_let_go():
-    w = World(durable=True)
-    c = w.conn()
-    gone, drained, stopping = w.worker(FN), w.worker(FN), w.worker(FN)
-    w.send(c, T.SUBMIT_JOB_BG, FN, b"", b"a")
-    (insert,) = [op[-1] for op in w.ops if op[0] == "insert"]
-    for wk in (gone, drained, stopping):
-        w.send(wk, T.GRAB_JOB)
-    assert len(w.b.parked) == 3
-    w.b.disconnect(gone)
-    w.b.drain(drained)
-    assert recv(drained) == [NO_JOB]
-    w.b.shutdown_drain_all()
-    assert recv(stopping) == [NO_JOB]
-    assert not w.b.parked
-    w.b.committed([insert])
-    assert recv(c) == [(T.JOB_CREATED, (h(1),))]
-    assert w.status() == (1, 0, 2)  # queued, for after the restart
-
-
-def test_a_scheduled_background_job_wakes_nobody_before_its_time():
-    w = World(durable=True)
-    c = w.conn()
-    wk = w.worker(FN, sleep=True)
-    w.send(c, T.SUBMIT_JOB_EPOCH, FN, b"", b"2000", b"x")
-    assert recv(wk) == []
-    assert w.grab(wk) == NO_JOB  # nothing to wait for: it runs at 2000
 
 
 def test_durable_work_fail_and_exception_ops():

@@ -131,7 +131,7 @@ class Conn:
     __slots__ = (
         "id", "peer", "peer_port", "local", "fd", "client_id", "functions", "timeouts", "sleeping",
         "noop_sent", "held", "waiting", "exceptions", "draining", "jobs_done", "closed",
-        "connected_at", "parked",
+        "connected_at",
     )
 
     def __init__(
@@ -154,9 +154,6 @@ class Conn:
         self.jobs_done = 0
         self.closed = False
         self.connected_at = 0.0
-        #: The GRAB_JOB* type this worker waits on a reply to while a job it can do is
-        #: being committed (0: none); see Broker._park.
-        self.parked = 0
 
     def __repr__(self) -> str:
         return f"<Conn {self.id} {self.peer} {self.client_id!r}>"
@@ -217,7 +214,7 @@ class Function:
     """A function name: its queues (one deque per priority), workers and counters."""
 
     __slots__ = ("name", "queues", "queued", "by_priority", "running", "total", "workers",
-                 "max_queue", "groups", "stats", "uncommitted")
+                 "max_queue", "groups", "stats")
 
     def __init__(self, name: bytes):
         self.name = name
@@ -226,9 +223,6 @@ class Function:
         self.by_priority = [0, 0, 0]  # the same, per priority (prioritystatus in O(1))
         self.running = 0
         self.total = 0  # every live job: pending, scheduled, queued, running
-        # Background jobs to run now whose commit is under way (state PENDING, no
-        # ``when``): their workers were woken already, and wait for them (Broker._park).
-        self.uncommitted = 0
         self.workers: dict[Conn, None] = {}
         self.max_queue = 0  # 0 = unlimited (gearmand's maxqueue)
         self.groups: list[GroupState] = []
@@ -366,8 +360,6 @@ class Broker:
         #: Workers asleep and not yet woken (``sleeping and not noop_sent``): a submission
         #: looks for one to wake only while there are any.
         self.sleepers = 0
-        #: Workers whose GRAB_JOB waits for a commit under way (see :meth:`_park`).
-        self.parked: dict[Conn, None] = {}
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "requeued": 0}
         #: What worker hosts reported about their pools (``atomnode-host report``), by
         #: address: {"host", "pools", "aware", "reported_at"}. For status and the console.
@@ -472,9 +464,6 @@ class Broker:
         if conn.sleeping and not conn.noop_sent:
             self.sleepers -= 1
             conn.sleeping = False
-        if conn.parked:
-            conn.parked = 0
-            self.parked.pop(conn, None)
         self.conns.pop(conn.id, None)
         self.out.sends.pop(conn, None)
         for job in list(conn.held.values()):
@@ -498,8 +487,6 @@ class Broker:
     def handle(self, conn: Conn, packet: Packet) -> None:
         """Process one request packet from ``conn`` (dispatched by type, see ``_HANDLERS``)."""
         t = packet.type
-        if conn.parked:
-            self._unpark(conn, NO_JOB)
         _HANDLERS.get(t, Broker._on_unexpected)(self, conn, packet.args, t)
 
     def handle_many(self, conn: Conn, packets: list[Packet]) -> None:
@@ -509,8 +496,6 @@ class Broker:
         for packet in packets:
             t = packet[0]
             args = packet[1]
-            if conn.parked:
-                self._unpark(conn, NO_JOB)  # its answer goes first, as the packets came
             if t == _GRAB_JOB_UNIQ or t == _GRAB_JOB:
                 self._grab(conn, args, t)
             elif t == _WORK_COMPLETE:
@@ -716,12 +701,6 @@ class Broker:
             self.out.store.append(
                 (commands.INSERT, job_id, function, unique, data, priority, when, seq, now, job)
             )
-            if not when:
-                # Wake a sleeping worker now, not after the commit: its GRAB_JOB then
-                # waits for the commit here (_park) instead of the worker's round trip
-                # starting only after it. The job is still offered only once committed.
-                fn.uncommitted += 1
-                self._wake(fn)
             return job
         if conn is not None:
             self.send(conn, _job_created(handle))
@@ -737,17 +716,13 @@ class Broker:
                     self._operator_done(job)
                 continue
             job.unstored = False
-            if job.state is PENDING:
-                if not job.when:
-                    job.function.uncommitted -= 1
-                self._enqueue(job)
             if job.acks:
                 created = _job_created(job.handle)
                 for c in job.acks:
                     self.send(c, created)
                 job.acks = ()
-        if self.parked:
-            self._serve_parked()
+            if job.state is PENDING:
+                self._enqueue(job)
 
     def commit_failed(self, failures: Iterable[tuple[Any, str]]) -> None:
         """The store could not commit these commands: tell the submitters (and forget
@@ -773,11 +748,7 @@ class Broker:
                 if c not in job.acks:
                     self.send(c, encode(T.WORK_FAIL, job.handle))
             job.acks = ()
-            if not job.when:
-                job.function.uncommitted -= 1
             self._forget(job)
-        if self.parked:
-            self._serve_parked()
 
     # ------------------------------------------------------ operator commands
     def request_retry(self, reply_to: ReplyTo, job_id: int) -> None:
@@ -1183,10 +1154,7 @@ class Broker:
         else:
             job = self._peek(conn)
         if job is None:
-            if self.durable and self._awaits_commit(conn):
-                self._park(conn, t)
-            else:
-                self.send(conn, NO_JOB)
+            self.send(conn, NO_JOB)
             return
         fn = job.function
         fn.queues[job.priority].popleft()
@@ -1227,42 +1195,6 @@ class Broker:
             job.deadline = now + timeout
             heapq.heappush(self.deadlines, (job.deadline, job.seq, job, job.attempts))
             self.out.timers = True
-
-    # A durable background job is offered only once committed, but its worker is woken at
-    # submission (see submit): the worker's GRAB_JOB usually arrives while the commit is
-    # under way. Instead of NO_JOB (and a PRE_SLEEP, and a NOOP after the commit, and a
-    # GRAB_JOB again), the reply waits for the commit: JOB_ASSIGN goes out with the
-    # client's JOB_CREATED. It waits no longer than that commit (a failed one is reported
-    # too), and a parked worker that sends anything else first gets its NO_JOB, so its
-    # replies keep the order of its requests.
-    def _awaits_commit(self, conn: Conn) -> bool:
-        for fn in conn.functions:
-            if fn.uncommitted:
-                return True
-        return False
-
-    def _park(self, conn: Conn, t: int) -> None:
-        conn.parked = t
-        self.parked[conn] = None
-
-    def _unpark(self, conn: Conn, reply: bytes | None) -> None:
-        """End ``conn``'s wait: send ``reply``, or (None) grab for it now."""
-        t = conn.parked
-        conn.parked = 0
-        self.parked.pop(conn, None)
-        if reply is not None:
-            self.send(conn, reply)
-        else:
-            self._grab(conn, (), t)
-
-    def _serve_parked(self) -> None:
-        """After commits: a parked worker with a job to take, or nothing left to wait for,
-        gets its answer (JOB_ASSIGN, or NO_JOB)."""
-        for conn in list(self.parked):
-            if conn.draining:
-                self._unpark(conn, NO_JOB)
-            elif self._peek(conn) is not None or not self._awaits_commit(conn):
-                self._unpark(conn, None)
 
     def _held(self, conn: Conn, handle: bytes) -> Job | None:
         job = conn.held.get(handle)
@@ -1434,8 +1366,6 @@ class Broker:
     def drain(self, conn: Conn) -> None:
         """From now on this worker's GRAB_JOB gets NO_JOB."""
         conn.draining = True
-        if conn.parked:
-            self._unpark(conn, NO_JOB)
 
     def wake_worker(self, conn: Conn) -> None:
         """A sleeping worker that may take jobs again (released from a drain) gets a
@@ -1464,8 +1394,6 @@ class Broker:
     def shutdown_drain_all(self) -> None:
         for c in self.conns.values():
             c.draining = True
-        for c in list(self.parked):
-            self._unpark(c, NO_JOB)
 
     def compact(self) -> None:
         """Shrink the job indexes after a deep queue drained. A Python dict never shrinks
