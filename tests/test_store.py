@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from atomnode.queue import store as store_mod
+from atomnode.system.doorbell import Doorbell
 from atomnode.queue.store import (
     APPLICATION_ID,
     migrate_step,
@@ -128,7 +129,7 @@ def test_a_submit_wakes_the_writer_through_its_doorbell(db: str) -> None:
 
 
 def test_doorbell_rings_once_for_many_rings() -> None:
-    bell = store_mod._Doorbell()
+    bell = Doorbell()
     bell.ring()
     bell.ring()
     started = time.monotonic()

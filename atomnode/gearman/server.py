@@ -46,6 +46,7 @@ import trio
 from . import protocol
 from .broker import Broker, Conn
 from ..system.access import Network, RefusalLog, peer_allowed
+from ..system.doorbell import Doorbell
 from ..system.logs import Repeats
 from ..system.values import parse_address
 from .protocol import AdminLine, Decoder, ProtocolError, error_packet
@@ -200,15 +201,10 @@ class Server:
         self._ep = select.epoll()
         self._by_fd: dict[int, _Peer] = {}
         # The store's reports (store_listener): queued by the writer thread, which then
-        # rings this eventfd, watched in the hub's own epoll set.
+        # rings this doorbell, watched in the hub's own epoll set.
         self._reports: deque[tuple[list, list]] = deque()
-        # Held as a file object, closed only once nothing refers to it (the writer's
-        # callback does): the writer may ring it after serve() has returned, and a number
-        # closed by then could be another file's.
-        self._report_bell = open(  # noqa: SIM115 - closed with its last reference
-            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), "rb", buffering=0)
-        self._report_fd = self._report_bell.fileno()
-        self._ep.register(self._report_fd, _EPOLLIN)
+        self._report_bell = Doorbell()
+        self._ep.register(self._report_bell.fileno(), _EPOLLIN)
         self.listeners: list[trio.SocketListener] = []
         self.bound: list[tuple[str, int]] = []
         self.idle_events: dict[Conn, trio.Event] = {}
@@ -414,7 +410,7 @@ class Server:
         """
         ep = self._ep
         by_fd = self._by_fd
-        report_fd = self._report_fd
+        report_fd = self._report_bell.fileno()
         wait_readable = trio.lowlevel.wait_readable
         thread_time = time.thread_time
         kick_fd, runq = _trio_wakeup()
@@ -805,23 +801,17 @@ class Server:
         a pass of trio's scheduler. Reports that arrive once the hub has stopped are
         never applied (nothing is left to acknowledge)."""
         reports = self._reports
-        bell = self._report_bell  # referred to here, so open while this callback exists
+        bell = self._report_bell
 
         def on_result(committed: list, failed: list) -> None:
             reports.append((committed, failed))
-            try:
-                os.eventfd_write(bell.fileno(), 1)
-            except OSError:
-                pass  # the counter is full: the hub has reports to take already
+            bell.ring()
 
         return on_result
 
     def _take_reports(self) -> None:
         """In the hub: apply every report the store's writer has queued."""
-        try:
-            os.eventfd_read(self._report_fd)
-        except OSError:
-            pass  # already reset by an earlier round; the queue is what counts
+        self._report_bell.reset()
         reports = self._reports
         while reports:
             committed, failed = reports.popleft()
@@ -829,15 +819,6 @@ class Server:
                 self.broker.committed(committed)
             if failed:
                 self.broker.commit_failed(failed)
-
-    def on_store_result(self, committed: list, failed: list) -> None:
-        """Apply one store report and send the replies it makes (for callers outside
-        the hub; the daemon's writer goes through :meth:`store_listener`)."""
-        if committed:
-            self.broker.committed(committed)
-        if failed:
-            self.broker.commit_failed(failed)
-        self.flush()
 
     # ------------------------------------------------------------------ drain
     async def wait_idle(self, conn: Conn) -> None:

@@ -28,7 +28,6 @@ import logging
 import operator
 import os
 import queue
-import select
 import shutil
 import socket
 import sqlite3
@@ -37,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ..system.doorbell import Doorbell
 from ..system.stats import Histogram
 from .commands import (
     CANCEL,
@@ -412,49 +412,6 @@ def _unwritable_reason(path: str) -> str | None:
     return None
 
 
-class _Doorbell:
-    """How the event loop wakes the writer thread: an eventfd, where the kernel has one.
-
-    Ringing it is one ``write(2)``, and the writer waits in one ``poll(2)``;
-    ``threading.Event`` takes a Python lock and a condition variable on both sides, which
-    costs a durable submit tens of microseconds on its way to the disk. The descriptor
-    is closed only with the object (nobody can ring a closed, perhaps reused, number).
-    """
-
-    def __init__(self) -> None:
-        self._file = None
-        self._event: threading.Event | None = None
-        if hasattr(os, "eventfd"):
-            self._file = open(  # noqa: SIM115 - closed with the object
-                os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC), "rb", buffering=0)
-            self._fd = self._file.fileno()
-            self._poll = select.poll()
-            self._poll.register(self._fd, select.POLLIN)
-        else:  # pragma: no cover - Linux has eventfd
-            self._event = threading.Event()
-
-    def ring(self) -> None:
-        if self._event is not None:  # pragma: no cover
-            self._event.set()
-            return
-        try:
-            os.eventfd_write(self._fd, 1)
-        except OSError:
-            pass  # the counter is full: the writer will wake anyway
-
-    def wait(self, timeout: float) -> None:
-        """Until rung (then reset) or ``timeout`` seconds have passed."""
-        if self._event is not None:  # pragma: no cover
-            self._event.wait(timeout)
-            self._event.clear()
-            return
-        if self._poll.poll(timeout * 1000):
-            try:
-                os.eventfd_read(self._fd)
-            except OSError:
-                pass
-
-
 def _merge_start_done(ops: list[tuple]) -> list[tuple]:
     """``ops`` (in order, inserts taken out) with each START whose job's DONE comes later
     in the same batch, and nothing else about that job in between, merged into one op at
@@ -515,7 +472,7 @@ class Store:
         self._lock_fd: int | None = None
         self._mutex = threading.Lock()
         self._queue: list[tuple] = []
-        self._wake = _Doorbell()
+        self._wake = Doorbell()  # rung by submit(); the writer waits on it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_result: Callable[[list, list[tuple[object, str]]], None] | None = None
