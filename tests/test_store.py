@@ -140,6 +140,77 @@ def test_doorbell_rings_once_for_many_rings() -> None:
     assert time.monotonic() - started >= 0.005
 
 
+def _state_of(path: str, job_id: int) -> str:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def _until(check, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_facts_ride_in_the_next_acknowledged_transaction(db: str) -> None:
+    # The hold is made longer than the test: the facts can reach the disk only with the
+    # insert that follows them, in its transaction.
+    s, _, res = opened(db, retention_days=0)
+    s.fact_delay = 3600.0
+    try:
+        first = Token("1")
+        s.submit(insert_op(1, token=first))
+        res.wait_for(first)
+        commits = s.commit_seconds.count
+        s.submit_many([("start", 1, 1, "w", 1_700_000_001.0), ("done", 1, 1_700_000_002.0, 0)])
+        assert _state_of(db, 1) == "queued"  # held, not written
+        second = Token("2")
+        s.submit(insert_op(2, token=second))
+        res.wait_for(second)
+        assert _state_of(db, 1) == "done"
+        assert s.commit_seconds.count == commits + 1  # one transaction for both
+    finally:
+        s.close()
+
+
+def test_facts_alone_are_written_after_the_delay(db: str) -> None:
+    s, _, res = opened(db, retention_days=0)
+    s.fact_delay = 0.05
+    try:
+        token = Token("1")
+        s.submit(insert_op(1, token=token))
+        res.wait_for(token)
+        s.submit(("start", 1, 1, "w", 1_700_000_001.0))
+        _until(lambda: _state_of(db, 1) == "running", "the held fact was never written")
+    finally:
+        s.close()
+
+
+def test_a_large_batch_of_facts_is_not_held(db: str) -> None:
+    n = store_mod.FACT_BATCH
+    commit(db, [insert_op(i) for i in range(1, n + 1)])
+    s, _, _ = opened(db, retention_days=0)
+    s.fact_delay = 3600.0
+    try:
+        s.submit_many([("start", i, 1, "w", 1_700_000_001.0) for i in range(1, n + 1)])
+        _until(lambda: all(r.state == "running" for r in rows(db).values()),
+               "a full batch of facts was held")
+    finally:
+        s.close()
+
+
+def test_held_facts_are_written_at_close(db: str) -> None:
+    commit(db, [insert_op(1)])
+    s, _, _ = opened(db, retention_days=0)
+    s.fact_delay = 3600.0
+    s.submit(("start", 1, 1, "w", 1_700_000_001.0))
+    s.close()
+    assert _state_of(db, 1) == "running"
+
+
 # -- schema and opening ------------------------------------------------------------------
 
 

@@ -79,6 +79,9 @@ _SYNCHRONOUS = ("full", "normal", "off")
 #: Store._write_batch).
 _ACKNOWLEDGED_KINDS = frozenset({INSERT, RESERVE_IDS, CANCEL, *OPERATOR_KINDS})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+#: A batch of facts this large goes to the disk at once; a smaller one waits up to
+#: ``Store.fact_delay`` for an acknowledged op to share its transaction (_hold_facts).
+FACT_BATCH = 64
 
 #: Schema step 1's table: the statement sqlite-utils' ``create_table`` wrote for it
 #: (tests/test_store.py re-derives it with sqlite-utils and compares). Kept as SQL because
@@ -468,6 +471,9 @@ class Store:
         # How long the idle writer sleeps between looks at its path and the pruning
         # (work wakes it at once, through its doorbell).
         self.idle_poll = 1.0
+        # How long a batch of facts only (no acknowledged op: see _ACKNOWLEDGED_KINDS)
+        # waits for an acknowledged op to share its transaction (see _run).
+        self.fact_delay = 0.02
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._mutex = threading.Lock()
@@ -1110,6 +1116,9 @@ class Store:
                 self._wake.wait(self.idle_poll)
             stopping = self._stop.is_set()
             batch = carry + self._take()
+            if batch and not carry and not stopping and self.fact_delay > 0:
+                batch = self._hold_facts(batch)
+                stopping = self._stop.is_set()
             if batch:
                 carry = self._write_batch(batch)
                 if carry:
@@ -1125,6 +1134,39 @@ class Store:
                 if carry or self._queue:
                     self._drain_final(carry)
                 return
+
+    def _hold_facts(self, batch: list[tuple]) -> list[tuple]:
+        """Let a batch of facts only wait up to ``fact_delay`` for an acknowledged op.
+
+        Facts (a job started, finished, was requeued) commit without an fsync and nobody
+        waits for them; an insert does both. Committed alone, a job's facts cost a
+        transaction of their own, and an insert that arrives meanwhile waits behind it.
+        Held, they ride in the next acknowledged batch's transaction (its one fsync then
+        covers them too) or, if none comes, go alone after the delay. A crash of the
+        daemon within the delay loses them: those jobs run again after the restart, as
+        any job that was running at a crash does (docs/durability.md). A batch of
+        ``FACT_BATCH`` or more already shares its transaction widely and goes at once.
+        """
+        acked = _ACKNOWLEDGED_KINDS
+        if len(batch) >= FACT_BATCH:
+            return batch
+        for op in batch:
+            if op[0] in acked:
+                return batch
+        deadline = time.monotonic() + self.fact_delay
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                return batch
+            self._wake.wait(left)
+            more = self._take()
+            if more:
+                batch += more
+                if len(batch) >= FACT_BATCH:
+                    return batch
+                for op in more:
+                    if op[0] in acked:
+                        return batch
 
     def _drain_final(self, carry: list[tuple] | None = None) -> None:
         """Last writes at close: a few attempts, then give up loudly."""
