@@ -87,4 +87,4 @@ bench: venv
 # latency, idle RSS), medians of 3, in under a minute.
 bench-quick: venv
 	@sh scripts/sysdeps.sh bench
-	SCALE=0.15 REPS=3 RSS_SETTLE=1 SECTIONS="roundtrip serial bglat rss" bash bench/run.sh
+	SCALE=0.15 REPS=3 QUICK_REPS=3 RSS_SETTLE=1 SECTIONS="roundtrip serial bglat rss" bash bench/run.sh

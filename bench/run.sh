@@ -11,6 +11,10 @@
 # Environment:
 #   SCALE (1)       multiplies every job count (SCALE=0.05 REPS=1: a smoke run, under a minute)
 #   REPS (3)        runs per server and workload; the table shows medians (3 or more to count)
+#   QUICK_REPS      runs of the short rows whose result moves with the machine's phases
+#                   (roundtrip, serial, bglat, gearload: seconds each), default REPS, and at
+#                   least 5 when REPS is 3 or more: one run in a slow phase cannot set the
+#                   median of 5, as it can of 3
 #   SECTIONS        subset of: roundtrip serial grab bglat submit drain depth kill campaign rss
 #                   gearload (default: all; gearload only when its source is there, see GEARLOAD_SRC)
 #   SERVERS         subset of: gm (gearmand -t 1), gs (gearmand -t 1 -q libsqlite3), an (atomnode)
@@ -38,6 +42,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 SCALE=${SCALE:-1}
 REPS=${REPS:-3}
+QUICK_REPS=${QUICK_REPS:-$(( REPS >= 3 && REPS < 5 ? 5 : REPS ))}
+SECTION_REPS=$REPS  # the current section's runs (REPS, or QUICK_REPS for the short rows)
 GEARLOAD_SRC=${GEARLOAD_SRC:-$(dirname "$ROOT")/shared/bench/gearload.c}
 DEFAULT_SECTIONS="roundtrip serial grab bglat submit drain depth kill campaign rss"
 [ -f "$GEARLOAD_SRC" ] && DEFAULT_SECTIONS="$DEFAULT_SECTIONS gearload"
@@ -223,14 +229,14 @@ BGLAT_RATE=${BGLAT_RATE:-200}
 RSS_SETTLE=${RSS_SETTLE:-2}
 GRAB_SECS=${GRAB_SECS:-$(calc 'v = 5 * '"$SCALE"'; if (v < 1) v = 1; print v')}
 
-runs_of() { # runs_of SECTION KINDS WORKLOAD ARGS...: REPS rounds, servers interleaved
+runs_of() { # runs_of SECTION KINDS WORKLOAD ARGS...: SECTION_REPS rounds, servers interleaved
   local section=$1 kinds=$2 rep kind
   shift 2
   has "$kinds" an && kinds="$kinds ab"
-  for rep in $(seq 1 "$REPS"); do
+  for rep in $(seq 1 "$SECTION_REPS"); do
     for kind in $kinds; do
       has "$SERVERS" "$kind" || continue
-      log "$section: $kind, run $rep/$REPS"
+      log "$section: $kind, run $rep/$SECTION_REPS"
       one "$kind" "$kind/$section" "$@"
     done
   done
@@ -240,10 +246,10 @@ sized_runs() { # like runs_of, but the job count differs per server: N_GS / N_AN
   local section=$1 kinds=$2 ngs=$3 nan=$4 rep kind
   shift 4
   has "$kinds" an && kinds="$kinds ab"
-  for rep in $(seq 1 "$REPS"); do
+  for rep in $(seq 1 "$SECTION_REPS"); do
     for kind in $kinds; do
       has "$SERVERS" "$kind" || continue
-      log "$section: $kind, run $rep/$REPS"
+      log "$section: $kind, run $rep/$SECTION_REPS"
       case $kind in gs) one "$kind" "$kind/$section" "$@" -n "$ngs" ;; *) one "$kind" "$kind/$section" "$@" -n "$nan" ;; esac
     done
   done
@@ -260,11 +266,11 @@ server_cpu_us() {
 # baseline tool), servers interleaved; server CPU read from /proc around each run.
 gearload_runs() {
   local rep kind label out c0 c1 jobs
-  for rep in $(seq 1 "$REPS"); do
+  for rep in $(seq 1 "$SECTION_REPS"); do
     for kind in gm an ab; do
       has "$SERVERS" "$kind" || continue
       label=$kind/gearload-rt
-      log "gearload: $kind, run $rep/$REPS"
+      log "gearload: $kind, run $rep/$SECTION_REPS"
       if ! start_server "$kind"; then echo "ERROR label=$label rc=start" >>"$RES"; continue; fi
       c0=$(server_cpu_us "$SRV_PID")
       out=$("${PIN_LOAD[@]}" "$GEARLOAD" roundtrip -p "$SRV_PORT" -c 4 -w 16 -k 4 -n "$N_RT" \
@@ -395,18 +401,19 @@ campaign() {
   log "  $out"
 }
 
-log "bench: SCALE=$SCALE REPS=$REPS SERVERS='$SERVERS' SECTIONS='$SECTIONS' tmp=$TMP"
+log "bench: SCALE=$SCALE REPS=$REPS QUICK_REPS=$QUICK_REPS SERVERS='$SERVERS' SECTIONS='$SECTIONS' tmp=$TMP"
 log "bench: $PINNING"
 LOAD0=$(cut -d ' ' -f 1-3 /proc/loadavg)
 T0=$(date +%s)
 for s in $SECTIONS; do
+  case $s in roundtrip|serial|bglat|gearload) SECTION_REPS=$QUICK_REPS ;; *) SECTION_REPS=$REPS ;; esac
   case $s in
     roundtrip) runs_of roundtrip "gm an" roundtrip -c 4 -w 16 -k 4 -n "$N_RT" -f bench-rt ;;
     serial) runs_of serial "gm an" roundtrip -c 1 -w 1 -k 1 -n "$N_SERIAL" -f bench-serial ;;
     bglat) sized_runs bglat "gs an" "$N_BGLAT_GS" "$N_BGLAT_AN" bg-latency -c 1 -k 1 --rate "$BGLAT_RATE" \
              --grab plain --poll 1 -f bench-bglat
            # The disk's own floor for that row: one WAL-sized append + fdatasync, same pace.
-           for _ in $(seq 1 "$REPS"); do
+           for _ in $(seq 1 "$SECTION_REPS"); do
              out=$("${PIN_SRV[@]}" "$ROOT/.venv/bin/python" "$HERE/fsync_probe.py" "$TMP" \
                    --count "$N_BGLAT_AN" --rate "$BGLAT_RATE" 2>>"$TMP/lg.err") && echo "$out" >>"$RES"
            done ;;
@@ -448,7 +455,7 @@ mib() { [ -n "$1" ] && calc "printf \"%.1f MiB\", $1 / 1024" || printf 'n/a'; }
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 py=$("$ROOT/.venv/bin/python" -c 'import sys, trio; print("Python", sys.version.split()[0], "trio", trio.__version__)' 2>/dev/null)
 echo
-echo "## atomnode vs gearmand 1.1.20: SCALE=$SCALE REPS=$REPS (medians), ${ELAPSED}s"
+echo "## atomnode vs gearmand 1.1.20: SCALE=$SCALE REPS=$REPS, QUICK_REPS=$QUICK_REPS (medians), ${ELAPSED}s"
 echo
 echo "Machine: ${cpu_model:-unknown CPU}, $NCPU CPUs, $(awk '/^MemTotal:/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM;" \
   "Linux $(uname -r) $(uname -m); ${py:-Python n/a}; $("$GEARMAND" --version 2>/dev/null | grep -m 1 gearmand);" \
