@@ -12,6 +12,10 @@ One extension is plain C: ``atomnode.queue._rowreader`` reads the live jobs at a
 about twice as fast as the sqlite3 module (its docstring says why; docs/performance.md,
 "Restart"). It links the system's libsqlite3 (libsqlite3-dev to build), and recovery uses
 the sqlite3 module where it was not built.
+
+Another is ``atomnode.gearman._fastdecode``: the decoder's loop over complete packets,
+which takes a sixth of the server's CPU per pipelined job off (docs/performance.md, round
+6); the same loop in Python (protocol.Decoder.next_events) serves where it was not built.
 """
 
 import os
@@ -34,6 +38,9 @@ def ext_modules() -> list:
     extensions = mypycify(HOT_MODULES, opt_level="3", group_name="atomnode_hot")
     extensions.append(Extension(
         "atomnode.queue._rowreader", ["atomnode/queue/_rowreader.c"], libraries=["sqlite3"],
+    ))
+    extensions.append(Extension(
+        "atomnode.gearman._fastdecode", ["atomnode/gearman/_fastdecode.c"],
     ))
     for ext in extensions:
         ext.optional = True  # no compiler: the pure-Python modules serve

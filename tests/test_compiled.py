@@ -28,6 +28,17 @@ def test_hot_module_is_compiled(name):
             "`make lint` (mypy) find a type error? (see setup.py)")
 
 
+def test_the_decoders_fast_path_in_c_is_used():
+    """atomnode/gearman/_fastdecode.c, built beside the mypyc modules: the decoder's loop
+    over complete packets (tests/test_protocol.py checks it against the checked path)."""
+    from atomnode.gearman import protocol
+
+    if pure:
+        assert protocol._c_decode is None
+    else:
+        assert protocol._c_decode is not None, "atomnode.gearman._fastdecode was not built"
+
+
 def test_compiled_classes_behave_as_python_ones():
     """What other modules rely on: Job objects can be sorted (heaps) and hashed (sets),
     Conn attributes can be set, packets are tuples."""
@@ -43,4 +54,5 @@ def test_compiled_classes_behave_as_python_ones():
     assert job < other and {job, other} == {other, job}
     dec = Decoder()
     dec.feed(b"\0REQ" + int(T.GRAB_JOB).to_bytes(4, "big") + bytes(4))
-    assert dec.next_events() == [Packet(T.GRAB_JOB, ())]
+    events = dec.next_events()
+    assert events == [Packet(T.GRAB_JOB, ())] and type(events[0]) is Packet

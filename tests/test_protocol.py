@@ -552,6 +552,27 @@ def test_limited_batches_give_the_same_events_and_errors(data, cuts, requests, l
     assert _run_limited(chunks, requests, limit) == _run(chunks, requests)
 
 
+@pytest.mark.parametrize("header", [
+    b"\0REQ" + (0xFFFFFFFF).to_bytes(4, "big") + bytes(4),  # a type far past the table
+    b"\0REQ" + (256 + int(T.GRAB_JOB)).to_bytes(4, "big") + bytes(4),  # wraps a byte
+    b"\0REQ" + int(T.SUBMIT_JOB).to_bytes(4, "big") + (0xFFFFFFFF).to_bytes(4, "big"),
+    b"\0REQ" + int(T.SUBMIT_JOB).to_bytes(4, "big") + (4097).to_bytes(4, "big"),  # > max
+    # complete, but larger than max_packet_size (4096 here)
+    b"\0REQ" + int(T.SUBMIT_JOB).to_bytes(4, "big") + (4097).to_bytes(4, "big") + b"f\0u\0"
+    + b"x" * 4093,
+    b"\0REQ" + int(T.SUBMIT_JOB).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"f\0",
+    b"\0REQ" + int(T.GRAB_JOB).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"abc",
+    b"\0RES" + int(T.GRAB_JOB).to_bytes(4, "big") + bytes(4),
+    b"\0REQ" + int(T.SUBMIT_JOB).to_bytes(4, "big") + (100).to_bytes(4, "big") + b"f\0u",
+])
+def test_hostile_headers_after_good_packets_give_what_the_checked_path_gives(header):
+    """The fast path (in C where built) stops at anything unusual and leaves it to the
+    checked path: the same events, then the same error or the same wait for more."""
+    good = wire(b"\0REQ", T.SUBMIT_JOB, (b"f", b"u", b"data"))
+    for chunks in ([good + good + header], [good, good + header[:7], header[7:]]):
+        assert _run_batched(chunks, True) == _run(chunks, True)
+
+
 def test_a_text_line_ends_a_batch():
     grab = wire(b"\0REQ", T.GRAB_JOB, ())
     dec = Decoder()

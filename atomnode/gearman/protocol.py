@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 REQ = b"\0REQ"
 RES = b"\0RES"
@@ -251,6 +251,25 @@ _unpack_header_ints = struct.Struct(">III").unpack_from
 _REQ_INT: Final = int.from_bytes(REQ, "big")
 _RES_INT: Final = int.from_bytes(RES, "big")
 _new_tuple = tuple.__new__
+_c_decode: Any = None
+try:  # the fast path in C (setup.py builds it; the same loop in Python serves without it)
+    from . import _fastdecode
+
+    _c_decode = _fastdecode.decode
+except ImportError:  # pragma: no cover - pure-Python installs
+    pass
+
+
+def _nargs_table(nargs: dict[int, int]) -> bytes:
+    """The argument counts by packet type as 256 bytes (255: not accepted), for C."""
+    table = bytearray(b"\xff" * 256)
+    for type_, count in nargs.items():
+        table[type_] = count
+    return bytes(table)
+
+
+_REQUEST_TABLE: Final = _nargs_table(_REQUEST_NARGS)
+_RESPONSE_TABLE: Final = _nargs_table(_RESPONSE_NARGS)
 #: A partial packet up to this size is carried into the next read's buffer by copying it.
 _CARRY_MAX = 65536
 
@@ -263,7 +282,8 @@ class Decoder:
     False. Text lines are only recognised on the server side.
     """
 
-    __slots__ = ("_buf", "_pos", "max_packet_size", "expect_requests", "_magic", "_nargs")
+    __slots__ = ("_buf", "_pos", "max_packet_size", "expect_requests", "_magic", "_nargs",
+                 "_table")
 
     def __init__(
         self, *, expect_requests: bool = True, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
@@ -275,6 +295,7 @@ class Decoder:
         # The fast path: the magic and the types this side accepts, with argument counts.
         self._magic = _REQ_INT if expect_requests else _RES_INT
         self._nargs = _REQUEST_NARGS if expect_requests else _RESPONSE_NARGS
+        self._table = _REQUEST_TABLE if expect_requests else _RESPONSE_TABLE
 
     def feed(self, data: bytes) -> None:
         # The buffer is the bytes object just read whenever the previous read was used up
@@ -337,12 +358,20 @@ class Decoder:
         # expected type whose arguments split as they should. Anything else (text, a
         # partial header, a bad magic or type, a wrong argument count) goes to
         # _next_event_checked, which decides and explains.
-        out: list[Packet | AdminLine] = []
-        append = out.append
         magic_ok = self._magic
-        nargs_of = self._nargs
         max_size = self.max_packet_size
         request = self.expect_requests
+        out: list[Packet | AdminLine]
+        if _c_decode is not None:
+            # The same fast path in C: it stops where this loop would leave it, and the
+            # loop goes on from there (a partial packet, text, anything to check).
+            out, pos = _c_decode(buf, pos, limit, self._table, magic_ok, max_size, Packet,
+                                 request)
+            limit -= len(out)
+        else:
+            out = []
+        append = out.append
+        nargs_of = self._nargs
         while pos < n and limit:
             limit -= 1
             start = pos + HEADER_SIZE
