@@ -472,7 +472,7 @@ class Store:
         # (work wakes it at once, through its doorbell).
         self.idle_poll = 1.0
         # How long a batch of facts only (no acknowledged op: see _ACKNOWLEDGED_KINDS)
-        # waits for an acknowledged op to share its transaction (see _run).
+        # waits for an acknowledged op to share its transaction (see _hold_facts).
         self.fact_delay = 0.02
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
