@@ -155,15 +155,21 @@ def _until(check, what: str) -> None:
         time.sleep(0.005)
 
 
+def _started_with_job_1(db: str, fact_delay: float) -> tuple[Store, Results]:
+    """A started store holding job 1, committed, with facts held ``fact_delay``."""
+    s, _, res = opened(db, retention_days=0)
+    s.fact_delay = fact_delay
+    first = Token("1")
+    s.submit(insert_op(1, token=first))
+    res.wait_for(first)
+    return s, res
+
+
 def test_facts_ride_in_the_next_acknowledged_transaction(db: str) -> None:
     # The hold is made longer than the test: the facts can reach the disk only with the
     # insert that follows them, in its transaction.
-    s, _, res = opened(db, retention_days=0)
-    s.fact_delay = 3600.0
+    s, res = _started_with_job_1(db, 3600.0)
     try:
-        first = Token("1")
-        s.submit(insert_op(1, token=first))
-        res.wait_for(first)
         commits = s.commit_seconds.count
         s.submit_many([("start", 1, 1, "w", 1_700_000_001.0), ("done", 1, 1_700_000_002.0, 0)])
         assert _state_of(db, 1) == "queued"  # held, not written
@@ -177,12 +183,8 @@ def test_facts_ride_in_the_next_acknowledged_transaction(db: str) -> None:
 
 
 def test_facts_alone_are_written_after_the_delay(db: str) -> None:
-    s, _, res = opened(db, retention_days=0)
-    s.fact_delay = 0.05
+    s, _ = _started_with_job_1(db, 0.05)
     try:
-        token = Token("1")
-        s.submit(insert_op(1, token=token))
-        res.wait_for(token)
         s.submit(("start", 1, 1, "w", 1_700_000_001.0))
         _until(lambda: _state_of(db, 1) == "running", "the held fact was never written")
     finally:
