@@ -37,6 +37,12 @@ def test_the_decoders_fast_path_in_c_is_used():
         assert protocol._c_decode is None
     else:
         assert protocol._c_decode is not None, "atomnode.gearman._fastdecode was not built"
+        # Misused, it raises instead of crashing the daemon.
+        for bad_type in (object, 5):
+            with pytest.raises(TypeError):
+                protocol._c_decode(b"", 0, 1, bytes(256), 0, 1, bad_type, True)
+        with pytest.raises(TypeError):
+            protocol._c_decode(None, 0, 1, bytes(256), 0, 1, tuple, True)
 
 
 def test_compiled_classes_behave_as_python_ones():

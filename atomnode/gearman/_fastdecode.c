@@ -38,9 +38,13 @@ decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyBytes_AsStringAndSize(args[3], (char **)&table, &tlen) < 0) goto fail;
     unsigned long magic_ok = PyLong_AsUnsignedLong(args[4]);
     Py_ssize_t max_size = PyLong_AsSsize_t(args[5]);
-    PyTypeObject *ptype = (PyTypeObject *)args[6];
     PyObject *request = args[7];
     if (PyErr_Occurred()) goto fail;
+    if (!PyType_Check(args[6]) || !PyType_IsSubtype((PyTypeObject *)args[6], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "packet_type must be a subclass of tuple");
+        goto fail;
+    }
+    PyTypeObject *ptype = (PyTypeObject *)args[6];
     if (pos < 0 || pos > n) { PyErr_SetString(PyExc_ValueError, "bad pos"); goto fail; }
     PyObject *out = PyList_New(0);
     if (!out) goto fail;
