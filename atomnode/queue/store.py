@@ -1148,25 +1148,16 @@ class Store:
         ``FACT_BATCH`` or more already shares its transaction widely and goes at once.
         """
         acked = _ACKNOWLEDGED_KINDS
-        if len(batch) >= FACT_BATCH:
-            return batch
-        for op in batch:
-            if op[0] in acked:
-                return batch
         deadline = time.monotonic() + self.fact_delay
-        while True:
+        new = batch  # the ops not looked at yet
+        while len(batch) < FACT_BATCH and not any(op[0] in acked for op in new):
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.is_set():
-                return batch
+                break
             self._wake.wait(left)
-            more = self._take()
-            if more:
-                batch += more
-                if len(batch) >= FACT_BATCH:
-                    return batch
-                for op in more:
-                    if op[0] in acked:
-                        return batch
+            new = self._take()
+            batch += new
+        return batch
 
     def _drain_final(self, carry: list[tuple] | None = None) -> None:
         """Last writes at close: a few attempts, then give up loudly."""
