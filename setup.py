@@ -16,6 +16,8 @@ the sqlite3 module where it was not built.
 Another is ``atomnode.gearman._fastdecode``: the decoder's loop over complete packets,
 which takes a sixth of the server's CPU per pipelined job off (docs/performance.md, round
 6); the same loop in Python (protocol.Decoder.next_events) serves where it was not built.
+And ``atomnode.gearman._busypoll``: the hub's busy poll (config ``busy_poll``), which must
+run without the GIL; where it was not built the hub does not spin.
 """
 
 import os
@@ -41,6 +43,9 @@ def ext_modules() -> list:
     ))
     extensions.append(Extension(
         "atomnode.gearman._fastdecode", ["atomnode/gearman/_fastdecode.c"],
+    ))
+    extensions.append(Extension(
+        "atomnode.gearman._busypoll", ["atomnode/gearman/_busypoll.c"],
     ))
     for ext in extensions:
         ext.optional = True  # no compiler: the pure-Python modules serve

@@ -549,6 +549,7 @@ class Daemon:
             allow=parse_networks(cfg.allow),
             max_output_per_connection=cfg.max_output_per_connection,
             max_output_total=cfg.max_output_total, max_input_total=cfg.max_input_total,
+            busy_poll=cfg.busy_poll,
         )
         server.on_memory_freed = self._memory_freed
         admin.jobs_command = lambda conn, args: self.jobs_command(server, conn, args)
@@ -894,6 +895,8 @@ class Daemon:
                     log.warning("allow: is set now; restart atomnode to listen on %s",
                                 ", ".join(old.listen))
             logging.getLogger().setLevel(new.log_level.upper())
+            if self.server is not None:
+                self.server.set_busy_poll(new.busy_poll)
             self._apply_runtime_config()
             if self.admin is not None:
                 self.admin.operator_networks = parse_networks(new.operator_networks)

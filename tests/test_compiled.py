@@ -45,6 +45,34 @@ def test_the_decoders_fast_path_in_c_is_used():
             protocol._c_decode(None, 0, 1, bytes(256), 0, 1, tuple, True)
 
 
+def test_the_busy_poll_in_c_is_used():
+    """atomnode/gearman/_busypoll.c: the hub's busy poll, which runs without the GIL. Not
+    built, the hub does not spin at all (a spin in Python would starve the store's writer
+    thread of the GIL)."""
+    import select
+
+    from atomnode.gearman import server
+
+    if pure:
+        assert not server._spin_built
+        return
+    assert server._spin_built, "atomnode.gearman._busypoll was not built"
+    ep = select.epoll()
+    r, w = os.pipe()
+    try:
+        ep.register(r, select.EPOLLIN)
+        assert server._spin(ep.fileno(), 0.001) is False  # nothing ready: runs out
+        os.write(w, b"x")
+        assert server._spin(ep.fileno(), 10.0) is True  # ready: at once, not in 10 s
+        assert ep.poll(0) == [(r, select.EPOLLIN)]  # and it consumed no event
+        with pytest.raises(TypeError):
+            server._spin("3", 0.1)
+    finally:
+        ep.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_compiled_classes_behave_as_python_ones():
     """What other modules rely on: Job objects can be sorted (heaps) and hashed (sets),
     Conn attributes can be set, packets are tuples."""

@@ -186,6 +186,7 @@ def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
             max_packet_size: 16MiB
             shutdown_timeout: 2m
             status_interval: 500ms
+            busy_poll: 150us
             queue: {retention_days: 12h}
             pools:
               - {name: p, command: [x], max_age: 7d, drain_timeout: 1h, backoff_max: 5m}
@@ -195,6 +196,7 @@ def test_durations_and_sizes_in_the_file(tmp_path: Path) -> None:
     assert cfg.max_packet_size == 16 * 1024 * 1024
     assert cfg.shutdown_timeout == 120.0
     assert cfg.status_interval == 0.5
+    assert cfg.busy_poll == pytest.approx(0.00015)
     assert cfg.retention_days == 0.5
     assert (cfg.pools[0].max_age, cfg.pools[0].drain_timeout, cfg.pools[0].backoff_max) == (
         7 * 86400.0,
@@ -300,6 +302,13 @@ def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> Non
             "expected a duration in seconds (30, 30s, 5m, 2h, 7d), got 'soon'",
         ),
         ("status_interval: 0\n", 1, "status_interval", "expected a duration greater than 0"),
+        (
+            "busy_poll: 20ms\n",
+            1,
+            "busy_poll",
+            "expected at most 10ms (the hub goes back to its other work at least that "
+            "often), got '20ms'",
+        ),
         ("database: ''\n", 1, "database", "expected a non-empty string"),
         (
             "functions:\n  f: {max_queue: -1}\n",
@@ -470,8 +479,9 @@ def test_parse_address() -> None:
 
 
 def test_parse_duration_and_size() -> None:
-    assert [parse_duration(x) for x in (30, "30", "30s", "5m", "2h", "7d", "250ms", 1.5)] == [
-        30.0, 30.0, 30.0, 300.0, 7200.0, 604800.0, 0.25, 1.5,
+    assert [parse_duration(x) for x in (30, "30", "30s", "5m", "2h", "7d", "250ms", 1.5,
+                                        "200us")] == [
+        30.0, 30.0, 30.0, 300.0, 7200.0, 604800.0, 0.25, 1.5, 0.0002,
     ]  # fmt: skip
     for bad in ("5 weeks", "-1", True, None, -1):
         with pytest.raises(ValueError):

@@ -309,6 +309,11 @@ class Admin:
                 # requests may delay everybody else's.
                 "longest_round_ms": round(getattr(server, "longest_round", 0.0) * 1000, 2),
                 "slow_rounds": getattr(server, "slow_rounds", 0),
+                # The busy poll (config busy_poll): waits it caught the next input in,
+                # and those it ran out of (each spent busy_poll of CPU in vain).
+                "busy_poll_ms": round(getattr(server, "busy_poll", 0.0) * 1000, 3),
+                "busy_poll_hits": getattr(server, "busy_hits", 0),
+                "busy_poll_misses": getattr(server, "busy_misses", 0),
             },
             "functions": functions,
             "concurrency": self.concurrency_listing(broker),

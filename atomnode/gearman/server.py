@@ -81,6 +81,12 @@ COALESCE_ROUNDS: Final = 2
 #: the gap between jobs of a steady flow of 100/s or more, so such a flow never pays a
 #: pass through trio's scheduler per job. See :meth:`Server._hub`.
 HUB_HOLD: Final = 0.010
+#: Default of ``busy_poll`` (config): how long the hub polls its connections without
+#: sleeping before it waits in the kernel, when its last quiet spell was shorter than
+#: this. An idle CPU of a virtual machine halts, and waking it costs more than a round of
+#: work: a serial round trip (a client waiting for each job) paid that three times. See
+#: :meth:`Server._hub`. 0 turns it off; it is off on a machine with one CPU.
+BUSY_POLL: Final = 0.0002
 #: A failing accept (EMFILE...) is logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 30.0
 #: A hub round that takes more CPU than this is counted as slow (atomnode-status).
@@ -103,6 +109,15 @@ _GONE: Final = select.EPOLLHUP | select.EPOLLERR
 _os_read: Final = os.read
 _os_write: Final = os.write
 _perf_counter: Final = time.perf_counter
+try:  # the busy poll, in C without the GIL (setup.py; without it the hub does not spin)
+    from ._busypoll import spin as _spin
+
+    _spin_built = True
+except ImportError:  # pragma: no cover - pure-Python installs
+    _spin_built = False
+
+    def _spin(epfd: int, seconds: float) -> bool:
+        return False
 
 
 def _trio_wakeup() -> tuple[int, Any]:
@@ -165,8 +180,15 @@ class Server:
         max_output_per_connection: int = MAX_OUTPUT_PER_CONNECTION,
         max_output_total: int = MAX_OUTPUT_TOTAL,
         max_input_total: int = MAX_INPUT_TOTAL,
+        busy_poll: float = BUSY_POLL,
     ):
         self.broker = broker
+        self.busy_poll = 0.0
+        self.set_busy_poll(busy_poll)
+        #: Busy polls that caught the next input, and those that ran out (each spent
+        #: ``busy_poll`` of CPU in vain before the hub slept): in atomnode-status.
+        self.busy_hits = 0
+        self.busy_misses = 0
         #: Networks allowed to connect besides loopback (``allow:``); see system/access.py.
         self.allow = allow
         self.refusals = RefusalLog()
@@ -215,6 +237,12 @@ class Server:
         self._accept_errors = Repeats(ACCEPT_LOG_INTERVAL)
 
     # ------------------------------------------------------------- listening
+    def set_busy_poll(self, seconds: float) -> None:
+        """How long the hub polls before it sleeps (0 = never; see :meth:`_hub`). It stays
+        0 on a machine with one CPU, where the peer that sends the next request needs the
+        CPU the hub would spin on, and where atomnode.gearman._busypoll was not built."""
+        self.busy_poll = seconds if (os.cpu_count() or 1) > 1 and _spin_built else 0.0
+
     async def open_listeners(
         self, addresses: list[str], sockets: list[socket.socket] | None = None
     ) -> None:
@@ -407,6 +435,15 @@ class Server:
         or when HUB_HOLD is over. What else trio watches itself (worker pipes, the
         console, timers) may wait up to HUB_HOLD. A quiet daemon sleeps in trio as
         before; a busy one pays one trio wake-up per HUB_HOLD instead of one per packet.
+
+        Waiting in the kernel has its own price: the CPU goes idle, and on a virtual
+        machine an idle CPU halts, so the next packet pays the wake-up of the CPU, and
+        then of the thread, before the hub sees it. A client that waits for each reply
+        (AtoM's web requests, a worker between jobs) pays it at every step. So, when the
+        last quiet spell was shorter than :attr:`busy_poll`, the hub first polls for up
+        to that long without sleeping. A long spell turns this off until a short one is
+        seen again, so a daemon between bursts spends at most one ``busy_poll`` per
+        burst; an idle one spends nothing (it sleeps in trio).
         """
         ep = self._ep
         by_fd = self._by_fd
@@ -430,13 +467,17 @@ class Server:
                 except OSError:
                     continue
                 kicks.add(fd)
+        ep_fd = ep.fileno()
+        quiet_since = 0.0  # when the last round ended
+        gap = HUB_HOLD  # how long the last quiet spell lasted
         while True:
             await wait_readable(ep)
-            until = _perf_counter() + HUB_HOLD
+            started = _perf_counter()
+            gap = started - quiet_since
+            until = started + HUB_HOLD
             hold_cpu = thread_time()
             events = ep.poll(0)
             deferred = 0
-            started = _perf_counter()
             while events:
                 kicked = False
                 urgent = False  # replies to flush now (the store's acknowledgements)
@@ -456,11 +497,13 @@ class Server:
                             self._read(peer)
                         elif ev & _GONE:
                             self._close(peer)  # a paused peer is gone
-                if not (kicked or urgent) and deferred < COALESCE_ROUNDS:
+                if not (kicked or urgent or self._backlogged) and deferred < COALESCE_ROUNDS:
                     # More input already waiting (pipelining peers): serve it before
                     # writing, so that each connection's replies of these rounds go out in
                     # one write. A peer waiting for its reply has sent nothing more, and
-                    # waits at most COALESCE_ROUNDS more rounds.
+                    # waits at most COALESCE_ROUNDS more rounds. Not while a connection's
+                    # replies are backlogged: whether it is read on (PAUSE_OUTPUT) is
+                    # decided on its pending bytes, which must then be current each round.
                     more = ep.poll(0)
                     if more:
                         deferred += 1
@@ -483,11 +526,22 @@ class Server:
                         self.longest_round = took
                     if took > SLOW_ROUND:
                         self.slow_rounds += 1
+                quiet_since = now
                 if kicked or runq is None or runq or now >= until:
                     break
-                # Quiet: wait in the kernel for the rest of HUB_HOLD (at once if ready).
-                events = ep.poll(until - now)
+                # Quiet: if the last quiet spell was short, poll without sleeping for a
+                # while; else, or when that ran out, wait in the kernel for the rest of
+                # HUB_HOLD (at once if ready).
+                busy_poll = self.busy_poll
+                if gap < busy_poll and _spin(ep_fd, min(busy_poll, until - now)):
+                    self.busy_hits += 1
+                    events = ep.poll(0)
+                else:
+                    if gap < busy_poll:
+                        self.busy_misses += 1
+                    events = ep.poll(until - _perf_counter())
                 started = _perf_counter()
+                gap = started - now
 
     def _read(self, peer: _Peer) -> None:
         try:

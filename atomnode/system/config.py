@@ -189,6 +189,9 @@ class Config:
     operator_networks: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
     status_interval: float = 5.0
+    #: ``busy_poll``: seconds the hub polls its connections before it sleeps, after a
+    #: short quiet spell (gearman/server.py, BUSY_POLL); 0 = never.
+    busy_poll: float = 0.0002
     functions: Mapping[str, FunctionConfig] = field(default_factory=empty_map)
     concurrency: tuple[ConcurrencyGroup, ...] = ()
     pools: tuple[PoolConfig, ...] = ()
@@ -211,6 +214,10 @@ class Config:
     empty_file: bool = False
 
 
+#: The longest ``busy_poll``: the hub's hold (gearman/server.py, HUB_HOLD).
+MAX_BUSY_POLL = 0.010
+
+
 class ConfigError(Exception):
     """The configuration is invalid. ``errors`` holds one message per problem; ``str()``
     is all of them, one per line."""
@@ -222,7 +229,8 @@ class ConfigError(Exception):
 
 _TOP_KEYS = [
     "listen", "database", "log_level", "queue", "max_packet_size", "limits",
-    "operator_networks", "shutdown_timeout", "status_interval", "functions", "concurrency",
+    "operator_networks", "shutdown_timeout", "status_interval", "busy_poll", "functions",
+    "concurrency",
     "pools", "handlers", "http", "allow", "control_socket", "atom_sites", "atom_runners",
 ]  # fmt: skip
 _HTTP_KEYS = ["listen", "user", "password_hash", "read_only"]
@@ -321,6 +329,14 @@ def _build(data: Any, doc: Doc) -> Config:
     for name in ("shutdown_timeout", "status_interval"):
         if name in top:
             put(name, v.duration(top[name], (name,), positive=name == "status_interval"))
+    if "busy_poll" in top:
+        bp = top["busy_poll"]
+        spin = v.duration(0 if bp is False else bp, ("busy_poll",))
+        if spin is not None and spin > MAX_BUSY_POLL:
+            v.err(("busy_poll",), f"expected at most {MAX_BUSY_POLL * 1000:g}ms (the hub goes "
+                  f"back to its other work at least that often), got {bp!r}")
+            spin = None
+        put("busy_poll", spin)
 
     if "functions" in top:
         fmap = v.mapping(top["functions"], ("functions",))
@@ -928,6 +944,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         "operator_networks": list(cfg.operator_networks),
         "shutdown_timeout": cfg.shutdown_timeout,
         "status_interval": cfg.status_interval,
+        "busy_poll": cfg.busy_poll,
         "functions": {
             name: {k: v for k, v in dataclasses.asdict(fc).items() if v is not None}
             for name, fc in cfg.functions.items()

@@ -62,15 +62,15 @@ def connectable(host: str) -> str:
 
 # ------------------------------------------------------------------------------ durations
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {
-    None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
-}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+#: Units under a second divide (200us is 0.0002, not 0.00019999999999999998).
+_DURATION_FRACTIONS = {"us": 1e6, "ms": 1e3}
 
 
 def parse_duration(value: Any) -> float:
-    """``30``, ``30s``, ``500ms``, ``5m``, ``2h``, ``7d``, ``2w`` -> seconds (a plain number
-    is seconds). Raises ValueError."""
+    """``30``, ``30s``, ``500ms``, ``200us``, ``5m``, ``2h``, ``7d``, ``2w`` -> seconds (a
+    plain number is seconds). Raises ValueError."""
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, (int, float)):
@@ -80,7 +80,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            unit = m.group(2)
+            if unit in _DURATION_FRACTIONS:
+                return float(m.group(1)) / _DURATION_FRACTIONS[unit]
+            return float(m.group(1)) * _DURATION_UNITS[unit]
     raise ValueError("expected a duration")
 
 
