@@ -1,6 +1,7 @@
 """The hub's busy poll (config ``busy_poll``; gearman/server.py, Server._hub), against the
 real daemon: it catches the next request of a client that waits for each reply, it stays
-off after quiet spells longer than itself, and ``busy_poll: 0`` turns it off. The
+off after quiet spells longer than itself and after rounds that replied nothing, and
+``busy_poll: 0`` turns it off. The
 figures are the daemon's own (``atomnode-status``, ``loop``).
 
 The gaps here are real time, on purpose: the busy poll is about how long the daemon's
@@ -65,6 +66,24 @@ def test_quiet_spells_longer_than_the_busy_poll_turn_it_off(tmp_path: Path) -> N
         loop = _loop(d)
         assert loop["busy_poll_misses"] <= 1, loop
         assert loop["busy_poll_ms"] == (0 if ONE_CPU else 2), loop
+    finally:
+        assert d.stop() == 0
+
+
+def test_rounds_that_reply_nothing_do_not_spin(tmp_path: Path) -> None:
+    """A worker's packets that get no reply (CAN_DO here, PRE_SLEEP in life), 1 ms apart:
+    the gaps are short, but nobody waits to answer a reply, so the hub sleeps at once (a
+    busy poll on short gaps alone would spin after each of them)."""
+    d = Daemon(tmp_path, config="busy_poll: 5ms\n").start()
+    try:
+        with d.client() as c:
+            for i in range(50):
+                time.sleep(0.001)  # the load's rhythm, not a wait for an event
+                c.send(T.CAN_DO, b"f%d" % i)
+            c.send(T.ECHO_REQ, b"done")  # all handled (and one reply: no spin before it)
+            c.expect(T.ECHO_RES)
+            loop = _loop(d)
+        assert loop["busy_poll_hits"] <= 1 and loop["busy_poll_misses"] <= 1, loop
     finally:
         assert d.stop() == 0
 

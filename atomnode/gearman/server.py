@@ -82,10 +82,11 @@ COALESCE_ROUNDS: Final = 2
 #: pass through trio's scheduler per job. See :meth:`Server._hub`.
 HUB_HOLD: Final = 0.010
 #: Default of ``busy_poll`` (config): how long the hub polls its connections without
-#: sleeping before it waits in the kernel, when its last quiet spell was shorter than
-#: this. An idle CPU of a virtual machine halts, and waking it costs more than a round of
-#: work: a serial round trip (a client waiting for each job) paid that three times. See
-#: :meth:`Server._hub`. 0 turns it off; it is off on a machine with one CPU.
+#: sleeping before it waits in the kernel, when its last round replied to someone and its
+#: last quiet spell was shorter than this. An idle CPU of a virtual machine halts, and
+#: waking it costs more than a round of work: a serial round trip (a client waiting for
+#: each job) paid that three times. See :meth:`Server._hub`. 0 turns it off; it is off on
+#: a machine with one CPU.
 BUSY_POLL: Final = 0.0002
 #: A failing accept (EMFILE...) is logged at most once per this many seconds.
 ACCEPT_LOG_INTERVAL = 30.0
@@ -440,10 +441,14 @@ class Server:
         machine an idle CPU halts, so the next packet pays the wake-up of the CPU, and
         then of the thread, before the hub sees it. A client that waits for each reply
         (AtoM's web requests, a worker between jobs) pays it at every step. So, when the
-        last quiet spell was shorter than :attr:`busy_poll`, the hub first polls for up
-        to that long without sleeping. A long spell turns this off until a short one is
-        seen again, so a daemon between bursts spends at most one ``busy_poll`` per
-        burst; an idle one spends nothing (it sleeps in trio).
+        last round replied to someone (who may well answer at once) and the last quiet
+        spell was shorter than :attr:`busy_poll`, the hub first polls for up to that long
+        without sleeping. A round that replied nothing (a worker's PRE_SLEEP, a
+        background submission waiting for its commit) leaves nobody to answer soon, and a
+        long spell turns the poll off until a short one is seen again: so a daemon
+        between bursts spends at most one ``busy_poll`` per burst, an idle one nothing
+        (it sleeps in trio), and the store's writer does not compete with a spinning hub
+        while it commits a submission (the two may share a CPU).
         """
         ep = self._ep
         by_fd = self._by_fd
@@ -510,6 +515,7 @@ class Server:
                         events = more
                         continue
                 deferred = 0
+                replied = bool(self.broker.out.sends)
                 self.flush()
                 if self.freed_since_trim >= TRIM_AFTER and self.on_memory_freed is not None:
                     self.freed_since_trim = 0
@@ -529,15 +535,16 @@ class Server:
                 quiet_since = now
                 if kicked or runq is None or runq or now >= until:
                     break
-                # Quiet: if the last quiet spell was short, poll without sleeping for a
-                # while; else, or when that ran out, wait in the kernel for the rest of
-                # HUB_HOLD (at once if ready).
+                # Quiet: if this round replied and the last quiet spell was short, poll
+                # without sleeping for a while; else, or when that ran out, wait in the
+                # kernel for the rest of HUB_HOLD (at once if ready).
                 busy_poll = self.busy_poll
-                if gap < busy_poll and _spin(ep_fd, min(busy_poll, until - now)):
+                spin = replied and gap < busy_poll
+                if spin and _spin(ep_fd, min(busy_poll, until - now)):
                     self.busy_hits += 1
                     events = ep.poll(0)
                 else:
-                    if gap < busy_poll:
+                    if spin:
                         self.busy_misses += 1
                     events = ep.poll(until - _perf_counter())
                 started = _perf_counter()
