@@ -473,8 +473,7 @@ class Server:
                     continue
                 kicks.add(fd)
         ep_fd = ep.fileno()
-        quiet_since = 0.0  # when the last round ended
-        gap = HUB_HOLD  # how long the last quiet spell lasted
+        quiet_since = 0.0  # when the last round ended (gap: how long the quiet spell was)
         while True:
             await wait_readable(ep)
             started = _perf_counter()
