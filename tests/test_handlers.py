@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from atomnode.system.config import HandlerConfig
 from atomnode.workers.handlers import HandlerPool
@@ -230,6 +231,40 @@ async def test_concurrency_runs_n_at_once_and_shows_in_status(
     st = await status(gearmand.port)
     assert st["h-conc"] == (4, 0, 0)
     assert pool.snapshot()["done"] == 0
+
+
+async def test_shutdown_kills_a_command_that_was_still_starting(
+    gearmand: Gearmand, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_process starts the command from a thread, so a command can run before its
+    slot knows it. A shutdown in that moment must still kill it when the slot resumes,
+    not wait for it forever (it used to: 1 run in 6-10 of the test above hung so)."""
+    real_open = trio.lowlevel.open_process
+    spawned = trio.Event()
+    resume = trio.Event()
+
+    async def slow_open(*args, **kwargs):
+        proc = await real_open(*args, **kwargs)
+        spawned.set()
+        await resume.wait()  # the slot resumes only after shutdown killed the others
+        return proc
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", slow_open)
+    cfg = HandlerConfig(function="h-start", shell=True, concurrency=1,
+                        command=("exec sleep 1000",))
+    pool = HandlerPool(cfg, (gearmand.address,))
+    async with trio.open_nursery() as n:
+        await n.start(pool.run)
+        c = await RawClient.connect(gearmand.port)
+        await c.submit_bg("h-start", b"x")
+        with trio.fail_after(10):
+            await spawned.wait()
+        n.start_soon(pool.shutdown, 0)
+        await trio.testing.wait_all_tasks_blocked()  # shutdown waits for the slot now
+        resume.set()
+        with trio.fail_after(10):
+            await pool._finished.wait()
+    assert (await status(gearmand.port))["h-start"] == (1, 0, 0)
 
 
 async def test_reconnects_when_the_server_comes_back(gearmand: Gearmand) -> None:

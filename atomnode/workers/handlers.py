@@ -183,6 +183,7 @@ class HandlerPool:
         self._stopping = False
         self._grab_scopes: set[trio.CancelScope] = set()
         self._procs: dict[trio.Process, bool] = {}  # process -> killed by shutdown
+        self._killing = False  # shutdown has killed the running commands
         self._idle = trio.Event()
         self._idle.set()
         self._finished = trio.Event()
@@ -213,14 +214,18 @@ class HandlerPool:
             scope.cancel()
         with trio.move_on_after(timeout):
             await self._idle.wait()
+        self._killing = True
         for proc in list(self._procs):
-            if proc.returncode is None:
-                log.warning("handler %s: killing command pid %d at shutdown",
-                            self.cfg.function, proc.pid)
-                self._procs[proc] = True
-                procinfo.signal_group(proc.pid, signal.SIGKILL)
+            self._kill_at_shutdown(proc)
         if self._started:
             await self._finished.wait()
+
+    def _kill_at_shutdown(self, proc: trio.Process) -> None:
+        if proc.returncode is None:
+            log.warning("handler %s: killing command pid %d at shutdown",
+                        self.cfg.function, proc.pid)
+            self._procs[proc] = True
+            procinfo.signal_group(proc.pid, signal.SIGKILL)
 
     def snapshot(self) -> dict:
         """Function name, configured concurrency, running, done and failed job counts."""
@@ -344,6 +349,10 @@ class HandlerPool:
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             return False, f"cannot start command: {exc}".encode()
         self._procs[proc] = False
+        if self._killing:
+            # open_process starts the command from a thread: it may have run (and been
+            # seen running) before this task resumed, after shutdown killed the others.
+            self._kill_at_shutdown(proc)
         out = bytearray()
         err = bytearray()
         too_big = False
