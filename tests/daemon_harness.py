@@ -10,6 +10,7 @@ separately in tests/interop.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -315,6 +316,11 @@ class Daemon:
 
     def worker(self, *functions: bytes, client_id: bytes | None = None) -> Worker:
         return Worker(self.port, *functions, client_id=client_id)
+
+    def atomnode_status(self) -> dict:
+        """The daemon's own figures: ``atomnode-status`` (buffers, loop, connections...)."""
+        with self.client() as c:
+            return json.loads(c.admin("atomnode-status").split(b"\n")[0])
 
     def status(self) -> dict[str, tuple[int, int, int]]:
         with self.client() as c:

@@ -11,7 +11,6 @@ which cannot make a test pass that should fail.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -22,11 +21,6 @@ from daemon_harness import Client, Daemon
 from atomnode.gearman.protocol import T
 
 ONE_CPU = (os.cpu_count() or 1) == 1
-
-
-def _loop(d: Daemon) -> dict:
-    with d.client() as c:
-        return json.loads(c.admin("atomnode-status").split(b"\n")[0])["loop"]
 
 
 def _ping_pong(c: Client, n: int, pause: float = 0.0) -> None:
@@ -45,7 +39,7 @@ def test_a_client_waiting_for_each_reply_is_caught_without_sleeping(tmp_path: Pa
     try:
         with d.client() as c:
             _ping_pong(c, 200)
-        loop = _loop(d)
+        loop = d.atomnode_status()["loop"]
         if ONE_CPU:
             assert loop["busy_poll_ms"] == 0 and loop["busy_poll_hits"] == 0, loop
         else:
@@ -63,7 +57,7 @@ def test_quiet_spells_longer_than_the_busy_poll_turn_it_off(tmp_path: Path) -> N
     try:
         with d.client() as c:
             _ping_pong(c, 15, pause=0.020)
-        loop = _loop(d)
+        loop = d.atomnode_status()["loop"]
         assert loop["busy_poll_misses"] <= 1, loop
         assert loop["busy_poll_ms"] == (0 if ONE_CPU else 2), loop
     finally:
@@ -82,7 +76,7 @@ def test_rounds_that_reply_nothing_do_not_spin(tmp_path: Path) -> None:
                 c.send(T.CAN_DO, b"f%d" % i)
             c.send(T.ECHO_REQ, b"done")  # all handled (and one reply: no spin before it)
             c.expect(T.ECHO_RES)
-            loop = _loop(d)
+            loop = d.atomnode_status()["loop"]
         assert loop["busy_poll_hits"] <= 1 and loop["busy_poll_misses"] <= 1, loop
     finally:
         assert d.stop() == 0
@@ -93,7 +87,7 @@ def test_busy_poll_0_turns_it_off(tmp_path: Path) -> None:
     try:
         with d.client() as c:
             _ping_pong(c, 200)
-        loop = _loop(d)
+        loop = d.atomnode_status()["loop"]
         assert loop["busy_poll_ms"] == 0, loop
         assert loop["busy_poll_hits"] == 0 and loop["busy_poll_misses"] == 0, loop
     finally:
@@ -104,12 +98,12 @@ def test_the_default_is_200us_and_a_reload_changes_it(tmp_path: Path) -> None:
     """No setting: 200 us. A reload (SIGHUP) applies a new value to the running hub."""
     d = Daemon(tmp_path, config="log_level: info\n").start()
     try:
-        assert _loop(d)["busy_poll_ms"] == (0 if ONE_CPU else 0.2)
+        assert d.atomnode_status()["loop"]["busy_poll_ms"] == (0 if ONE_CPU else 0.2)
         assert d.config_path is not None and d.notify is not None and d.proc is not None
         d.config_path.write_text("busy_poll: 0\n")
         d.proc.send_signal(signal.SIGHUP)
         d.notify.wait_for("RELOADING")
         d.notify.wait_for("READY")
-        assert _loop(d)["busy_poll_ms"] == 0
+        assert d.atomnode_status()["loop"]["busy_poll_ms"] == 0
     finally:
         assert d.stop() == 0

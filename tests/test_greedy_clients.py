@@ -35,11 +35,6 @@ def _wait(predicate, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.02)  # polling the daemon from outside: no event to wait on
 
 
-def _status(d: Daemon) -> dict:
-    with d.client() as c:
-        return json.loads(c.admin("atomnode-status").split(b"\n")[0])
-
-
 def _vm(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -101,7 +96,7 @@ def test_a_client_that_does_not_read_is_closed_at_its_limit(tmp_path: Path) -> N
         # up to 1 + COALESCE_ROUNDS rounds (a 512 KiB chunk completes in a round at most).
         assert 2 * MiB < unread <= 2 * MiB + (1 + COALESCE_ROUNDS) * (512 * 1024 + 64), line
         assert _closed_by_peer(slow)
-        assert _status(d)["buffers"]["output"] == 0
+        assert d.atomnode_status()["buffers"]["output"] == 0
         w.send(T.WORK_COMPLETE, handle, b"")
         w.close()
     finally:
@@ -132,7 +127,7 @@ def test_unread_replies_are_bounded_in_total(tmp_path: Path) -> None:
                 w.send(T.WORK_DATA, h, chunk)
             w.send(T.ECHO_REQ, b"sync")
             w.expect(T.ECHO_RES)
-            assert _status(d)["buffers"]["output"] <= 6 * MiB
+            assert d.atomnode_status()["buffers"]["output"] <= 6 * MiB
         assert "all connections together hold more than the limit" in d.log()
         closed = sum(_closed_by_peer(s, timeout=0.5) for s in readers)
         assert closed >= 12 - 6 // 2, closed  # each kept one holds at least its share
@@ -161,7 +156,7 @@ def test_a_client_pipelining_without_reading_waits_for_itself(tmp_path: Path) ->
         except TimeoutError:
             pass  # the daemon stopped reading us: that is the point
         assert sent < 24 * MiB
-        buffers = _status(d)["buffers"]
+        buffers = d.atomnode_status()["buffers"]
         assert buffers["output"] <= 1 * MiB + 512 * 1024, buffers
         assert buffers["input"] <= 256 * 1024 + len(payload), buffers
         assert "does not read its replies" not in d.log()
@@ -179,7 +174,7 @@ def test_memory_is_given_back_after_greedy_clients_leave(tmp_path: Path) -> None
     d = Daemon(tmp_path, config=config).start()
     try:
         pid = d.proc.pid
-        _status(d)
+        d.atomnode_status()
         before = _vm(pid, "VmRSS")
         clients = []
         body = b"m" * (24 * MiB)
@@ -187,14 +182,14 @@ def test_memory_is_given_back_after_greedy_clients_leave(tmp_path: Path) -> None
             s = _slow_reader(d.port)
             s.sendall(encode(T.ECHO_REQ, body, request=True))
             clients.append(s)
-        _wait(lambda: _status(d)["buffers"]["output"] > 8 * 20 * MiB, "replies held")
+        _wait(lambda: d.atomnode_status()["buffers"]["output"] > 8 * 20 * MiB, "replies held")
         peak = _vm(pid, "VmRSS")
         assert peak - before > 150 * MiB  # the load is real
         for s in clients:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             s.close()  # reset: nothing more is read
         t0 = time.monotonic()
-        _wait(lambda: _status(d)["buffers"]["output"] == 0, "buffers freed", timeout=10)
+        _wait(lambda: d.atomnode_status()["buffers"]["output"] == 0, "buffers freed", timeout=10)
         _wait(lambda: _vm(pid, "VmRSS") - before < 32 * MiB, "RSS back", timeout=10)
         back_after = time.monotonic() - t0
         assert back_after < 10.0
@@ -219,7 +214,7 @@ def test_unfinished_packets_are_bounded_in_total(tmp_path: Path) -> None:
             conns.append(s)
             with d.client() as c:  # a round trip: the daemon has read the bytes above
                 assert c.admin("version").startswith(b"OK")
-        buffers = _status(d)["buffers"]
+        buffers = d.atomnode_status()["buffers"]
         assert buffers["input"] <= 4 * MiB, buffers
         assert buffers["input"] >= 3 * (body - 10), buffers
         assert "unfinished input packets" in d.log()
@@ -230,7 +225,7 @@ def test_unfinished_packets_are_bounded_in_total(tmp_path: Path) -> None:
             assert c.expect(T.ECHO_RES).args[0] == b"ok"
         for s in conns:
             s.close()
-        _wait(lambda: _status(d)["buffers"]["input"] == 0, "input released")
+        _wait(lambda: d.atomnode_status()["buffers"]["input"] == 0, "input released")
     finally:
         assert d.stop() == 0
 
@@ -250,13 +245,13 @@ def test_idle_connections_that_never_finish_a_packet_cost_little(tmp_path: Path)
         # Warm up: the first connections allocate the daemon's own structures.
         for _ in range(50):
             conns.append(socket.create_connection(("127.0.0.1", d.port)))
-        _status(d)
+        d.atomnode_status()
         before = _vm(pid, "VmRSS")
         for i in range(n):
             s = socket.create_connection(("127.0.0.1", d.port))
             s.sendall(b"\0REQ\0\0\0\x07" if i % 2 else b"stat")
             conns.append(s)
-        doc = _status(d)
+        doc = d.atomnode_status()
         assert doc["connections"] >= n + 50
         assert doc["buffers"]["input"] == n // 2 * 8 + n // 2 * 4
         per_conn = (_vm(pid, "VmRSS") - before) / n
@@ -316,13 +311,13 @@ def test_admin_floods_do_not_stall_workers(tmp_path: Path) -> None:
             c.sock.sendall(batch)
             for _ in range(queued):
                 c.expect(T.JOB_CREATED)
-        before = _status(d)["loop"]["slow_rounds"]
+        before = d.atomnode_status()["loop"]["slow_rounds"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         for kind in ("show", "status", "deaf"):
             floods.append(subprocess.Popen(
                 [sys.executable, str(HERE / "greedy_flood.py"), str(d.port), kind], env=env,
                 preexec_fn=lambda: os.nice(10)))
-        _wait(lambda: _status(d)["connections"] >= 4, "the flooders")
+        _wait(lambda: d.atomnode_status()["connections"] >= 4, "the flooders")
         # The worker, like the daemon, runs ahead of the flooders (nice): what is measured
         # is what the floods cost inside the daemon, not this machine's other load. A
         # shared machine still stalls any process now and then: the best of up to three
@@ -338,7 +333,7 @@ def test_admin_floods_do_not_stall_workers(tmp_path: Path) -> None:
             p99s.append(lat[int(len(lat) * 0.99)])
             if p99s[-1] < 0.100:
                 break
-        doc = _status(d)
+        doc = d.atomnode_status()
         for p in floods:
             assert p.poll() is None, "a flooder died"
         p99 = min(p99s)
