@@ -144,6 +144,7 @@ class Daemon:
         self._atom_pending: list[tuple[Any, int, str]] = []
         self._atom_wake: trio.Event | None = None
         self._trim_wanted = False  # freed memory to hand back (see _gc_task)
+        self._gc_deep = False  # a deep queue froze the collector's view (see _gc_tick)
         self.owner_token = ""  # ATOMNODE_OWNER of this run's processes (workers.keeper)
         self.keeper: Any = None
 
@@ -530,8 +531,11 @@ class Daemon:
             broker.next_seq = max(broker.next_seq, recovery.next_seq)
             restored = broker.finish_restore()
         finally:
+            # Everything start-up made (modules, configuration, the recovered jobs) is
+            # long-lived: frozen, a full collection never rescans it (see _gc_task).
             gc.freeze()
             gc.enable()
+        self._gc_deep = restored >= self.GC_FREEZE_ABOVE
         if restored:
             log.info("recovered %d queued job(s) from %s in %.2fs", restored, cfg.database,
                      time.monotonic() - t0)
@@ -812,6 +816,25 @@ class Daemon:
         the system now rather than never (glibc keeps freed heap memory)."""
         self._trim_wanted = True
 
+    def _gc_tick(self, live: int) -> None:
+        """One round of _gc_task's policy, ``live`` jobs in the broker.
+
+        Deep: collect the young generations and freeze what survives. Short again after a
+        deep queue: unfreeze and collect everything once. Otherwise leave the collector
+        alone, and in particular leave start-up's freeze in place: unfreezing it costs a
+        full collection of the daemon's every object (6-8 ms on the event loop, measured
+        one second into serving, when the first round ran) and makes every later full
+        collection rescan them, for nothing, since they live as long as the daemon.
+        """
+        if live >= self.GC_FREEZE_ABOVE:
+            gc.collect(1)
+            gc.freeze()
+            self._gc_deep = True
+        elif self._gc_deep:
+            gc.unfreeze()
+            gc.collect()
+            self._gc_deep = False
+
     async def _gc_task(self) -> None:
         """Keep the cyclic garbage collector off the queued jobs.
 
@@ -820,7 +843,7 @@ class Daemon:
         queued. While the queue is deep, the young generations are collected and what
         survives is frozen (never rescanned; finished jobs are still freed by reference
         counting, they form no cycles). When the queue is short again everything is
-        unfrozen and collected once, so nothing cyclic is kept for good.
+        unfrozen and collected once, so nothing cyclic is kept for good (_gc_tick).
         """
         assert self.broker is not None
         high_water = deepest = len(self.broker.jobs)
@@ -837,12 +860,7 @@ class Daemon:
                 self.broker.compact()
                 deepest = live
                 self._trim_wanted = True
-            if live >= self.GC_FREEZE_ABOVE:
-                gc.collect(1)
-                gc.freeze()
-            elif gc.get_freeze_count():
-                gc.unfreeze()
-                gc.collect()
+            self._gc_tick(live)
             # Memory back to the system once a deep queue has drained (by a lot: a
             # trim costs a few ms on a large heap) or greedy connections have gone.
             high_water = max(high_water, live)

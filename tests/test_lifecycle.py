@@ -172,6 +172,39 @@ def test_writer_stall_withholds_watchdog():
     assert ok is False and "writer" in reason
 
 
+def test_gc_keeps_start_up_frozen_and_unfreezes_only_after_a_deep_queue():
+    """The collector's policy round by round: a short queue leaves start-up's freeze in
+    place (unfreezing it is a full collection of the daemon's every object on the event
+    loop, for objects that live as long as it does); a deep queue freezes; the queue
+    short again after that unfreezes and collects once, then leaves the collector alone."""
+    import gc
+
+    from atomnode.system.config import Config
+    from atomnode.daemon import Daemon as RealDaemon
+
+    daemon = RealDaemon(Config())
+    above = daemon.GC_FREEZE_ABOVE
+    was_frozen = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        start_up = gc.get_freeze_count()
+        assert start_up > 0
+        daemon._gc_tick(0)
+        daemon._gc_tick(above - 1)
+        assert gc.get_freeze_count() >= start_up  # start-up's freeze stays
+        daemon._gc_tick(above)
+        assert daemon._gc_deep is True and gc.get_freeze_count() >= start_up
+        daemon._gc_tick(above - 1)  # short again: unfrozen, collected
+        assert daemon._gc_deep is False and gc.get_freeze_count() == 0
+        gc.freeze()  # (stands for objects frozen later by someone else)
+        daemon._gc_tick(0)
+        assert gc.get_freeze_count() > 0  # no second unfreeze without a deep queue
+    finally:
+        gc.unfreeze()
+        if was_frozen:
+            gc.freeze()
+
+
 def test_socket_activation_replaces_configured_listeners(tmp_path):
     """LISTEN_FDS/LISTEN_PID: the daemon serves the socket it was handed on fd 3 and
     binds nothing itself."""
