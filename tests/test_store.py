@@ -308,6 +308,41 @@ def test_bad_synchronous_value_is_refused(db: str) -> None:
         Store(db, synchronous="sometimes")
 
 
+def test_the_log_is_presized_and_its_zeros_are_never_replayed(db: str, tmp_path: Path) -> None:
+    """start() gives the write-ahead log its working size (so commits after a start do not
+    journal a growing file); a copy of the files taken while the store runs (what kill -9
+    leaves) recovers exactly the committed jobs, and the zeros are not taken for damage."""
+    from atomnode.queue.walcheck import check_wal_file
+
+    s, _, res = opened(db)
+    try:
+        conn = sqlite3.connect(db)
+        frames, page = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                        for p in ("wal_autocheckpoint", "page_size"))
+        conn.close()
+        assert os.path.getsize(db + "-wal") >= 32 + (frames + 64) * (page + 24)
+        tokens = [Token(str(i)) for i in range(1, 6)]
+        s.submit_many([insert_op(i, token=t) for i, t in enumerate(tokens, 1)])
+        res.wait_for(*tokens)
+        assert res.committed == tokens
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for suffix in ("", "-wal"):
+            with open(db + suffix, "rb") as src, open(crashed / ("q.db" + suffix), "wb") as dst:
+                dst.write(src.read())
+    finally:
+        s.close()
+    scan = check_wal_file(str(crashed / "q.db-wal"))
+    assert scan is not None and scan.replayed > 0 and not scan.damaged
+    assert os.path.getsize(crashed / "q.db-wal") >= 32 + (frames + 64) * (page + 24)
+    s2 = Store(str(crashed / "q.db"), hostname="testhost")
+    try:
+        rec = s2.open()
+        assert sorted(r[0] for r in rec.rows) == [1, 2, 3, 4, 5]
+    finally:
+        s2.close()
+
+
 def test_reopen_keeps_jobs(db: str) -> None:
     commit(db, [insert_op(1, data=b"a\0b", unique=b"u1"), insert_op(2, when=1_900_000_000)])
     s = Store(db)
@@ -801,7 +836,8 @@ FSIZE_SCRIPT = textwrap.dedent(r"""
     biggest = max(os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (biggest + 8192, hard))
-    out["full"] = put("b", 2, 1 << 20)
+    # Larger than the write-ahead log start() pre-sized, so that the log must grow.
+    out["full"] = put("b", 2, 8 << 20)
     out["healthy_when_full"] = s.healthy
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     out["after"] = put("c", 3, 100)

@@ -1043,8 +1043,60 @@ class Store:
             raise StoreError(f"queue database {self.path}: writer already started")
         self._on_result = on_result
         self._stop.clear()
+        self._presize_wal()
         self._thread = threading.Thread(target=self._run, name="atomnode-store", daemon=True)
         self._thread.start()
+
+    def _presize_wal(self) -> None:
+        """Give the write-ahead log the size it will have once in use, before any commit.
+
+        A commit is an append to the log and an fdatasync. While the log grows (from
+        empty at every start, since a clean stop truncates it, until the first automatic
+        checkpoint ~1,000 frames later) each fdatasync must also journal the file's new
+        size; measured on the bench's disk (3 frames per commit, paced at 200/s) that
+        costs ~100 us at the median and doubles the p99, for the first ~300 acknowledged
+        jobs after every start. Once the log has its size, SQLite rewrites it from the
+        start after each checkpoint and never truncates it while open.
+
+        Safe by the log's format: SQLite replays frames from the start and stops at the
+        first whose salts and checksum do not continue the chain, so zeros past the last
+        frame are never replayed (nor taken for damage by :mod:`.walcheck`: they belong
+        to no log generation). Only done before the writer starts, so nothing writes the
+        log meanwhile. Failure policy: an optimisation only; if the disk cannot hold the
+        zeros the log is cut back to its size and the daemon goes on as before.
+        """
+        conn = self._conn
+        assert conn is not None
+        try:
+            frames = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        except sqlite3.Error:
+            return
+        if frames <= 0:
+            return
+        # A commit that crosses the checkpoint threshold ends past it: some slack.
+        want = 32 + (frames + 64) * (page_size + 24)
+        try:
+            fd = os.open(self.path + "-wal", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no log yet (SQLite creates it at the first write): nothing to size
+        try:
+            size = os.fstat(fd).st_size
+            if size >= want:
+                return
+            zeros = bytes(1 << 20)
+            try:
+                offset = size
+                while offset < want:
+                    offset += os.pwrite(fd, zeros[: want - offset], offset)
+                os.fsync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                log.info("queue database %s: write-ahead log not pre-sized (%s)",
+                         self.path, e.strerror or e)
+        finally:
+            os.close(fd)
 
     def submit(self, op: tuple) -> None:
         """Queue one op for the writer. Thread-safe; never blocks on I/O."""
