@@ -220,7 +220,10 @@ N_SUB_AN=$(n 100000 2000)
 N_DRAIN_GS=$(n 2000 500)
 N_DRAIN_AN=$(n 50000 2000)
 N_DEPTH=$(n 500000 10000)
-N_DEPTH_BATCH=$(n 50000 2000)
+# The depth row's two timed batches: 150,000 jobs, about 2 s each at today's rates. With 50,000
+# (0.65 s each) a few slow fsyncs in one batch moved the ratio by 0.1-0.25: 0.73-1.01 over
+# 8 runs of one build (docs/performance.md, round 9).
+N_DEPTH_BATCH=$(n 150000 2000)
 N_KILL=$(n 1000000 10000)
 KILLS=${KILLS:-$(n 100 5)}
 N_BGLAT_AN=$(n 3000 400)
