@@ -31,7 +31,7 @@
 #   CONSOLE_ARGS    arguments that turn the web console on, for the idle-RSS row (default:
 #                   `--http 127.0.0.1:PORT` when `atomnode run --help` offers --http; else the
 #                   console-on figure is n/a)
-#   BASE_REF        a git ref of this repository: its atomnode/ package runs too, as server
+#   BASE_REF        a git ref of this repository: its atomnode/ package (extensions built) runs too, as server
 #                   `ab` beside `an` in every atomnode row (same venv), to measure a change
 #   GEARLOAD_SRC    gearload.c of the independent generator (default ../shared/bench/gearload.c
 #                   beside this checkout); the `gearload` section builds it into bench/out/
@@ -110,6 +110,16 @@ RES=$TMP/results
 if [ -n "${BASE_REF:-}" ] && has "$SERVERS" an; then
   mkdir -p "$TMP/base"
   git -C "$ROOT" archive "$BASE_REF" atomnode | tar -x -C "$TMP/base" || die "cannot export $BASE_REF"
+  # Its compiled hot path too (setup.py: mypyc and the C extensions), built as `make venv`
+  # builds this tree's: without it `ab` would run the pure-Python modules, about twice the
+  # CPU per round trip, and every comparison with `an` would be wrong.
+  if git -C "$ROOT" cat-file -e "$BASE_REF:setup.py" 2>/dev/null; then
+    log "building $BASE_REF's extensions"
+    git -C "$ROOT" archive "$BASE_REF" setup.py pyproject.toml | tar -x -C "$TMP/base" &&
+      (cd "$TMP/base" && "$(dirname "$ATOMNODE")/python" setup.py -q build_ext --inplace \
+        >"$TMP/base-build.log" 2>&1) && rm -rf "$TMP/base/build" ||
+      die "cannot build $BASE_REF's extensions (see $TMP/base-build.log)"
+  fi
   BASE_DESC="$BASE_REF ($(git -C "$ROOT" rev-parse --short "$BASE_REF"))"
   SERVERS="$SERVERS ab"
 fi
